@@ -1,0 +1,25 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Tiny training steps on a few busy cores are far faster single-threaded.
+export OMP_NUM_THREADS ?= 1
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+
+.PHONY: setup demo test
+setup: $(VENV)/.installed
+
+# torch is pinned and installed first so that nothing pulls an unpinned (multi-GB) build.
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -r requirements.txt
+	touch $@
+
+demo: setup
+	$(BIN)/python -m ipu_train.plan --ipu_config ipu_configs/gpt2 --model_type gpt2
+
+test: setup
+	$(BIN)/python -m pytest -q tests
