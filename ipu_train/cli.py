@@ -1,0 +1,88 @@
+"""What every script does around its own work: read flags (or one .json/.yaml file), set up logging, refuse an
+output directory that would be clobbered, and turn a user mistake into one line on stderr with exit code 2."""
+import functools
+import logging
+import os
+import sys
+
+import datasets
+import transformers
+from transformers import HfArgumentParser
+from transformers.trainer_utils import get_last_checkpoint
+
+from .errors import UserError
+
+logger = logging.getLogger("ipu_train")
+
+EXIT_USER_ERROR = 2
+
+
+class ScriptArgumentParser(HfArgumentParser):
+    """HfArgumentParser whose errors are one line (no usage block) and exit code 2."""
+
+    def error(self, message):
+        raise UserError(message)
+
+    def parse_script_args(self, argv=None):
+        """Flags, or a single .json / .yaml / .yml file holding all of them (the Hugging Face convention)."""
+        argv = sys.argv[1:] if argv is None else argv
+        try:
+            if len(argv) == 1 and argv[0].endswith(".json"):
+                return self.parse_json_file(_existing(argv[0]), allow_extra_keys=False)
+            if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+                return self.parse_yaml_file(_existing(argv[0]), allow_extra_keys=False)
+            return self.parse_args_into_dataclasses(args=argv)
+        except ValueError as err:  # dataclass __post_init__ checks (transformers' and ours) raise ValueError
+            raise UserError(_first_line(err)) from None
+
+
+def _existing(path):
+    if not os.path.isfile(path):
+        raise UserError(f"argument file {path} does not exist: pass flags, or the path of a .json/.yaml file")
+    return path
+
+
+def _first_line(err):
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def main_entry(main):
+    """Decorate a script's main(): a UserError becomes `error: ...` on stderr and exit code 2, no traceback."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as err:
+            print(f"error: {_first_line(err)}", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
+
+    return wrapper
+
+
+def setup_logging(training_args):
+    """Hugging Face example-script logging: INFO on the main process, warnings elsewhere."""
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+                        datefmt="%m/%d/%Y %H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
+    level = training_args.get_process_log_level()
+    for name in ("ipu_train", "__main__"):
+        logging.getLogger(name).setLevel(level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+
+
+def last_checkpoint_or_refuse(training_args):
+    """The checkpoint to resume from, if `output_dir` holds one. A non-empty `output_dir` without checkpoints is
+    refused unless --overwrite_output_dir: nothing there is ever deleted, but training would write over it."""
+    out = training_args.output_dir
+    if not (training_args.do_train and os.path.isdir(out)) or getattr(training_args, "overwrite_output_dir", False):
+        return None
+    last = get_last_checkpoint(out)
+    if last is None and os.listdir(out):
+        raise UserError(f"--output_dir {out} is not empty and holds no checkpoint-N to resume from: pass "
+                        "--overwrite_output_dir to train into it anyway, or choose another --output_dir")
+    if last is not None and training_args.resume_from_checkpoint is None:
+        logger.info("Resuming from %s (found in --output_dir); pass --overwrite_output_dir to start afresh.", last)
+    return last

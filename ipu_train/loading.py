@@ -1,0 +1,162 @@
+"""Loading what the scripts train on: raw datasets (hub or local files), config (+ overrides), tokenizer, model.
+Hub names work when online; local paths always. Mistakes become UserError naming the flag."""
+import logging
+import math
+import os
+
+import datasets
+import torch
+from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer
+
+from .errors import UserError
+
+logger = logging.getLogger("ipu_train")
+
+# Very large values mean "no limit" in tokenizers (pain point: a huge model_max_length breaking block sizes).
+_UNBOUNDED = 1_000_000
+
+
+def load_raw_datasets(data_args, model_args):
+    """A DatasetDict (or IterableDatasetDict with --streaming) with "train" and, when available, "validation"."""
+    common = dict(cache_dir=model_args.cache_dir, token=model_args.token, streaming=data_args.streaming)
+    if data_args.dataset_name is not None:
+        raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, **common)
+        if "validation" not in raw and "train" in raw:
+            raw = _hold_out_validation(raw, data_args, lambda split: datasets.load_dataset(
+                data_args.dataset_name, data_args.dataset_config_name, split=split, **common))
+        return raw
+    data_files, extension = {}, None
+    for split, flag in (("train", "train_file"), ("validation", "validation_file")):
+        path = getattr(data_args, flag)
+        if path is None:
+            continue
+        if not os.path.isfile(path):
+            raise UserError(f"--{flag} {path} does not exist")
+        data_files[split] = path
+        extension = path.rsplit(".", 1)[-1]
+    builder = {"txt": "text", "jsonl": "json"}.get(extension, extension)
+    options = dict(keep_linebreaks=data_args.keep_linebreaks) if builder == "text" else {}
+    raw = datasets.load_dataset(builder, data_files=data_files, **common, **options)
+    if "validation" not in raw:
+        raw = _hold_out_validation(raw, data_args, lambda split: datasets.load_dataset(
+            builder, data_files=data_files, split=split, **common, **options))
+    return raw
+
+
+def _hold_out_validation(raw, data_args, load_split):
+    pct = data_args.validation_split_percentage
+    if data_args.streaming:
+        raise UserError("--streaming data has no validation split and a stream cannot be sliced by percentage: "
+                        "pass --validation_file (or a dataset with a validation split), or leave out --do_eval")
+    raw["validation"] = load_split(f"train[:{pct}%]")
+    raw["train"] = load_split(f"train[{pct}%:]")
+    return raw
+
+
+def column_names(dataset):
+    names = list(dataset.column_names or [])
+    return names or list(next(iter(dataset)).keys())  # a stream whose features are unknown until read
+
+
+def text_column(dataset):
+    names = column_names(dataset)
+    return "text" if "text" in names else names[0]
+
+
+def _config_source(model_args):
+    return model_args.config_name or model_args.model_name_or_path
+
+
+def load_config(model_args):
+    """The model config; --config_overrides applies on top of a pretrained config too, and the result is logged."""
+    common = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token,
+                  trust_remote_code=model_args.trust_remote_code)
+    if _config_source(model_args):
+        config = AutoConfig.from_pretrained(_config_source(model_args), **common)
+    elif model_args.model_type in CONFIG_MAPPING:
+        config = CONFIG_MAPPING[model_args.model_type]()
+        logger.warning("Training a new %s model from scratch.", model_args.model_type)
+    else:
+        raise UserError(f"--model_type {model_args.model_type} is unknown: use one of "
+                        f"{', '.join(sorted(CONFIG_MAPPING.keys())[:12])}, ...")
+    if model_args.config_overrides:
+        apply_config_overrides(config, model_args.config_overrides)
+        logger.info("Config after --config_overrides %s: %s", model_args.config_overrides, config)
+    return config
+
+
+def apply_config_overrides(config, overrides):
+    """'k=v,k=v' with each value parsed as the type of the existing attribute; an unknown key names the flag."""
+    for item in filter(None, (part.strip() for part in overrides.split(","))):
+        key, sep, value = (s.strip() for s in item.partition("="))
+        if not sep or not key:
+            raise UserError(f"--config_overrides: '{item}' is not key=value")
+        if not hasattr(config, key):
+            raise UserError(f"--config_overrides: {type(config).__name__} has no attribute '{key}'")
+    try:
+        config.update_from_string(",".join(s.strip() for s in overrides.split(",") if s.strip()))
+    except (ValueError, TypeError) as err:
+        raise UserError(f"--config_overrides {overrides}: {err}") from None
+
+
+def load_tokenizer(model_args):
+    source = model_args.tokenizer_name or model_args.model_name_or_path
+    return AutoTokenizer.from_pretrained(source, cache_dir=model_args.cache_dir, use_fast=model_args.use_fast_tokenizer,
+                                         revision=model_args.model_revision, token=model_args.token,
+                                         trust_remote_code=model_args.trust_remote_code)
+
+
+def load_model(model_args, config, auto_class):
+    """Pretrained weights when --model_name_or_path is given, else a new model from the config."""
+    if model_args.model_name_or_path:
+        dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+        return auto_class.from_pretrained(model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
+                                          revision=model_args.model_revision, token=model_args.token,
+                                          trust_remote_code=model_args.trust_remote_code, dtype=dtype)
+    model = auto_class.from_config(config, trust_remote_code=model_args.trust_remote_code)
+    logger.info("New model from scratch: %.1fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+    return model
+
+
+def fit_embeddings_to_tokenizer(model, tokenizer):
+    """A tokenizer larger than the embedding table (new tokens, a from-scratch config) grows the table."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+
+
+def max_positions(config):
+    """Longest sequence the model can take. RoBERTa-style models offset positions by padding_idx + 1."""
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions is None:  # relative-position models such as XLNet
+        return None
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert", "longformer"):
+        positions -= getattr(config, "pad_token_id", 1) + 1
+    return positions
+
+
+def sequence_length(requested, flag, tokenizer, config, default=1024):
+    """The block / sequence length: the request, else the tokenizer's limit (capped at `default`), never more than
+    the model's positions (a larger request warns and is clamped)."""
+    limits = [n for n in (max_positions(config), tokenizer.model_max_length) if n and n < _UNBOUNDED]
+    limit = min(limits) if limits else None
+    if requested is None:
+        return min([default] + ([limit] if limit else []))
+    if limit is not None and requested > limit:
+        logger.warning("%s %d is longer than the model and tokenizer allow (%d): using %d.", flag, requested, limit,
+                       limit)
+        return limit
+    return requested
+
+
+def require_samples(dataset, needed, what, fix):
+    """A split with fewer samples than one batch (or none) stops here, naming the numbers and the flag to change."""
+    count = len(dataset)
+    if count < needed:
+        raise UserError(f"{what} has {count} samples but one batch needs {needed}: {fix}")
+
+
+def perplexity(loss):
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")

@@ -1,0 +1,90 @@
+"""Model and data flags shared by the four scripts, named as in the Hugging Face example scripts. Each script adds
+its own objective's flags by subclassing `DataArguments`."""
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .errors import UserError
+
+TEXT_EXTENSIONS = ("txt", "csv", "json", "jsonl", "parquet")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Pretrained model: a hub name or a local directory. Leave out to train from "
+                                        "scratch with --model_type or --config_name."})
+    model_type: Optional[str] = field(
+        default=None, metadata={"help": "Model type to build from scratch (gpt2, bert, roberta, xlnet, ...)."})
+    config_overrides: Optional[str] = field(
+        default=None, metadata={"help": "Config values to change, e.g. 'n_embd=10,resid_pdrop=0.2'. Also allowed on "
+                                        "top of a pretrained model (e.g. activation_function=gelu)."})
+    config_name: Optional[str] = field(
+        default=None, metadata={"help": "Config name or path, if not the same as model_name_or_path."})
+    tokenizer_name: Optional[str] = field(
+        default=None, metadata={"help": "Tokenizer name or path, if not the same as model_name_or_path."})
+    cache_dir: Optional[str] = field(
+        default=None, metadata={"help": "Where to store models, tokenizers and datasets downloaded from the hub."})
+    use_fast_tokenizer: bool = field(default=True, metadata={"help": "Use a fast (Rust) tokenizer."})
+    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the model."})
+    token: Optional[str] = field(default=None, metadata={"help": "Hub token for private models and datasets."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow models and datasets defined in code on the hub. Only for code you "
+                                         "have read and trust."})
+    dtype: Optional[str] = field(
+        default=None, metadata={"help": "Dtype the weights are loaded in.", "choices": DTYPES})
+    torch_dtype: Optional[str] = field(
+        default=None, metadata={"help": "Older name of --dtype.", "choices": DTYPES})
+
+    def __post_init__(self):
+        if self.torch_dtype is not None:
+            if self.dtype not in (None, self.torch_dtype):
+                raise UserError("--dtype and --torch_dtype disagree: pass only --dtype")
+            self.dtype = self.torch_dtype
+        if self.model_name_or_path is None and self.model_type is None and self.config_name is None:
+            raise UserError("no model given: pass --model_name_or_path, or --model_type (or --config_name) to train "
+                            "from scratch")
+        if self.model_name_or_path is None and self.tokenizer_name is None:
+            raise UserError("a model trained from scratch needs a tokenizer: pass --tokenizer_name (a directory made "
+                            "by train_tokenizer.py, or a hub name)")
+
+
+@dataclass
+class DataArguments:
+    dataset_name: Optional[str] = field(default=None, metadata={"help": "Dataset name on the hub."})
+    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Dataset configuration name."})
+    train_file: Optional[str] = field(
+        default=None, metadata={"help": f"Training data file ({', '.join(TEXT_EXTENSIONS)})."})
+    validation_file: Optional[str] = field(
+        default=None, metadata={"help": "Evaluation data file, same formats as --train_file."})
+    max_train_samples: Optional[int] = field(
+        default=None, metadata={"help": "Keep only this many training samples (blocks after grouping, or lines "
+                                        "with --line_by_line)."})
+    max_eval_samples: Optional[int] = field(
+        default=None, metadata={"help": "Keep only this many evaluation samples (blocks after grouping)."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the data instead of loading it; needs "
+                                                             "--max_steps."})
+    overwrite_cache: bool = field(default=False, metadata={"help": "Redo the cached preprocessing."})
+    validation_split_percentage: int = field(
+        default=5, metadata={"help": "Percentage of the train split held out for evaluation when there is no "
+                                     "validation split."})
+    preprocessing_num_workers: Optional[int] = field(
+        default=None, metadata={"help": "Processes for preprocessing."})
+    keep_linebreaks: bool = field(default=True, metadata={"help": "Keep line breaks in .txt files."})
+
+    def __post_init__(self):
+        if self.dataset_name is None and self.train_file is None and self.validation_file is None:
+            raise UserError("no data given: pass --dataset_name, or --train_file / --validation_file")
+        for flag in ("train_file", "validation_file"):
+            path = getattr(self, flag)
+            if path is not None and path.rsplit(".", 1)[-1] not in TEXT_EXTENSIONS:
+                raise UserError(f"--{flag} {path}: use a {', '.join(TEXT_EXTENSIONS)} file")
+        if not 0 < self.validation_split_percentage < 100:
+            raise UserError("--validation_split_percentage must be between 1 and 99")
+
+    def check_with(self, training_args):
+        """Rules that involve the training flags too."""
+        if self.streaming and training_args.do_train and training_args.max_steps <= 0:
+            raise UserError("--streaming data has no length, so the number of steps is unknown: pass --max_steps")
+        if training_args.do_train and self.train_file is None and self.dataset_name is None:
+            raise UserError("--do_train needs --train_file or --dataset_name")

@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Causal language modeling (GPT-2, GPT, ...) from one IPU configuration, on IPUs, NVIDIA GPUs or CPUs.
+
+Text is tokenized, concatenated and cut into blocks of --block_size tokens; the labels are the inputs (the model
+shifts them). Flags follow Hugging Face's run_clm.py, plus the IPU training flags (see the README)."""
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+from transformers import AutoModelForCausalLM, default_data_collator, set_seed
+
+from ipu_train import IPUTrainer, IPUTrainingArguments
+from ipu_train.arguments import load_ipu_config
+from ipu_train.cli import ScriptArgumentParser, last_checkpoint_or_refuse, main_entry, setup_logging
+from ipu_train.data import group_texts
+from ipu_train.loading import (column_names, fit_embeddings_to_tokenizer, load_config, load_model, load_raw_datasets,
+                               load_tokenizer, require_samples, sequence_length, text_column)
+from ipu_train.metrics import RunningAccuracy, argmax_predictions
+from ipu_train.script_args import DataArguments, ModelArguments
+from ipu_train.workflow import evaluate_and_report, publish, take, train_and_save
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataTrainingArguments(DataArguments):
+    block_size: Optional[int] = field(
+        default=None, metadata={"help": "Tokens per training block. Default: the model's maximum (at most 1024); "
+                                        "a longer request is clamped to it with a warning."})
+
+
+@main_entry
+def main(argv=None):
+    parser = ScriptArgumentParser((ModelArguments, DataTrainingArguments, IPUTrainingArguments))
+    model_args, data_args, training_args = parser.parse_script_args(argv)
+    setup_logging(training_args)
+    data_args.check_with(training_args)
+    last_checkpoint = last_checkpoint_or_refuse(training_args)
+    ipu_config = load_ipu_config(training_args, model_args.model_name_or_path)
+    set_seed(training_args.seed)
+
+    raw_datasets = load_raw_datasets(data_args, model_args)
+    config = load_config(model_args)
+    tokenizer = load_tokenizer(model_args)
+    model = load_model(model_args, config, AutoModelForCausalLM)
+    fit_embeddings_to_tokenizer(model, tokenizer)
+
+    first_split = raw_datasets["train" if training_args.do_train else "validation"]
+    text, columns = text_column(first_split), column_names(first_split)
+    block_size = sequence_length(data_args.block_size, "--block_size", tokenizer, config)
+
+    def tokenize(examples):
+        # Documents are longer than a block until grouped: verbose=False silences the over-length warning.
+        return tokenizer(examples[text], verbose=False)
+
+    def make_blocks(examples):
+        blocks = group_texts(examples, block_size)
+        blocks["labels"] = [list(ids) for ids in blocks["input_ids"]]
+        return blocks
+
+    map_options = {} if data_args.streaming else dict(
+        num_proc=data_args.preprocessing_num_workers, load_from_cache_file=not data_args.overwrite_cache)
+    with training_args.main_process_first(desc="tokenizing and grouping"):
+        tokenized = raw_datasets.map(tokenize, batched=True, remove_columns=columns, **map_options)
+        lm_datasets = tokenized.map(make_blocks, batched=True, **map_options)
+
+    train_dataset = eval_dataset = None
+    if training_args.do_train:
+        train_dataset = take(lm_datasets["train"], data_args.max_train_samples)
+        if not data_args.streaming:
+            require_samples(train_dataset, training_args.per_device_train_batch_size * ipu_config.batch_size_factor()
+                            // ipu_config.device_iterations, f"the training data (blocks of {block_size} tokens)",
+                            "lower --block_size, --per_device_train_batch_size or --gradient_accumulation_steps, "
+                            "or add data")
+    if training_args.do_eval:
+        eval_dataset = take(lm_datasets["validation"], data_args.max_eval_samples)
+        if not data_args.streaming:
+            require_samples(eval_dataset, 1, f"the validation data (blocks of {block_size} tokens)",
+                            "lower --block_size or add validation data")
+
+    with_accuracy = training_args.do_eval and not training_args.prediction_loss_only
+    trainer = IPUTrainer(
+        model=model,
+        ipu_config=ipu_config,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+        compute_metrics=RunningAccuracy(shift=True) if with_accuracy else None,
+        preprocess_logits_for_metrics=argmax_predictions if with_accuracy else None,
+    )
+    if training_args.do_train:
+        train_and_save(trainer, training_args, last_checkpoint, train_dataset)
+    if training_args.do_eval:
+        evaluate_and_report(trainer, eval_dataset)
+    publish(trainer, training_args, model_args, data_args, tasks="text-generation")
+
+
+if __name__ == "__main__":
+    main()
