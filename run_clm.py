@@ -68,8 +68,9 @@ def main(argv=None):
     if training_args.do_train:
         train_dataset = take(lm_datasets["train"], data_args.max_train_samples)
         if not data_args.streaming:
-            require_samples(train_dataset, training_args.per_device_train_batch_size * ipu_config.batch_size_factor()
-                            // ipu_config.device_iterations, f"the training data (blocks of {block_size} tokens)",
+            require_samples(train_dataset, training_args.per_device_train_batch_size
+                            * ipu_config.gradient_accumulation_steps * ipu_config.replication_factor,
+                            f"the training data (blocks of {block_size} tokens)",
                             "lower --block_size, --per_device_train_batch_size or --gradient_accumulation_steps, "
                             "or add data")
     if training_args.do_eval:

@@ -1,0 +1,136 @@
+#!/usr/bin/env python
+"""Masked language modeling (BERT, RoBERTa, DistilBERT, ALBERT, ...) from one IPU configuration, on IPUs, NVIDIA
+GPUs or CPUs.
+
+Training masks tokens dynamically (80% [MASK], 10% random, 10% kept) with a static cap on masked tokens per
+sequence, so the model predicts only at masked positions; evaluation masks without a cap. Flags follow Hugging
+Face's run_mlm.py, plus the IPU training flags (see the README)."""
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+from transformers import AutoModelForMaskedLM, set_seed
+
+from ipu_train import IPUTrainer, IPUTrainingArguments
+from ipu_train.arguments import load_ipu_config
+from ipu_train.cli import ScriptArgumentParser, last_checkpoint_or_refuse, main_entry, setup_logging
+from ipu_train.data import DataCollatorForCappedMLM, group_texts
+from ipu_train.errors import UserError
+from ipu_train.loading import (column_names, fit_embeddings_to_tokenizer, load_config, load_model, load_raw_datasets,
+                               load_tokenizer, require_samples, sequence_length, text_column)
+from ipu_train.metrics import RunningAccuracy, argmax_predictions
+from ipu_train.script_args import DataArguments, ModelArguments
+from ipu_train.workflow import evaluate_and_report, publish, take, train_and_save
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataTrainingArguments(DataArguments):
+    max_seq_length: Optional[int] = field(
+        default=None, metadata={"help": "Tokens per sequence. Default: the model's maximum (at most 1024); a longer "
+                                        "request is clamped to it with a warning."})
+    mlm_probability: float = field(default=0.15, metadata={"help": "Share of tokens to mask."})
+    line_by_line: bool = field(
+        default=False, metadata={"help": "One sequence per non-empty line instead of concatenated blocks."})
+    pad_to_max_length: bool = field(
+        default=False, metadata={"help": "With --line_by_line, pad every line to --max_seq_length (static shapes) "
+                                         "instead of padding each batch to its longest line."})
+    whole_word_masking: bool = field(default=False, metadata={"help": "Mask whole words rather than tokens."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.mlm_probability < 1:
+            raise UserError(f"--mlm_probability {self.mlm_probability}: use a value between 0 and 1, e.g. 0.15")
+
+
+@main_entry
+def main(argv=None):
+    parser = ScriptArgumentParser((ModelArguments, DataTrainingArguments, IPUTrainingArguments))
+    model_args, data_args, training_args = parser.parse_script_args(argv)
+    setup_logging(training_args)
+    data_args.check_with(training_args)
+    last_checkpoint = last_checkpoint_or_refuse(training_args)
+    ipu_config = load_ipu_config(training_args, model_args.model_name_or_path)
+    set_seed(training_args.seed)
+
+    raw_datasets = load_raw_datasets(data_args, model_args)
+    config = load_config(model_args)
+    tokenizer = load_tokenizer(model_args)
+    if tokenizer.mask_token is None:
+        raise UserError("this tokenizer has no mask token, so it cannot be used for masked LM: pass a "
+                        "--tokenizer_name made for BERT/RoBERTa (train_tokenizer.py --type wordpiece or --style roberta)")
+    model = load_model(model_args, config, AutoModelForMaskedLM)
+    fit_embeddings_to_tokenizer(model, tokenizer)
+
+    first_split = raw_datasets["train" if training_args.do_train else "validation"]
+    text, columns = text_column(first_split), column_names(first_split)
+    max_seq_length = sequence_length(data_args.max_seq_length, "--max_seq_length", tokenizer, config)
+    word_ids = data_args.whole_word_masking  # whole-word masking needs each token's word index
+
+    if data_args.line_by_line:
+        padding = "max_length" if data_args.pad_to_max_length else False
+
+        def tokenize(examples):
+            lines = [line for line in examples[text] if line and not line.isspace()]
+            encoded = tokenizer(lines, padding=padding, truncation=True, max_length=max_seq_length,
+                                return_special_tokens_mask=True)
+            if word_ids:
+                encoded["word_ids"] = [encoded.word_ids(i) for i in range(len(lines))]
+            return encoded
+    else:
+        def tokenize(examples):
+            # Documents are longer than a block until grouped: verbose=False silences the over-length warning.
+            encoded = tokenizer(examples[text], return_special_tokens_mask=True, verbose=False)
+            if word_ids:
+                encoded["word_ids"] = [encoded.word_ids(i) for i in range(len(examples[text]))]
+            return encoded
+
+    map_options = {} if data_args.streaming else dict(
+        num_proc=data_args.preprocessing_num_workers, load_from_cache_file=not data_args.overwrite_cache)
+    with training_args.main_process_first(desc="tokenizing and grouping"):
+        lm_datasets = raw_datasets.map(tokenize, batched=True, remove_columns=columns, **map_options)
+        if not data_args.line_by_line:
+            lm_datasets = lm_datasets.map(lambda examples: group_texts(examples, max_seq_length), batched=True,
+                                          **map_options)
+
+    train_dataset = eval_dataset = None
+    if training_args.do_train:
+        train_dataset = take(lm_datasets["train"], data_args.max_train_samples)
+        if not data_args.streaming:
+            require_samples(train_dataset, training_args.per_device_train_batch_size
+                            * ipu_config.gradient_accumulation_steps * ipu_config.replication_factor,
+                            f"the training data (sequences of {max_seq_length} tokens)",
+                            "lower --max_seq_length, --per_device_train_batch_size or --gradient_accumulation_steps, "
+                            "or add data")
+    if training_args.do_eval:
+        eval_dataset = take(lm_datasets["validation"], data_args.max_eval_samples)
+        if not data_args.streaming:
+            require_samples(eval_dataset, 1, f"the validation data (sequences of {max_seq_length} tokens)",
+                            "lower --max_seq_length or add validation data")
+
+    data_collator = DataCollatorForCappedMLM(
+        tokenizer, mlm_probability=data_args.mlm_probability, max_masked_tokens="auto",
+        whole_word_masking=data_args.whole_word_masking,
+        pad_to_multiple_of=8 if data_args.line_by_line and not data_args.pad_to_max_length else None)
+    with_accuracy = training_args.do_eval and not training_args.prediction_loss_only
+    trainer = IPUTrainer(
+        model=model,
+        ipu_config=ipu_config,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=data_collator,
+        compute_metrics=RunningAccuracy() if with_accuracy else None,
+        preprocess_logits_for_metrics=argmax_predictions if with_accuracy else None,
+    )
+    if training_args.do_train:
+        train_and_save(trainer, training_args, last_checkpoint, train_dataset)
+    if training_args.do_eval:
+        evaluate_and_report(trainer, eval_dataset)
+    publish(trainer, training_args, model_args, data_args, tasks="fill-mask")
+
+
+if __name__ == "__main__":
+    main()
