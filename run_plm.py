@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Permutation language modeling (XLNet) from one IPU configuration, on IPUs, NVIDIA GPUs or CPUs.
+
+Spans of up to --max_span_length tokens, about --plm_probability of the sequence, are predicted under a random
+factorisation order. Flags follow Hugging Face's run_plm.py, plus the IPU training flags (see the README)."""
+import logging
+from dataclasses import dataclass, field
+
+from transformers import DataCollatorForPermutationLanguageModeling, XLNetLMHeadModel, set_seed
+
+from ipu_train import IPUTrainer, IPUTrainingArguments
+from ipu_train.arguments import load_ipu_config
+from ipu_train.cli import ScriptArgumentParser, last_checkpoint_or_refuse, main_entry, setup_logging
+from ipu_train.data import group_texts
+from ipu_train.errors import UserError
+from ipu_train.loading import (column_names, fit_embeddings_to_tokenizer, load_config, load_model, load_raw_datasets,
+                               load_tokenizer, require_samples, text_column)
+from ipu_train.script_args import DataArguments, ModelArguments
+from ipu_train.workflow import evaluate_and_report, publish, take, train_and_save
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataTrainingArguments(DataArguments):
+    max_seq_length: int = field(
+        default=512, metadata={"help": "Tokens per sequence; must be even (XLNet's leakage-free permutation mask)."})
+    plm_probability: float = field(
+        default=1 / 6, metadata={"help": "Ratio of the length of a span of masked tokens to its surrounding context."})
+    max_span_length: int = field(default=5, metadata={"help": "Longest span of masked tokens."})
+    line_by_line: bool = field(
+        default=False, metadata={"help": "One sequence per non-empty line (padded to --max_seq_length) instead of "
+                                         "concatenated blocks."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_seq_length % 2:
+            raise UserError(f"--max_seq_length {self.max_seq_length} is odd: permutation LM needs an even length, "
+                            f"e.g. {self.max_seq_length + 1}")
+        if not 0 < self.plm_probability < 1:
+            raise UserError(f"--plm_probability {self.plm_probability}: use a value between 0 and 1, e.g. 0.1667")
+        if self.max_span_length < 1:
+            raise UserError(f"--max_span_length {self.max_span_length}: use 1 or more")
+
+
+@main_entry
+def main(argv=None):
+    parser = ScriptArgumentParser((ModelArguments, DataTrainingArguments, IPUTrainingArguments))
+    model_args, data_args, training_args = parser.parse_script_args(argv)
+    setup_logging(training_args)
+    data_args.check_with(training_args)
+    last_checkpoint = last_checkpoint_or_refuse(training_args)
+    ipu_config = load_ipu_config(training_args, model_args.model_name_or_path)
+    set_seed(training_args.seed)
+
+    raw_datasets = load_raw_datasets(data_args, model_args)
+    config = load_config(model_args)
+    tokenizer = load_tokenizer(model_args)
+    if tokenizer.mask_token is None or tokenizer.pad_token is None:
+        raise UserError("permutation LM needs a tokenizer with mask and padding tokens: pass a --tokenizer_name made "
+                        "for XLNet (train_tokenizer.py --type unigram)")
+    model = load_model(model_args, config, XLNetLMHeadModel)
+    fit_embeddings_to_tokenizer(model, tokenizer)
+
+    first_split = raw_datasets["train" if training_args.do_train else "validation"]
+    text, columns = text_column(first_split), column_names(first_split)
+    max_seq_length = data_args.max_seq_length
+
+    if data_args.line_by_line:
+        def tokenize(examples):
+            lines = [line for line in examples[text] if line and not line.isspace()]
+            # Padding to the (even) maximum keeps every batch even-length, as the permutation mask requires.
+            return tokenizer(lines, padding="max_length", truncation=True, max_length=max_seq_length)
+    else:
+        def tokenize(examples):
+            # Documents are longer than a block until grouped: verbose=False silences the over-length warning.
+            return tokenizer(examples[text], verbose=False)
+
+    map_options = {} if data_args.streaming else dict(
+        num_proc=data_args.preprocessing_num_workers, load_from_cache_file=not data_args.overwrite_cache)
+    with training_args.main_process_first(desc="tokenizing and grouping"):
+        lm_datasets = raw_datasets.map(tokenize, batched=True, remove_columns=columns, **map_options)
+        if not data_args.line_by_line:
+            lm_datasets = lm_datasets.map(lambda examples: group_texts(examples, max_seq_length), batched=True,
+                                          **map_options)
+
+    train_dataset = eval_dataset = None
+    if training_args.do_train:
+        train_dataset = take(lm_datasets["train"], data_args.max_train_samples)
+        if not data_args.streaming:
+            require_samples(train_dataset, training_args.per_device_train_batch_size
+                            * ipu_config.gradient_accumulation_steps * ipu_config.replication_factor,
+                            f"the training data (sequences of {max_seq_length} tokens)",
+                            "lower --max_seq_length, --per_device_train_batch_size or --gradient_accumulation_steps, "
+                            "or add data")
+    if training_args.do_eval:
+        eval_dataset = take(lm_datasets["validation"], data_args.max_eval_samples)
+        if not data_args.streaming:
+            require_samples(eval_dataset, 1, f"the validation data (sequences of {max_seq_length} tokens)",
+                            "lower --max_seq_length or add validation data")
+
+    trainer = IPUTrainer(
+        model=model,
+        ipu_config=ipu_config,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=DataCollatorForPermutationLanguageModeling(
+            tokenizer, plm_probability=data_args.plm_probability, max_span_length=data_args.max_span_length),
+    )
+    if training_args.do_train:
+        train_and_save(trainer, training_args, last_checkpoint, train_dataset)
+    if training_args.do_eval:
+        evaluate_and_report(trainer, eval_dataset)
+    publish(trainer, training_args, model_args, data_args, tasks="text-generation")
+
+
+if __name__ == "__main__":
+    main()
