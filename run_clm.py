@@ -12,12 +12,11 @@ from transformers import AutoModelForCausalLM, default_data_collator, set_seed
 from ipu_train import IPUTrainer, IPUTrainingArguments
 from ipu_train.arguments import load_ipu_config
 from ipu_train.cli import ScriptArgumentParser, last_checkpoint_or_refuse, main_entry, setup_logging
-from ipu_train.data import group_texts
 from ipu_train.loading import (column_names, fit_embeddings_to_tokenizer, load_config, load_model, load_raw_datasets,
-                               load_tokenizer, require_samples, sequence_length, text_column)
+                               load_tokenizer, sequence_length, text_column)
 from ipu_train.metrics import RunningAccuracy, argmax_predictions
 from ipu_train.script_args import DataArguments, ModelArguments
-from ipu_train.workflow import evaluate_and_report, publish, take, train_and_save
+from ipu_train.workflow import evaluate_and_report, publish, select_splits, tokenize_and_group, train_and_save
 
 logger = logging.getLogger(__name__)
 
@@ -53,31 +52,10 @@ def main(argv=None):
         # Documents are longer than a block until grouped: verbose=False silences the over-length warning.
         return tokenizer(examples[text], verbose=False)
 
-    def make_blocks(examples):
-        blocks = group_texts(examples, block_size)
-        blocks["labels"] = [list(ids) for ids in blocks["input_ids"]]
-        return blocks
-
-    map_options = {} if data_args.streaming else dict(
-        num_proc=data_args.preprocessing_num_workers, load_from_cache_file=not data_args.overwrite_cache)
-    with training_args.main_process_first(desc="tokenizing and grouping"):
-        tokenized = raw_datasets.map(tokenize, batched=True, remove_columns=columns, **map_options)
-        lm_datasets = tokenized.map(make_blocks, batched=True, **map_options)
-
-    train_dataset = eval_dataset = None
-    if training_args.do_train:
-        train_dataset = take(lm_datasets["train"], data_args.max_train_samples)
-        if not data_args.streaming:
-            require_samples(train_dataset, training_args.per_device_train_batch_size
-                            * ipu_config.gradient_accumulation_steps * ipu_config.replication_factor,
-                            f"the training data (blocks of {block_size} tokens)",
-                            "lower --block_size, --per_device_train_batch_size or --gradient_accumulation_steps, "
-                            "or add data")
-    if training_args.do_eval:
-        eval_dataset = take(lm_datasets["validation"], data_args.max_eval_samples)
-        if not data_args.streaming:
-            require_samples(eval_dataset, 1, f"the validation data (blocks of {block_size} tokens)",
-                            "lower --block_size or add validation data")
+    lm_datasets = tokenize_and_group(raw_datasets, tokenize, columns, data_args, training_args, block_size,
+                                     labels=True)
+    train_dataset, eval_dataset = select_splits(lm_datasets, data_args, training_args, ipu_config,
+                                                f"blocks of {block_size} tokens", "lower --block_size")
 
     with_accuracy = training_args.do_eval and not training_args.prediction_loss_only
     trainer = IPUTrainer(

@@ -2,7 +2,8 @@
 save, evaluate, report metrics, and write the model card."""
 import datasets
 
-from .loading import perplexity
+from .data import group_texts
+from .loading import perplexity, require_samples
 
 
 def take(dataset, limit):
@@ -12,6 +13,43 @@ def take(dataset, limit):
     if isinstance(dataset, datasets.IterableDataset):
         return dataset.take(limit)
     return dataset.select(range(min(limit, len(dataset))))
+
+
+def tokenize_and_group(raw_datasets, tokenize, columns, data_args, training_args, block_size=None, labels=False):
+    """Tokenize, then concatenate and cut into `block_size` blocks (none: keep one sequence per record), with
+    `labels` a copy of the inputs when asked. Runs on the main process first so the others read its cache."""
+    options = {} if data_args.streaming else dict(
+        num_proc=data_args.preprocessing_num_workers, load_from_cache_file=not data_args.overwrite_cache)
+
+    def make_blocks(examples):
+        blocks = group_texts(examples, block_size)
+        if labels:
+            blocks["labels"] = [list(ids) for ids in blocks["input_ids"]]
+        return blocks
+
+    with training_args.main_process_first(desc="tokenizing and grouping"):
+        processed = raw_datasets.map(tokenize, batched=True, remove_columns=columns, **options)
+        if block_size is not None:
+            processed = processed.map(make_blocks, batched=True, **options)
+    return processed
+
+
+def select_splits(lm_datasets, data_args, training_args, ipu_config, unit, fix):
+    """The train and eval splits the flags ask for, cut by --max_*_samples. A split too small for one combined
+    training batch (or empty, for evaluation) is an error naming the numbers, the sample `unit` and the `fix`."""
+    train_dataset = eval_dataset = None
+    if training_args.do_train:
+        train_dataset = take(lm_datasets["train"], data_args.max_train_samples)
+        if not data_args.streaming:
+            combined_batch = (training_args.per_device_train_batch_size * ipu_config.gradient_accumulation_steps
+                              * ipu_config.replication_factor)
+            require_samples(train_dataset, combined_batch, f"the training data ({unit})",
+                            f"{fix}, --per_device_train_batch_size or --gradient_accumulation_steps, or add data")
+    if training_args.do_eval:
+        eval_dataset = take(lm_datasets["validation"], data_args.max_eval_samples)
+        if not data_args.streaming:
+            require_samples(eval_dataset, 1, f"the validation data ({unit})", f"{fix} or add validation data")
+    return train_dataset, eval_dataset
 
 
 def train_and_save(trainer, training_args, last_checkpoint, train_dataset):
