@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, default_data_collator, set_seed
 from ipu_train import IPUTrainer, IPUTrainingArguments
 from ipu_train.arguments import load_ipu_config
 from ipu_train.cli import ScriptArgumentParser, last_checkpoint_or_refuse, main_entry, setup_logging
-from ipu_train.loading import (column_names, fit_embeddings_to_tokenizer, load_config, load_model, load_raw_datasets,
-                               load_tokenizer, sequence_length, text_column)
+from ipu_train.loading import (column_names, fit_config_to_tokenizer, fit_embeddings_to_tokenizer, load_config,
+                               load_model, load_raw_datasets, load_tokenizer, sequence_length, text_column)
 from ipu_train.metrics import RunningAccuracy, argmax_predictions
 from ipu_train.script_args import DataArguments, ModelArguments
 from ipu_train.workflow import evaluate_and_report, publish, select_splits, tokenize_and_group, train_and_save
@@ -41,6 +41,7 @@ def main(argv=None):
     raw_datasets = load_raw_datasets(data_args, model_args)
     config = load_config(model_args)
     tokenizer = load_tokenizer(model_args)
+    fit_config_to_tokenizer(config, tokenizer, model_args)
     model = load_model(model_args, config, AutoModelForCausalLM)
     fit_embeddings_to_tokenizer(model, tokenizer)
 

@@ -16,8 +16,8 @@ from ipu_train.arguments import load_ipu_config
 from ipu_train.cli import ScriptArgumentParser, last_checkpoint_or_refuse, main_entry, setup_logging
 from ipu_train.data import DataCollatorForCappedMLM
 from ipu_train.errors import UserError
-from ipu_train.loading import (column_names, fit_embeddings_to_tokenizer, load_config, load_model, load_raw_datasets,
-                               load_tokenizer, sequence_length, text_column)
+from ipu_train.loading import (column_names, fit_config_to_tokenizer, fit_embeddings_to_tokenizer, load_config,
+                               load_model, load_raw_datasets, load_tokenizer, sequence_length, text_column)
 from ipu_train.metrics import RunningAccuracy, argmax_predictions
 from ipu_train.script_args import DataArguments, ModelArguments
 from ipu_train.workflow import evaluate_and_report, publish, select_splits, tokenize_and_group, train_and_save
@@ -60,6 +60,7 @@ def main(argv=None):
     if tokenizer.mask_token is None:
         raise UserError("this tokenizer has no mask token, so it cannot be used for masked LM: pass a "
                         "--tokenizer_name made for BERT/RoBERTa (train_tokenizer.py --type wordpiece or --style roberta)")
+    fit_config_to_tokenizer(config, tokenizer, model_args)
     model = load_model(model_args, config, AutoModelForMaskedLM)
     fit_embeddings_to_tokenizer(model, tokenizer)
 

@@ -118,6 +118,20 @@ def load_model(model_args, config, auto_class):
     return model
 
 
+def fit_config_to_tokenizer(config, tokenizer, model_args):
+    """A model built from scratch takes its vocabulary size and special-token ids from the tokenizer (a config's
+    defaults describe the original tokenizer, e.g. GPT-2's 50257 tokens), unless --config_overrides set them."""
+    if model_args.model_name_or_path:
+        return
+    overridden = {item.split("=", 1)[0].strip() for item in (model_args.config_overrides or "").split(",")}
+    if "vocab_size" not in overridden:
+        config.vocab_size = len(tokenizer)
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        token_id = getattr(tokenizer, name, None)
+        if token_id is not None and name not in overridden:
+            setattr(config, name, token_id)
+
+
 def fit_embeddings_to_tokenizer(model, tokenizer):
     """A tokenizer larger than the embedding table (new tokens, a from-scratch config) grows the table."""
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
