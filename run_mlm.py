@@ -58,8 +58,8 @@ def main(argv=None):
     config = load_config(model_args)
     tokenizer = load_tokenizer(model_args)
     if tokenizer.mask_token is None:
-        raise UserError("this tokenizer has no mask token, so it cannot be used for masked LM: pass a "
-                        "--tokenizer_name made for BERT/RoBERTa (train_tokenizer.py --type wordpiece or --style roberta)")
+        raise UserError("this tokenizer has no mask token, so it cannot be used for masked LM: pass a --tokenizer_name "
+                        "made for BERT/RoBERTa (train_tokenizer.py --type wordpiece, or --type bpe --style roberta)")
     fit_config_to_tokenizer(config, tokenizer, model_args)
     model = load_model(model_args, config, AutoModelForMaskedLM)
     fit_embeddings_to_tokenizer(model, tokenizer)
