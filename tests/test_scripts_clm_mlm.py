@@ -1,0 +1,191 @@
+"""run_clm.py and run_mlm.py end to end, through their command lines, on tiny models and the bundled corpus."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+import run_clm
+import run_mlm
+
+from .conftest import REPO
+
+TINY_GPT2 = "n_layer=2,n_embd=32,n_head=2,n_positions=64"
+TINY_BERT = "num_hidden_layers=2,hidden_size=32,num_attention_heads=2,intermediate_size=64,max_position_embeddings=64"
+OUTPUT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "training_args.bin",
+                "ipu_config.json", "train_results.json", "eval_results.json", "all_results.json",
+                "trainer_state.json", "README.md")
+
+
+@pytest.fixture(scope="module")
+def text_files(corpus_dir, tmp_path_factory):
+    """A few hundred paragraphs for training, fewer for validation: seconds per run."""
+    folder = tmp_path_factory.mktemp("text")
+    for name, lines in (("train.txt", 240), ("validation.txt", 60)):
+        text = (corpus_dir / name).read_text(encoding="utf-8").splitlines(keepends=True)[:lines]
+        (folder / name).write_text("".join(text), encoding="utf-8")
+    return folder
+
+
+def clm_args(text_files, tokenizer_dir, output_dir, *extra):
+    return ["--model_type", "gpt2", "--config_overrides", TINY_GPT2, "--tokenizer_name", str(tokenizer_dir),
+            "--train_file", str(text_files / "train.txt"), "--validation_file", str(text_files / "validation.txt"),
+            "--block_size", "32", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
+            "--learning_rate", "3e-3", "--output_dir", str(output_dir), "--report_to", "none", "--seed", "0",
+            "--logging_steps", "2", "--disable_tqdm", "true", "--max_eval_samples", "32", *extra]
+
+
+def mlm_args(text_files, tokenizer_dir, output_dir, *extra):
+    return ["--model_type", "bert", "--config_overrides", TINY_BERT, "--tokenizer_name", str(tokenizer_dir),
+            "--train_file", str(text_files / "train.txt"), "--validation_file", str(text_files / "validation.txt"),
+            "--max_seq_length", "32", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
+            "--learning_rate", "3e-3", "--output_dir", str(output_dir), "--report_to", "none", "--seed", "0",
+            "--logging_steps", "2", "--disable_tqdm", "true", "--max_eval_samples", "32", *extra]
+
+
+def logged_losses(output_dir):
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+def results(output_dir, split):
+    return json.loads((output_dir / f"{split}_results.json").read_text())
+
+
+def assert_trained_and_saved(output_dir):
+    for name in OUTPUT_FILES:
+        assert (output_dir / name).is_file(), name
+    losses = logged_losses(output_dir)
+    assert len(losses) >= 3
+    assert losses[-1] < losses[0]
+    metrics = results(output_dir, "eval")
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
+    assert 0 <= metrics["eval_accuracy"] <= 1
+    return metrics
+
+
+def test_clm_trains_evaluates_saves_and_reloads(text_files, bpe_tokenizer_dir, tmp_path, caplog):
+    out = tmp_path / "clm"
+    caplog.set_level("INFO")
+    run_clm.main(clm_args(text_files, bpe_tokenizer_dir, out, "--do_train", "--do_eval", "--max_steps", "16"))
+    assert_trained_and_saved(out)
+    assert "n_layer=2,n_embd=32" in caplog.text  # --config_overrides and the resulting config are logged
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.n_layer == 2 and model.config.vocab_size == 500
+
+
+def test_mlm_trains_evaluates_saves_and_reloads(text_files, wordpiece_tokenizer_dir, tmp_path):
+    out = tmp_path / "mlm"
+    run_mlm.main(mlm_args(text_files, wordpiece_tokenizer_dir, out, "--do_train", "--do_eval", "--max_steps", "16"))
+    assert_trained_and_saved(out)
+    assert AutoModelForMaskedLM.from_pretrained(out).config.num_hidden_layers == 2
+
+
+def test_mlm_line_by_line_with_padding(text_files, roberta_tokenizer_dir, tmp_path):
+    out = tmp_path / "lbl"
+    run_mlm.main(mlm_args(text_files, roberta_tokenizer_dir, out, "--do_train", "--do_eval", "--max_steps", "4",
+                          "--model_type", "roberta", "--config_overrides", TINY_BERT.replace("64", "66"),
+                          "--line_by_line", "--pad_to_max_length", "--prediction_loss_only"))
+    metrics = results(out, "eval")
+    assert "eval_accuracy" not in metrics  # --prediction_loss_only skips accuracy
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
+
+
+def typed(value):
+    """A flag's text as the JSON/YAML value a user would write."""
+    if value in ("true", "false"):
+        return value == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def test_argument_files_give_the_same_run_as_flags(text_files, bpe_tokenizer_dir, tmp_path):
+    """Evaluation of a freshly initialised model (same seed, same weights) through flags, .json and .yaml."""
+    flags = clm_args(text_files, bpe_tokenizer_dir, tmp_path / "flags", "--do_eval")
+    run_clm.main(flags)
+    as_dict = {key.lstrip("-"): typed(value) for key, value in zip(flags[::2], flags[1::2])}  # drops --do_eval
+    as_dict["do_eval"] = True
+    for suffix, dump in ((".json", json.dumps), (".yaml", yaml.safe_dump)):
+        as_dict["output_dir"] = str(tmp_path / suffix[1:])
+        path = tmp_path / f"args{suffix}"
+        path.write_text(dump(as_dict))
+        run_clm.main([str(path)])
+        assert results(tmp_path / suffix[1:], "eval")["eval_loss"] == results(tmp_path / "flags", "eval")["eval_loss"]
+
+
+def test_resume_from_checkpoint_continues_the_run(text_files, bpe_tokenizer_dir, tmp_path):
+    steps = ("--do_train", "--max_steps", "8", "--save_steps", "4")
+    full = tmp_path / "full"
+    run_clm.main(clm_args(text_files, bpe_tokenizer_dir, full, *steps))
+    assert (full / "checkpoint-4").is_dir() and (full / "checkpoint-8").is_dir()
+    resumed = tmp_path / "resumed"
+    run_clm.main(clm_args(text_files, bpe_tokenizer_dir, resumed, *steps[:3], "--save_steps", "100",
+                          "--resume_from_checkpoint", str(full / "checkpoint-4")))
+    assert logged_losses(resumed) == logged_losses(full)[-len(logged_losses(resumed)):]
+    assert json.loads((resumed / "trainer_state.json").read_text())["global_step"] == 8
+
+
+def test_streaming_trains_with_max_steps(text_files, bpe_tokenizer_dir, tmp_path):
+    out = tmp_path / "stream"
+    run_clm.main(clm_args(text_files, bpe_tokenizer_dir, out, "--do_train", "--do_eval", "--streaming",
+                          "--max_steps", "4"))
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+    assert "eval_loss" in results(out, "eval")
+
+
+def run_and_expect_user_error(main, argv, capsys, *phrases):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for phrase in phrases:
+        assert phrase in err[0], err[0]
+    return err[0]
+
+
+@pytest.mark.parametrize("change, phrases", [
+    (["--train_file", "missing.txt"], ["--train_file", "missing.txt", "does not exist"]),
+    (["--train_file", "data.docx"], ["--train_file", "txt"]),
+    (["--no_such_flag", "1"], ["--no_such_flag"]),
+    (["--config_overrides", "n_layers=2"], ["--config_overrides", "n_layers"]),
+    (["--block_size", "60", "--per_device_train_batch_size", "4096"], ["training data", "4096",
+                                                                         "--per_device_train_batch_size"]),
+    (["--streaming"], ["--streaming", "--max_steps"]),
+    (["--ipu_config_overrides", "device_iterations=0"], ["device_iterations"]),
+])
+def test_clm_user_errors(change, phrases, text_files, bpe_tokenizer_dir, tmp_path, capsys):
+    argv = clm_args(text_files, bpe_tokenizer_dir, tmp_path / "out", "--do_train", "--num_train_epochs", "1")
+    argv += change
+    run_and_expect_user_error(run_clm.main, argv, capsys, *phrases)
+
+
+def test_mlm_refuses_a_tokenizer_without_mask_token(text_files, bpe_tokenizer_dir, tmp_path, capsys):
+    argv = mlm_args(text_files, bpe_tokenizer_dir, tmp_path / "out", "--do_train", "--max_steps", "2")
+    run_and_expect_user_error(run_mlm.main, argv, capsys, "mask token", "--tokenizer_name")
+
+
+def test_non_empty_output_dir_is_refused_and_kept(text_files, bpe_tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    argv = clm_args(text_files, bpe_tokenizer_dir, out, "--do_train", "--max_steps", "2")
+    run_and_expect_user_error(run_clm.main, argv, capsys, "--output_dir", "--overwrite_output_dir")
+    assert sorted(os.listdir(out)) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_real_process_exits_2_without_traceback(text_files, bpe_tokenizer_dir, tmp_path):
+    argv = clm_args(text_files, bpe_tokenizer_dir, tmp_path / "out", "--do_train", "--block_size", "abc")
+    done = subprocess.run([sys.executable, str(REPO / "run_clm.py"), *argv], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "--block_size" in done.stderr
