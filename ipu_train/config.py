@@ -1,0 +1,720 @@
+"""IPUConfig: the schema of `ipu_config.json`, loading and saving, overrides, validation, layer -> stage map.
+
+The attribute set, defaults and behaviour follow optimum-graphcore's IPUConfig (see
+`shared/reference/ipu-semantics.md`), with its known gaps fixed: deprecated keys are accepted with a warning,
+string overrides use the declared field types, and every change is validated.
+
+Stored values are what the user wrote: `None` in an `inference_*` field (or in `ipus_per_replica`) means "derive
+it", so that overriding `layers_per_ipu` also moves an inference layout that was never set. Reading an attribute
+gives the derived value; `to_dict()` gives the stored ones, which makes the round trip exact.
+"""
+import copy
+import difflib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from .errors import UserError
+
+logger = logging.getLogger("ipu_train")
+
+IPU_CONFIG_NAME = "ipu_config.json"
+POD_TYPES = ("pod4", "pod8", "pod16", "pod32", "pod64")
+OUTPUT_MODES = ("all", "sum", "final", "default")
+METADATA_KEYS = ("optimum_version", "transformers_version")
+DEPRECATED_KEYS = {
+    "enable_half_first_order_momentum": "set the optimizer state precision with the optimizer instead",
+    "sharded_execution_for_inference": "inference always uses sharded execution",
+    "use_popdist": "the launcher, torchrun or poprun, sets up distribution",
+    "profile_dir": "use the profiler of the backend instead",
+    "decompose_grad_sum": "it no longer changes the compiled program",
+    "execute_encoder_on_cpu_for_generation": "it was never implemented",
+}
+# Fields that keep meaning on IPUs only; the trainer logs them once when set (see DESIGN.md's mapping table).
+IPU_ONLY_FIELDS = (
+    "matmul_proportion",
+    "inference_matmul_proportion",
+    "output_mode",
+    "explicit_ir_inference",
+    "parallelize_kwargs",
+    "inference_parallelize_kwargs",
+)
+
+
+class IPUConfigError(UserError, ValueError):
+    """An IPU configuration that cannot be used: the message names the key and says what to change."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Value kinds: each checks a Python value (from JSON or code) and parses the text of a string override.
+
+
+def _parse_list(text: str) -> list:
+    """`[1 3 4 4]`, `[1,3,4,4]` or `[1, 3 4]`: brackets required, items split on commas and spaces."""
+    text = text.strip()
+    if not (text.startswith("[") and text.endswith("]")):
+        raise ValueError("a list must be written in brackets")
+    return [item for item in text[1:-1].replace(",", " ").split()]
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError
+    return value
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError
+    return float(value)
+
+
+def _to_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError
+    return value
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes", "y"):
+        return True
+    if lowered in ("false", "0", "no", "n"):
+        return False
+    raise ValueError
+
+
+def _int_list(value: Any) -> list:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError
+    return [_to_int(v) for v in value]
+
+
+def _float_or_float_list(value: Any):
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError
+        return [_to_float(v) for v in value]
+    return _to_float(value)
+
+
+def _parse_float_or_list(text: str):
+    text = text.strip()
+    if text.startswith("["):
+        return [float(v) for v in _parse_list(text)]
+    return float(text)
+
+
+def _to_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError
+    return value
+
+
+def _to_dict(value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError
+    return copy.deepcopy(value)
+
+
+@dataclass(frozen=True)
+class _Kind:
+    description: str  # what the error message asks for
+    check: Callable[[Any], Any]  # value -> normalised value, ValueError when the type is wrong
+    parse: Callable[[str], Any]  # override text -> value, ValueError when it cannot be read
+
+
+INT = _Kind("an integer", _to_int, lambda text: int(text.strip()))
+BOOL = _Kind("a boolean (true/false, 1/0, yes/no, y/n)", _to_bool, _parse_bool)
+STR = _Kind("a string", _to_str, lambda text: text.strip())
+INT_LIST = _Kind("a list of integers such as [0 4 4 4]", _int_list, lambda text: [int(v) for v in _parse_list(text)])
+FLOAT_OR_LIST = _Kind(
+    "a float or a list of floats such as [0.1 0.25 0.25 0.25]", _float_or_float_list, _parse_float_or_list
+)
+DICT = _Kind('a JSON object such as {"key": 1}', _to_dict, lambda text: json.loads(text))
+
+
+@dataclass(frozen=True)
+class _Field:
+    name: str
+    kind: _Kind
+    default: Any
+    optional: bool = False  # None is a value: "unset" (seed) or "derive from the training value" (inference_*)
+    null_is_default: bool = False  # older files wrote null for these; read it as the default
+    layout: bool = False  # in inference mode, reading `name` gives `inference_<name>`
+
+
+def _fields():
+    layout_pairs = [
+        ("layers_per_ipu", INT_LIST, [-1]),
+        ("ipus_per_replica", INT, None),
+        ("matmul_proportion", FLOAT_OR_LIST, 0.2),
+        ("embedding_serialization_factor", INT, 1),
+        ("serialized_embedding_splits_per_ipu", INT_LIST, None),
+        ("projection_serialization_factor", INT, 1),
+        ("serialized_projection_splits_per_ipu", INT_LIST, None),
+        ("parallelize_kwargs", DICT, {}),
+    ]
+    fields = []
+    for name, kind, default in layout_pairs:
+        fields.append(
+            _Field(
+                name,
+                kind,
+                default,
+                optional=default is None,
+                null_is_default=name.endswith(("_factor", "_kwargs")),
+                layout=True,
+            )
+        )
+        fields.append(_Field(f"inference_{name}", kind, None, optional=True))
+    fields += [
+        _Field("replication_factor", INT, 1),
+        _Field("inference_replication_factor", INT, 1),
+        _Field("gradient_accumulation_steps", INT, 1),
+        _Field("device_iterations", INT, 1),
+        _Field("inference_device_iterations", INT, 1),
+        _Field("optimizer_state_offchip", BOOL, False),
+        _Field("replicated_tensor_sharding", BOOL, False),
+        _Field("enable_half_partials", BOOL, True),
+        _Field("recompute_checkpoint_every_layer", BOOL, False),
+        _Field("output_mode", STR, "final"),
+        _Field("seed", INT, None, optional=True),
+        _Field("auto_loss_scaling", BOOL, False),
+        _Field("executable_cache_dir", STR, ""),
+        _Field("explicit_ir_inference", BOOL, False),
+    ]
+    return {field.name: field for field in fields}
+
+
+FIELDS = _fields()
+COUNT_FIELDS = (
+    "replication_factor",
+    "inference_replication_factor",
+    "gradient_accumulation_steps",
+    "device_iterations",
+    "inference_device_iterations",
+    "ipus_per_replica",
+    "inference_ipus_per_replica",
+    "embedding_serialization_factor",
+    "inference_embedding_serialization_factor",
+    "projection_serialization_factor",
+    "inference_projection_serialization_factor",
+)
+
+
+def _is_per_pod(value: Any) -> bool:
+    return isinstance(value, dict) and bool(value) and set(value) <= set(POD_TYPES) | {"default"}
+
+
+def _nearest_key(key: str) -> str:
+    candidates = list(FIELDS) + list(DEPRECATED_KEYS)
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.0)
+    return close[0]
+
+
+def _unknown_key_error(key: str, where: str) -> IPUConfigError:
+    return IPUConfigError(
+        f"{where}: unknown key '{key}'; did you mean '{_nearest_key(key)}'? (the valid keys are those of "
+        f"ipu_config.json, see ipu_train/config.py)"
+    )
+
+
+def _checked(field: _Field, value: Any) -> Any:
+    """The value normalised to the field's declared type; per-pod dictionaries are checked entry by entry."""
+    if value is None and field.null_is_default:
+        return copy.deepcopy(field.default)
+    if value is None and field.optional:
+        return None
+    if _is_per_pod(value) and field.kind is not DICT:
+        return {pod: _checked(field, v) for pod, v in value.items()}
+    try:
+        return field.kind.check(value)
+    except (ValueError, TypeError):
+        nullable = " or null" if field.optional else ""
+        raise IPUConfigError(
+            f"{field.name} must be {field.kind.description}{nullable}, not {json.dumps(value)}"
+        ) from None
+
+
+class _Attribute:
+    """Descriptor: reads the derived value of a field (the inference variant in inference mode for layout fields)
+    and validates the whole configuration after every assignment."""
+
+    def __init__(self, field: _Field):
+        self.field = field
+
+    def _target(self, obj) -> str:
+        if self.field.layout and obj._mode == "inference":
+            return f"inference_{self.field.name}"
+        return self.field.name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        return copy.deepcopy(obj._derived(self._target(obj)))
+
+    def __set__(self, obj, value):
+        obj.update(**{self._target(obj): value})
+
+
+class IPUConfig:
+    """The IPU configuration: `IPUConfig(**values)`, `IPUConfig.from_pretrained(path_or_hub_name, **overrides)`."""
+
+    def __init__(self, **values):
+        self._mode = "training"
+        self._values = {name: copy.deepcopy(field.default) for name, field in FIELDS.items()}
+        for key in [k for k in values if k in METADATA_KEYS]:
+            values.pop(key)
+        for key in [k for k in values if k in DEPRECATED_KEYS]:
+            values.pop(key)
+            logger.warning(
+                "ipu_config key '%s' is deprecated and ignored (%s): remove it from the file",
+                key,
+                DEPRECATED_KEYS[key],
+            )
+        for key in values:
+            if key not in FIELDS:
+                raise _unknown_key_error(key, "IPU configuration")
+        for key, value in values.items():
+            self._values[key] = _checked(FIELDS[key], value)
+        self._validate()
+
+    # --- loading and saving ----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, **overrides) -> "IPUConfig":
+        """Load from a directory holding ipu_config.json, a .json file, or a hub repository name."""
+        path = _resolve_config_file(str(name_or_path))
+        try:
+            with open(path, encoding="utf-8") as handle:
+                values = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise IPUConfigError(f"{path} is not valid JSON ({error}): fix the file") from None
+        if not isinstance(values, dict):
+            raise IPUConfigError(f"{path} must hold one JSON object of ipu_config keys")
+        try:
+            return cls(**{**values, **overrides})
+        except IPUConfigError as error:
+            raise IPUConfigError(f"{path}: {error}") from None
+
+    def save_pretrained(self, save_directory) -> str:
+        """Write `save_directory/ipu_config.json` and return its path."""
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(str(save_directory), IPU_CONFIG_NAME)
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(self.to_json_string())
+        return path
+
+    def to_dict(self) -> dict:
+        """The stored values, every field, in schema order (None where a value is derived)."""
+        return copy.deepcopy(self._values)
+
+    def to_json_string(self) -> str:
+        """JSON with one key per line and each value on it, which keeps lists readable."""
+        lines = [f"  {json.dumps(key)}: {json.dumps(value)}" for key, value in self.to_dict().items()]
+        return "{\n" + ",\n".join(lines) + "\n}\n"
+
+    def __eq__(self, other):
+        return isinstance(other, IPUConfig) and self._values == other._values
+
+    def __repr__(self):
+        return f"IPUConfig({self.to_json_string()})"
+
+    # --- changing values ---------------------------------------------------------------------------------------
+
+    def update(self, **values) -> "IPUConfig":
+        """Set several fields at once, then validate; on an error nothing is changed."""
+        checked = {}
+        for key, value in values.items():
+            if key in DEPRECATED_KEYS:
+                logger.warning("ipu_config key '%s' is deprecated and ignored (%s)", key, DEPRECATED_KEYS[key])
+                continue
+            if key not in FIELDS:
+                raise _unknown_key_error(key, "IPU configuration")
+            checked[key] = _checked(FIELDS[key], value)
+        previous = self._values
+        self._values = {**previous, **checked}
+        try:
+            self._validate()
+        except IPUConfigError:
+            self._values = previous
+            raise
+        return self
+
+    def update_from_string(self, update_str: str) -> "IPUConfig":
+        """Apply `--ipu_config_overrides "k=v,k=v"`; lists as `[1 3 4 4]` or `[1,3,4,4]`; null clears a field."""
+        values = {}
+        for item in _split_top_level(update_str):
+            key, sep, text = item.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise IPUConfigError(
+                    f"--ipu_config_overrides: '{item.strip()}' is not key=value (separate items with commas)"
+                )
+            values[key] = _parse_override(key, text)
+        return self.update(**values)
+
+    def for_pod_type(self, pod_type: Optional[str] = None) -> "IPUConfig":
+        """A new IPUConfig with every per-pod dictionary resolved for `pod_type` (None: the "default" entries)."""
+        if pod_type is not None and pod_type not in POD_TYPES:
+            raise IPUConfigError(f"--pod_type {pod_type} is not a pod type: use one of {', '.join(POD_TYPES)}")
+        values = {}
+        for name, value in self._values.items():
+            if not _is_per_pod(value) or FIELDS[name].kind is DICT:
+                values[name] = value
+            elif pod_type is None and "default" not in value:
+                raise IPUConfigError(
+                    f"{name} has per-pod values for {', '.join(value)} and no \"default\": pass --pod_type "
+                    f"(one of {', '.join(value)})"
+                )
+            elif pod_type is None:
+                values[name] = value["default"]
+            elif pod_type not in value:
+                raise IPUConfigError(
+                    f"{name} has no value for --pod_type {pod_type}: use one of "
+                    f"{', '.join(k for k in value if k != 'default')} or add a \"{pod_type}\" entry"
+                )
+            else:
+                values[name] = value[pod_type]
+        resolved = IPUConfig(**values)
+        resolved._mode = self._mode
+        return resolved
+
+    def apply_n_ipu(self, n_ipu: int) -> "IPUConfig":
+        """`--n_ipu`: replication_factor = n_ipu // ipus_per_replica, and likewise for inference."""
+        self._require_resolved()
+        if isinstance(n_ipu, bool) or not isinstance(n_ipu, int) or n_ipu < 1:
+            raise IPUConfigError(f"--n_ipu must be a positive integer, not {n_ipu!r}")
+        replicas = {}
+        for prefix in ("", "inference_"):
+            per_replica = self._derived(f"{prefix}ipus_per_replica")
+            if n_ipu % per_replica:
+                raise IPUConfigError(
+                    f"--n_ipu {n_ipu} is not a multiple of {prefix}ipus_per_replica={per_replica}: use a multiple "
+                    f"of {per_replica} (one replica needs {per_replica} IPUs)"
+                )
+            replicas[f"{prefix}replication_factor"] = n_ipu // per_replica
+        return self.update(**replicas)
+
+    # --- modes ------------------------------------------------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    def train(self) -> "IPUConfig":
+        self._mode = "training"
+        return self
+
+    def eval(self) -> "IPUConfig":
+        self._mode = "inference"
+        return self
+
+    # --- what the runtime asks --------------------------------------------------------------------------------
+
+    def batch_size_factor(self, for_inference: bool = False) -> int:
+        """Samples per data-loader item divided by the micro-batch size."""
+        self._require_resolved()
+        if for_inference:
+            return self.inference_replication_factor * self.inference_device_iterations
+        return self.replication_factor * self.gradient_accumulation_steps * self.device_iterations
+
+    def layer_stages(self, num_layers: int) -> list:
+        """The stage (IPU) index of each of the model's `num_layers` layers, for the current mode."""
+        return [stage for stage, count in enumerate(self.layers_per_stage(num_layers)) for _ in range(count)]
+
+    def layers_per_stage(self, num_layers: int) -> list:
+        """How many layers each stage holds, wildcards expanded, for the current mode."""
+        self._require_resolved()
+        prefix = "inference_" if self._mode == "inference" else ""
+        return _expand_layers_per_ipu(
+            self.layers_per_ipu,
+            self.ipus_per_replica,
+            num_layers,
+            f"{prefix}layers_per_ipu",
+            f"{prefix}ipus_per_replica",
+        )
+
+    def unused_on_pytorch(self) -> list:
+        """Fields set to a non-default value that have no effect on PyTorch (the trainer logs them once)."""
+        return [name for name in IPU_ONLY_FIELDS if self._values[name] != FIELDS[name].default]
+
+    # --- derived values ---------------------------------------------------------------------------------------
+
+    def _derived(self, name: str):
+        """The value a field stands for: stored, or derived from the training values when stored as None."""
+        stored = self._values[name]
+        derive = _DERIVATIONS.get(name)
+        if stored is not None or derive is None:
+            return stored
+        self._require_resolved()
+        return derive(self)
+
+    def _default_inference_matmul_proportion(self):
+        training = self._values["matmul_proportion"]
+        # A per-IPU list only carries over when the inference pipeline has as many IPUs.
+        fits = not isinstance(training, list) or len(training) == self._derived("inference_ipus_per_replica")
+        return training if fits else 0.2
+
+    def _default_inference_ipus_per_replica(self) -> int:
+        inference_layers = self._values["inference_layers_per_ipu"]
+        training_ipus = self._derived("ipus_per_replica")
+        if inference_layers is None:
+            return training_ipus
+        # As optimum-graphcore: the length of inference_layers_per_ipu, except that a bare [-1] keeps a training
+        # width that was set apart from layers_per_ipu (layers_per_ipu=[-1], ipus_per_replica=4).
+        if inference_layers == [-1] and training_ipus != len(self._values["layers_per_ipu"]):
+            return training_ipus
+        return len(inference_layers)
+
+    def _default_inference_splits(self, layer: str):
+        if self._values[f"inference_{layer}_serialization_factor"] is not None:
+            return None
+        training = self._values[f"serialized_{layer}_splits_per_ipu"]
+        if training is not None and len(training) == self._derived("inference_ipus_per_replica"):
+            return training
+        return None
+
+    def _default_inference_factor(self, layer: str) -> int:
+        if self._values[f"inference_serialized_{layer}_splits_per_ipu"] is not None:
+            return 1
+        training_splits = self._values[f"serialized_{layer}_splits_per_ipu"]
+        if training_splits is not None and self._derived(f"inference_serialized_{layer}_splits_per_ipu") is None:
+            # The training splits do not fit the inference pipeline: serialise into as many parts on one IPU.
+            return sum(training_splits)
+        return self._values[f"{layer}_serialization_factor"]
+
+    def _per_pod_fields(self) -> list:
+        return [name for name, value in self._values.items() if _is_per_pod(value) and FIELDS[name].kind is not DICT]
+
+    def _require_resolved(self):
+        unresolved = self._per_pod_fields()
+        if unresolved:
+            raise IPUConfigError(
+                f"{unresolved[0]} still holds per-pod values: resolve them with --pod_type "
+                f"(IPUConfig.for_pod_type) first"
+            )
+
+    # --- validation -------------------------------------------------------------------------------------------
+
+    def _validate(self):
+        per_pod = self._per_pod_fields()
+        for name in COUNT_FIELDS:
+            for value in _alternatives(self._values[name]):
+                if value is not None and value < 1:
+                    raise IPUConfigError(f"{name}={value} must be at least 1")
+        for name in ("layers_per_ipu", "inference_layers_per_ipu"):
+            for value in _alternatives(self._values[name]):
+                if value is not None and min(value) < -1:
+                    raise IPUConfigError(
+                        f"{name}={value}: entries must be layer counts >= 0, or -1 for a share of the remaining layers"
+                    )
+        for name in ("matmul_proportion", "inference_matmul_proportion"):
+            for value in _alternatives(self._values[name]):
+                if value is not None and min(value if isinstance(value, list) else [value]) < 0:
+                    raise IPUConfigError(f"{name}={value} must be >= 0 (a fraction of each IPU's memory)")
+        for value in _alternatives(self._values["output_mode"]):
+            if value not in OUTPUT_MODES:
+                raise IPUConfigError(f"output_mode={value!r} must be one of {', '.join(OUTPUT_MODES)}")
+        for layer in ("embedding", "projection"):
+            for prefix in ("", "inference_"):
+                name = f"{prefix}serialized_{layer}_splits_per_ipu"
+                for value in _alternatives(self._values[name]):
+                    _check_splits(name, value)
+        if per_pod:
+            return  # the relations between fields are checked once a pod type has been chosen
+        for prefix in ("", "inference_"):
+            self._validate_layout(prefix)
+
+    def _validate_layout(self, prefix: str):
+        ipus_name = f"{prefix}ipus_per_replica"
+        ipus = self._derived(ipus_name)
+        matmul = self._derived(f"{prefix}matmul_proportion")
+        if isinstance(matmul, list) and len(matmul) != ipus:
+            raise IPUConfigError(
+                f"{prefix}matmul_proportion={matmul} has {len(matmul)} entries but {ipus_name}={ipus}: give one "
+                f"value per IPU, or a single float"
+            )
+        layers = self._derived(f"{prefix}layers_per_ipu")
+        if -1 not in layers and len(layers) != ipus:
+            raise IPUConfigError(
+                f"{prefix}layers_per_ipu={layers} has {len(layers)} entries but {ipus_name}={ipus}: give one entry "
+                f"per IPU, or set {ipus_name}={len(layers)}"
+            )
+        for layer in ("embedding", "projection"):
+            factor_name = f"{prefix}{layer}_serialization_factor"
+            splits_name = f"{prefix}serialized_{layer}_splits_per_ipu"
+            factor, splits = self._derived(factor_name), self._derived(splits_name)
+            if splits is None:
+                continue
+            if factor != 1:
+                raise IPUConfigError(
+                    f"set only one of {factor_name}={factor} and {splits_name}={splits}: the factor serialises the "
+                    f"{layer} on one IPU, the splits spread it over IPUs; set {factor_name}=1 to use the splits"
+                )
+            if len(splits) != ipus:
+                raise IPUConfigError(
+                    f"{splits_name}={splits} has {len(splits)} entries but {ipus_name}={ipus}: give one entry per IPU"
+                )
+
+
+def _alternatives(value) -> list:
+    """A value, or each entry of a per-pod dictionary."""
+    return list(value.values()) if _is_per_pod(value) else [value]
+
+
+def _check_splits(name: str, splits):
+    if splits is None:
+        return
+    if min(splits) < 0:
+        raise IPUConfigError(f"{name}={splits}: entries must be >= 0 (splits on each IPU)")
+    if sum(splits) < 1:
+        raise IPUConfigError(f"{name}={splits} must place at least 1 split on some IPU, or be null")
+    used = [i for i, count in enumerate(splits) if count]
+    if used[-1] - used[0] + 1 != len(used):
+        raise IPUConfigError(f"{name}={splits}: the IPUs holding splits must be consecutive, e.g. [0 2 2 0]")
+
+
+def _expand_layers_per_ipu(layers_per_ipu, ipus, num_layers, layers_name, ipus_name) -> list:
+    """Layers on each IPU for a model with `num_layers` layers, following optimum-graphcore's rules."""
+    if ipus == 1:
+        return [num_layers]
+    if layers_per_ipu in ([-1], [-1] * ipus):
+        share, remainder = divmod(num_layers, ipus)
+        return [share] * (ipus - 1) + [share + remainder]
+    if len(layers_per_ipu) != ipus:
+        raise IPUConfigError(
+            f"{layers_name}={layers_per_ipu} has {len(layers_per_ipu)} entries but {ipus_name}={ipus}: give one "
+            f"entry per IPU, or [-1] to split the layers evenly"
+        )
+    fixed = sum(count for count in layers_per_ipu if count != -1)
+    wildcards = [i for i, count in enumerate(layers_per_ipu) if count == -1]
+    if not wildcards:
+        if fixed != num_layers:
+            raise IPUConfigError(
+                f"{layers_name}={layers_per_ipu} does not define the correct number of layers: it places {fixed} "
+                f"layers but the model has {num_layers}; make the entries sum to {num_layers}, or use -1 wildcards"
+            )
+        return list(layers_per_ipu)
+    if fixed > num_layers:
+        raise IPUConfigError(
+            f"{layers_name}={layers_per_ipu} does not define the correct number of layers: its fixed entries "
+            f"place {fixed} layers but the model has {num_layers}; lower them"
+        )
+    share, remainder = divmod(num_layers - fixed, len(wildcards))
+    counts = [share if count == -1 else count for count in layers_per_ipu]
+    counts[wildcards[-1]] += remainder
+    return counts
+
+
+def _split_top_level(text: str) -> list:
+    """Split on commas outside brackets and braces, dropping empty items."""
+    items, depth, current = [], 0, ""
+    for char in text:
+        if char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    items.append(current)
+    return [item for item in items if item.strip()]
+
+
+def _parse_override(key: str, text: str):
+    if key in DEPRECATED_KEYS:
+        return None  # update() warns and skips it
+    if key not in FIELDS:
+        raise _unknown_key_error(key, "--ipu_config_overrides")
+    field = FIELDS[key]
+    if text.strip().lower() in ("null", "none") and (field.optional or field.null_is_default):
+        return None
+    try:
+        value = field.kind.parse(text)
+    except (ValueError, TypeError):
+        value = _ParseFailure
+    if value is _ParseFailure or not _kind_accepts(field, value):
+        nullable = " or null" if field.optional else ""
+        raise IPUConfigError(
+            f"--ipu_config_overrides: {key}={text.strip()} is not valid, {key} must be "
+            f"{field.kind.description}{nullable}"
+        )
+    return value
+
+
+class _ParseFailure:
+    pass
+
+
+def _kind_accepts(field: _Field, value) -> bool:
+    try:
+        field.kind.check(value)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _resolve_config_file(name_or_path: str) -> str:
+    if os.path.isdir(name_or_path):
+        path = os.path.join(name_or_path, IPU_CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise IPUConfigError(f"directory {name_or_path} holds no {IPU_CONFIG_NAME}: point to a directory or file")
+        return path
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    if name_or_path.endswith(".json"):
+        raise IPUConfigError(f"IPU configuration file {name_or_path} does not exist: check the path")
+    return _download_from_hub(name_or_path)
+
+
+def _download_from_hub(repo_id: str) -> str:
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    try:
+        return hf_hub_download(repo_id=repo_id, filename=IPU_CONFIG_NAME)
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        if constants.is_offline_mode():
+            raise IPUConfigError(
+                f"IPU configuration '{repo_id}' is not a local directory or .json file, and the Hugging Face Hub is "
+                f"offline (HF_HUB_OFFLINE=1) with no cached copy: pass a local path, or go online"
+            ) from None
+        raise IPUConfigError(
+            f"IPU configuration '{repo_id}' is not a local path and could not be downloaded from the Hugging Face "
+            f"Hub (no connection?): pass a local path"
+        ) from None
+    except HFValidationError:
+        raise IPUConfigError(
+            f"IPU configuration '{repo_id}' is neither a local directory, a .json file nor a hub repository name: "
+            f"check the path"
+        ) from None
+    except Exception as error:  # repository or file missing, access denied, HTTP errors
+        raise IPUConfigError(
+            f"IPU configuration '{repo_id}' is not a local path and the hub has no {IPU_CONFIG_NAME} for it "
+            f"({type(error).__name__}): check the name"
+        ) from None
+
+
+_DERIVATIONS = {
+    "ipus_per_replica": lambda config: len(config._values["layers_per_ipu"]),
+    "inference_layers_per_ipu": lambda config: config._values["layers_per_ipu"],
+    "inference_ipus_per_replica": IPUConfig._default_inference_ipus_per_replica,
+    "inference_matmul_proportion": IPUConfig._default_inference_matmul_proportion,
+    "inference_parallelize_kwargs": lambda config: config._values["parallelize_kwargs"],
+}
+for _layer in ("embedding", "projection"):
+    _DERIVATIONS[f"inference_serialized_{_layer}_splits_per_ipu"] = (
+        lambda config, layer=_layer: config._default_inference_splits(layer)
+    )
+    _DERIVATIONS[f"inference_{_layer}_serialization_factor"] = (
+        lambda config, layer=_layer: config._default_inference_factor(layer)
+    )
+
+for _name, _field in FIELDS.items():
+    setattr(IPUConfig, _name, _Attribute(_field))
