@@ -1,0 +1,276 @@
+"""Serialized (chunked) LM heads and the sparse MLM head: the training loss without the (tokens × vocab) logits.
+
+On IPUs, `embedding_serialization_factor` / `projection_serialization_factor` split the vocabulary projection into
+parts to fit in tile memory. Here the factor is the number of token chunks the projection and its cross-entropy
+are computed in: per chunk the logits, the softmax and the gradients of the hidden states, the weight and the bias
+are computed at once, and only the gradients (sizes of hidden, weight and bias) are kept for backward. That does
+the three matmuls of a plain head (logits, grad hidden, grad weight) with no recompute, and no logits tensor is
+ever saved; per-chunk checkpointing would have to recompute each chunk's logits in backward (a fourth matmul).
+
+For masked LM the prediction head (transform + decoder) runs only at the masked positions, as on IPU; a static cap
+on masked tokens per sequence keeps the shapes static (for compiled graphs and no host read of the mask count).
+
+`enable_serialized_heads(model, ipu_config)` patches one model instance so that its training forward with labels
+uses these heads; evaluation and calls without labels run the model's own forward unchanged.
+"""
+import inspect
+import types
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------------------------------------------- chunked loss
+def chunked_lm_loss(hidden, weight, labels, n_chunks, bias=None, ignore_index=IGNORE_INDEX, num_items_in_batch=None):
+    """Cross-entropy of `hidden @ weight.T (+ bias)` against `labels`, computed in `n_chunks` chunks of tokens.
+
+    hidden (..., H), labels (...), weight (V, H), bias (V,). The loss is the mean over tokens whose label is not
+    `ignore_index`, or their sum divided by `num_items_in_batch` when given (as transformers' loss functions do
+    under gradient accumulation). Logits are at least float32 for the softmax; the matmuls run in the autocast
+    dtype when autocast is on, as `nn.Linear` would. With no valid token the loss is NaN, as `F.cross_entropy` gives."""
+    hidden_2d = hidden.reshape(-1, hidden.shape[-1])
+    labels_1d = labels.reshape(-1).to(hidden.device)
+    if num_items_in_batch is None:
+        denominator = (labels_1d != ignore_index).sum()
+    else:
+        denominator = torch.as_tensor(num_items_in_batch, device=hidden.device)
+    n_chunks = max(1, min(int(n_chunks), hidden_2d.shape[0]))
+    dtype = _matmul_dtype(hidden, weight)
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if not wants_grad:
+        loss_sum, *_ = _chunk_loop(hidden_2d, weight, bias, labels_1d, n_chunks, ignore_index, dtype,
+                                   needs=(False, False, False))
+        return loss_sum / denominator
+    return _ChunkedLinearCrossEntropy.apply(hidden_2d, weight, bias, labels_1d, n_chunks, ignore_index,
+                                            denominator, dtype)
+
+
+def _matmul_dtype(hidden, weight):
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _chunk_loop(hidden, weight, bias, labels, n_chunks, ignore_index, dtype, needs):
+    """Sum of the token losses and, for the inputs flagged in `needs` (hidden, weight, bias), the gradients of
+    that sum. Returns (loss_sum, grad_hidden, grad_weight, grad_bias), the gradients None where not needed."""
+    need_hidden, need_weight, need_bias = needs
+    softmax_dtype = torch.promote_types(dtype, torch.float32)
+    with torch.autocast(hidden.device.type, enabled=False):
+        w = weight.to(dtype)
+        b = None if bias is None else bias.to(softmax_dtype)
+        loss_sum = torch.zeros((), dtype=softmax_dtype, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=softmax_dtype) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=softmax_dtype) if need_bias else None
+        n_tokens = hidden.shape[0]
+        for i in range(n_chunks):
+            start, end = n_tokens * i // n_chunks, n_tokens * (i + 1) // n_chunks
+            h = hidden[start:end].to(dtype)
+            logits = (h @ w.t()).to(softmax_dtype)
+            if b is not None:
+                logits += b
+            y = labels[start:end]
+            valid = y != ignore_index
+            target = torch.where(valid, y, 0).unsqueeze(1)
+            log_normalizer = torch.logsumexp(logits, dim=1)
+            target_logit = logits.gather(1, target).squeeze(1)
+            loss_sum += torch.where(valid, log_normalizer - target_logit, 0.0).sum()
+            if not any(needs):
+                continue
+            # d(token loss)/d(logits) = softmax − one_hot(target), zero on ignored tokens. Reuses the logits buffer.
+            grad_logits = logits.sub_(log_normalizer.unsqueeze(1)).exp_()
+            grad_logits.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad_logits.dtype))
+            grad_logits.mul_(valid.unsqueeze(1))
+            if need_bias:
+                grad_bias += grad_logits.sum(0)
+            grad_logits = grad_logits.to(dtype)
+            if need_hidden:
+                grad_hidden[start:end] = grad_logits @ w
+            if need_weight:
+                grad_weight += grad_logits.t() @ h
+    return loss_sum, grad_hidden, grad_weight, grad_bias
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Gradients are computed in forward, unscaled (softmax − one_hot has entries in [−1, 1], safe in fp16), and
+    scaled by grad_output / denominator in backward, so loss scaling works as with any other loss."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, n_chunks, ignore_index, denominator, dtype):
+        needs = tuple(ctx.needs_input_grad[:3])
+        loss_sum, grad_hidden, grad_weight, grad_bias = _chunk_loop(
+            hidden, weight, bias, labels, n_chunks, ignore_index, dtype, needs)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, denominator)
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return loss_sum / denominator
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight, grad_bias, denominator = ctx.saved_tensors
+        scale = grad_loss / denominator
+        return (None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
+                None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype),
+                None if grad_bias is None else (grad_bias * scale).to(ctx.bias_dtype),
+                None, None, None, None, None)
+
+
+# ------------------------------------------------------------------------------------------------ sparse MLM loss
+def sparse_mlm_loss(hidden, labels, transform, weight, bias=None, max_predictions=None, n_chunks=1,
+                    ignore_index=IGNORE_INDEX, num_items_in_batch=None):
+    """The masked-LM loss with the prediction head (`transform`, then the decoder `weight`/`bias`) applied only at
+    masked positions (labels != ignore_index). hidden (B, S, H), labels (B, S).
+
+    Without `max_predictions`, boolean indexing picks the masked tokens (exact; a dynamic shape, and on a GPU a
+    host read of their count). With it, the first `max_predictions` masked positions of each sequence are gathered
+    with a static-shape index; unused slots carry `ignore_index` and weigh nothing. Masked tokens beyond the cap
+    are dropped (the data collator's cap should make that never happen)."""
+    selected_hidden, selected_labels = select_masked_positions(hidden, labels, max_predictions, ignore_index)
+    return chunked_lm_loss(transform(selected_hidden), weight, selected_labels, n_chunks, bias=bias,
+                           ignore_index=ignore_index, num_items_in_batch=num_items_in_batch)
+
+
+def select_masked_positions(hidden, labels, max_predictions=None, ignore_index=IGNORE_INDEX):
+    masked = labels != ignore_index
+    if max_predictions is None:
+        return hidden[masked], labels[masked]
+    slots = min(int(max_predictions), labels.shape[1])
+    # A stable sort of "not masked" puts each sequence's masked positions first, in order.
+    positions = torch.sort((~masked).to(torch.uint8), dim=1, stable=True).indices[:, :slots]
+    gathered_hidden = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    return gathered_hidden, labels.gather(1, positions)
+
+
+# ------------------------------------------------------------------------------------------------ model patching
+def serialization_factor(ipu_config):
+    """The number of chunks for the vocabulary projection. The shipped configurations (gpt2: 4, bert-large: 2) set
+    `embedding_serialization_factor`, which on IPU split the tied embedding/projection matrix; the newer
+    `projection_serialization_factor` splits only the projection. PyTorch's embedding lookup needs no split, so
+    both mean "project in this many chunks"; when both are above 1 the projection factor, the specific one, wins."""
+    projection = int(getattr(ipu_config, "projection_serialization_factor", 1) or 1)
+    embedding = int(getattr(ipu_config, "embedding_serialization_factor", 1) or 1)
+    return projection if projection > 1 else max(embedding, 1)
+
+
+def enable_serialized_heads(model, ipu_config, max_predictions=None):
+    """Patch `model.forward` (this instance only) so that a training forward with labels computes the loss with the
+    chunked LM head (GPT-2) or the sparse, optionally chunked, MLM head (BERT, RoBERTa, BERT pretraining with NSP),
+    and returns no logits (`logits=None`, `prediction_logits=None`; BERT pretraining keeps its NSP logits). In eval
+    mode or without labels the model's own forward runs. Modules, parameters, tied weights and state_dict keys are
+    untouched. `max_predictions` is the cap on masked tokens per sequence (static shapes); None means no cap.
+    Returns False, patching nothing, for an architecture without a serialized head here."""
+    if getattr(model, "_serialized_heads", False):
+        return True
+    training_forward = _training_forward_for(model)
+    if training_forward is None:
+        return False
+    n_chunks = serialization_factor(ipu_config)
+    original_forward = model.forward
+    signature = inspect.signature(original_forward)
+    var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+
+    def forward(self, *args, **kwargs):
+        arguments = signature.bind(*args, **kwargs).arguments
+        named = {k: v for k, v in arguments.items() if k != var_keyword}
+        extra = dict(arguments.get(var_keyword, {}))
+        if not self.training or not _has_training_labels(named):
+            return original_forward(*args, **kwargs)
+        return_dict = extra.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        output = training_forward(self, named, extra, n_chunks=n_chunks, max_predictions=max_predictions)
+        return output if return_dict else output.to_tuple()
+
+    model.forward = types.MethodType(forward, model)
+    model._serialized_heads = True
+    return True
+
+
+def _has_training_labels(named):
+    if named.get("labels") is None:
+        return False
+    if "next_sentence_label" in named and named["next_sentence_label"] is None:
+        return False  # BertForPreTraining computes no loss without both labels: keep its behaviour
+    logits_to_keep = named.get("logits_to_keep", 0)
+    return isinstance(logits_to_keep, int) and logits_to_keep == 0
+
+
+def _training_forward_for(model):
+    from transformers import BertForMaskedLM, BertForPreTraining, GPT2LMHeadModel, RobertaForMaskedLM
+
+    if isinstance(model, GPT2LMHeadModel):
+        return _gpt2_training_forward
+    if isinstance(model, BertForPreTraining):
+        return _bert_pretraining_training_forward
+    if isinstance(model, BertForMaskedLM):
+        return _bert_mlm_training_forward
+    if isinstance(model, RobertaForMaskedLM):
+        return _roberta_mlm_training_forward
+    return None
+
+
+def _gpt2_training_forward(model, named, extra, n_chunks, max_predictions):
+    from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+
+    labels = named.pop("labels")
+    named.pop("logits_to_keep", None)
+    outputs = model.transformer(**named, **extra)
+    shift_labels = extra.get("shift_labels")
+    if shift_labels is None:  # position t predicts token t+1; the last position predicts nothing
+        shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    loss = chunked_lm_loss(outputs.last_hidden_state, model.lm_head.weight, shift_labels, n_chunks,
+                           bias=model.lm_head.bias, num_items_in_batch=extra.get("num_items_in_batch"))
+    return CausalLMOutputWithCrossAttentions(loss=loss, logits=None, cache=outputs.cache,
+                                             hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+                                             cross_attentions=outputs.cross_attentions)
+
+
+def _masked_lm_loss(encoder_outputs, labels, transform, decoder, n_chunks, max_predictions):
+    # Like the models' own CrossEntropyLoss(): a mean over masked tokens, whatever num_items_in_batch says.
+    return sparse_mlm_loss(encoder_outputs.last_hidden_state, labels, transform, decoder.weight, decoder.bias,
+                           max_predictions=max_predictions, n_chunks=n_chunks)
+
+
+def _bert_mlm_training_forward(model, named, extra, n_chunks, max_predictions):
+    from transformers.modeling_outputs import MaskedLMOutput
+
+    labels = named.pop("labels")
+    outputs = model.bert(**named, **extra, return_dict=True)
+    head = model.cls.predictions
+    loss = _masked_lm_loss(outputs, labels, head.transform, head.decoder, n_chunks, max_predictions)
+    return MaskedLMOutput(loss=loss, logits=None, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+def _bert_pretraining_training_forward(model, named, extra, n_chunks, max_predictions):
+    from transformers.models.bert.modeling_bert import BertForPreTrainingOutput
+
+    labels, next_sentence_label = named.pop("labels"), named.pop("next_sentence_label")
+    outputs = model.bert(**named, **extra, return_dict=True)
+    head = model.cls.predictions
+    mlm_loss = _masked_lm_loss(outputs, labels, head.transform, head.decoder, n_chunks, max_predictions)
+    nsp_logits = model.cls.seq_relationship(outputs.pooler_output)
+    nsp_loss = F.cross_entropy(nsp_logits.view(-1, 2), next_sentence_label.view(-1))
+    return BertForPreTrainingOutput(loss=mlm_loss + nsp_loss, prediction_logits=None,
+                                    seq_relationship_logits=nsp_logits, hidden_states=outputs.hidden_states,
+                                    attentions=outputs.attentions)
+
+
+def _roberta_mlm_training_forward(model, named, extra, n_chunks, max_predictions):
+    from transformers.modeling_outputs import MaskedLMOutput
+    from transformers.models.roberta.modeling_roberta import gelu
+
+    labels = named.pop("labels")
+    outputs = model.roberta(**named, **extra, return_dict=True)
+    head = model.lm_head
+
+    def transform(x):  # RobertaLMHead.forward without its decoder
+        return head.layer_norm(gelu(head.dense(x)))
+
+    loss = _masked_lm_loss(outputs, labels, transform, head.decoder, n_chunks, max_predictions)
+    return MaskedLMOutput(loss=loss, logits=None, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
