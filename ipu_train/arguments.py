@@ -1,0 +1,166 @@
+"""IPUTrainingArguments: every `transformers.TrainingArguments` flag plus the IPU flags users of the IPU examples know,
+and `load_ipu_config`, which turns those flags into the one IPU configuration a run uses."""
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from transformers import TrainingArguments
+
+from .errors import UserError
+
+logger = logging.getLogger("ipu_train")
+
+DEVICE_TYPES = ("auto", "cpu", "cuda", "ipu")
+DATALOADER_MODES = ("sync", "async", "async_rebatched")
+
+
+@dataclass
+class IPUTrainingArguments(TrainingArguments):
+    ipu_config_name: Optional[str] = field(
+        default=None, metadata={"help": "IPU configuration: a JSON file, a directory holding ipu_config.json, "
+                                        "or a hub name. Default: the model directory's ipu_config.json, else defaults."})
+    ipu_config_overrides: Optional[str] = field(
+        default=None, metadata={"help": 'Override IPU configuration fields: "k=v,k=v" (lists: "layers_per_ipu=[0 4 4 4]").'})
+    pod_type: Optional[str] = field(
+        default=None, metadata={"help": "Resolve per-pod values of the IPU configuration (pod4, pod16, ...)."})
+    n_ipu: Optional[int] = field(
+        default=None, metadata={"help": "Number of IPUs: replication_factor = n_ipu // ipus_per_replica."})
+    fp32: bool = field(default=False, metadata={"help": "Train in full fp32 precision (no autocast)."})
+    lamb: bool = field(default=False, metadata={"help": "Use the LAMB optimizer instead of AdamW."})
+    lamb_no_bias_correction: bool = field(default=False, metadata={"help": "Use LAMB without bias correction."})
+    loss_scaling: Optional[float] = field(
+        default=None, metadata={"help": "Static loss scale (fp16); with --auto_loss_scaling, the initial scale."})
+    auto_loss_scaling: Optional[bool] = field(
+        default=None, metadata={"help": "Dynamic loss scaling (an IPU configuration override)."})
+    dataloader_mode: str = field(
+        default="sync", metadata={"help": "IPU data loader mode.", "choices": list(DATALOADER_MODES)})
+    compile_only: bool = field(default=False, metadata={"help": "Compile the training step, then exit."})
+    pad_on_batch_axis: bool = field(
+        default=False, metadata={"help": "Complete the last combined batch of an epoch instead of dropping it."})
+    throughput_warmup_steps: int = field(
+        default=0, metadata={"help": "Optimizer steps left out of the throughput metrics (besides compilation)."})
+    device_type: str = field(
+        default="auto", metadata={"aliases": ["--device"], "choices": list(DEVICE_TYPES),
+                                  "help": "Where to run: auto (CUDA when present, else CPU), cpu, cuda or ipu."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Train into a non-empty --output_dir that holds no checkpoint."})
+    # None means "not given on the command line": only a given value overrides the IPU configuration.
+    gradient_accumulation_steps: Optional[int] = field(
+        default=None, metadata={"help": "Micro-batches per optimizer step (overrides the IPU configuration)."})
+
+    def __post_init__(self):
+        self._check_ipu_flags()
+        self.device_type = _resolve_device_type(self.device_type)
+        if self.device_type in ("cpu", "ipu"):
+            self.use_cpu = True  # on IPU the host side (data, saving) is the CPU
+        elif self.use_cpu:
+            raise UserError("--use_cpu contradicts --device cuda: drop one of them")
+        if self.device_type == "cuda" and not (self.fp32 or self.fp16 or self.bf16):
+            self.bf16 = True  # the CUDA default, recorded in training_args.bin
+        if self.device_type == "cpu" and self.fp16:
+            raise UserError("--fp16 needs --device cuda or ipu: on CPU train in fp32 (the default) or with --bf16")
+        super().__post_init__()
+
+    def _check_ipu_flags(self):
+        if self.device_type not in DEVICE_TYPES:
+            raise UserError(f"--device {self.device_type} is not one of {', '.join(DEVICE_TYPES)}")
+        if self.dataloader_mode not in DATALOADER_MODES:
+            raise UserError(f"--dataloader_mode {self.dataloader_mode} is not one of {', '.join(DATALOADER_MODES)}")
+        if self.fp32 and (self.fp16 or self.bf16):
+            raise UserError("--fp32 contradicts --fp16/--bf16: pass only one precision flag")
+        if self.pod_type is not None and self.n_ipu is not None:
+            raise UserError("--pod_type and --n_ipu both set the replication: pass only one of them")
+        if self.n_ipu is not None and self.n_ipu < 1:
+            raise UserError(f"--n_ipu must be >= 1, got {self.n_ipu}")
+        if self.loss_scaling is not None and not self.loss_scaling > 0:
+            raise UserError(f"--loss_scaling must be > 0, got {self.loss_scaling}")
+        if self.throughput_warmup_steps < 0:
+            raise UserError(f"--throughput_warmup_steps must be >= 0, got {self.throughput_warmup_steps}")
+        if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps < 1:
+            raise UserError(f"--gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
+
+    @property
+    def precision(self) -> str:
+        """fp32, bf16 or fp16: the flags, else the device's default (fp16 on IPU, bf16 on CUDA, fp32 on CPU)."""
+        if self.fp32:
+            return "fp32"
+        if self.fp16:
+            return "fp16"
+        if self.bf16:
+            return "bf16"
+        return "fp16" if self.device_type == "ipu" else "fp32"
+
+    @property
+    def use_lamb(self) -> bool:
+        return self.lamb or self.lamb_no_bias_correction
+
+
+def _resolve_device_type(requested):
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible; use --device cpu (or auto)")
+    if requested == "ipu":
+        try:
+            import poptorch  # noqa: F401
+        except ImportError:
+            raise UserError("--device ipu needs the Poplar SDK's poptorch; install the SDK or use --device auto") from None
+    return requested
+
+
+def load_ipu_config(training_args, model_name_or_path=None):
+    """The IPU configuration of a run, built in the documented order: source (--ipu_config_name, else the model
+    directory's ipu_config.json, else the defaults) -> --pod_type or --n_ipu -> --ipu_config_overrides ->
+    --gradient_accumulation_steps / --gradient_checkpointing / --auto_loss_scaling -> seed = --seed.
+    Under torchrun the replication factor follows the world size."""
+    from .config import IPUConfig
+
+    args = training_args
+    if args.ipu_config_name:
+        logger.info("IPU configuration: %s (--ipu_config_name)", args.ipu_config_name)
+        ipu_config = IPUConfig.from_pretrained(args.ipu_config_name)
+    elif model_name_or_path and os.path.isfile(os.path.join(model_name_or_path, "ipu_config.json")):
+        logger.info("IPU configuration: %s/ipu_config.json (the model directory)", model_name_or_path)
+        ipu_config = IPUConfig.from_pretrained(model_name_or_path)
+    else:
+        logger.info("IPU configuration: the defaults (no --ipu_config_name, no ipu_config.json with the model)")
+        ipu_config = IPUConfig()
+
+    ipu_config = ipu_config.for_pod_type(args.pod_type)  # None resolves per-pod values to their "default"
+    if args.n_ipu is not None:
+        ipu_config.apply_n_ipu(args.n_ipu)
+    if args.ipu_config_overrides:
+        ipu_config.update_from_string(args.ipu_config_overrides)
+
+    command_line = []
+    if args.gradient_accumulation_steps is not None:
+        command_line.append(f"gradient_accumulation_steps={args.gradient_accumulation_steps}")
+    if args.activation_checkpointing:  # --gradient_checkpointing lands here (its deprecated alias)
+        command_line.append("recompute_checkpoint_every_layer=true")
+    if args.auto_loss_scaling is not None:
+        command_line.append(f"auto_loss_scaling={str(args.auto_loss_scaling).lower()}")
+    command_line.append(f"seed={args.seed}")
+    ipu_config.update_from_string(",".join(command_line))
+
+    if args.device_type != "ipu":
+        fit_replication_to_world(ipu_config, args.world_size)
+    args.gradient_accumulation_steps = ipu_config.gradient_accumulation_steps
+    return ipu_config
+
+
+def fit_replication_to_world(ipu_config, world_size):
+    """On PyTorch each process holds one replica: replication_factor follows the world size when left at its default
+    of 1, and any other value must equal it. Evaluation shards over the same processes, likewise."""
+    for key in ("replication_factor", "inference_replication_factor"):
+        value = getattr(ipu_config, key)
+        if value == world_size:
+            continue
+        if value != 1:
+            raise UserError(
+                f"{key}={value} but {world_size} process(es) run: launch `torchrun --nproc_per_node {value}` "
+                f"or pass --ipu_config_overrides {key}={world_size}")
+        logger.info("%s = %d, from the number of processes", key, world_size)
+        ipu_config.update_from_string(f"{key}={world_size}")
+    return ipu_config

@@ -1,0 +1,302 @@
+"""The PyTorch backend (CPU and CUDA): device, precision, data-parallel replicas (DDP), compilation, the optimizer and
+the training step. Nothing here reads a device value on the host: `run_group` leaves its results on the device and
+`read` brings them back in one transfer per group of `device_iterations` optimizer steps."""
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from ..optim import LAMB
+from ..pipeline.heads import enable_serialized_heads
+
+logger = logging.getLogger("ipu_train")
+
+# Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets, matched in this order against
+# torch.cuda.get_device_name() (so "A100" is tried before "A10", "L40S" before "L4"). MFU is reported only for bf16
+# or fp16 training on a GPU listed here.
+PEAK_TFLOPS = (("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0),
+               ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0), ("V100", 125.0))
+
+
+def peak_flops_per_second(device, precision) -> Optional[float]:
+    if device.type != "cuda" or precision not in ("bf16", "fp16"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS if key in name), None)
+
+
+class StaticLossScale:
+    """--loss_scaling without auto loss scaling, as on IPU: the loss is multiplied by a fixed scale and the gradients
+    divided by it before clipping; no step is ever skipped. The same calls as torch.amp.GradScaler."""
+
+    def __init__(self, scale):
+        self.loss_scale = float(scale)
+
+    def scale(self, loss):
+        return loss * self.loss_scale
+
+    def unscale_(self, optimizer):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch._foreach_mul_(grads, 1.0 / self.loss_scale)
+
+    def step(self, optimizer):
+        optimizer.step()
+
+    def update(self):
+        pass
+
+    def state_dict(self):
+        return {"scale": self.loss_scale}
+
+    def load_state_dict(self, state):
+        self.loss_scale = state["scale"]
+
+
+@dataclass
+class GroupResult:
+    """One group of optimizer steps: counts known on the host, sums still on the device."""
+    steps: int
+    samples: int  # this replica's samples
+    flops: int  # model FLOPs of this replica (forward and backward)
+    device_sums: torch.Tensor  # [sum of finite step losses, finite steps, input tokens, last gradient norm]
+
+
+class ReplicaBatchSampler:
+    """This replica's micro-batches, step after step from `start_step`. Step s consumes the combined batch
+    order[s*C : (s+1)*C] with C = micro_batch x accumulation x replicas; replica r takes its slice
+    [r*micro_batch*accumulation, (r+1)*micro_batch*accumulation) in `accumulation` micro-batches."""
+
+    def __init__(self, order, micro_batch, accumulation, replicas, rank, start_step=0):
+        self.order, self.micro_batch, self.accumulation = order, micro_batch, accumulation
+        self.rank, self.start_step = rank, start_step
+        self.combined = micro_batch * accumulation * replicas
+        self.steps = len(order) // self.combined
+
+    def __len__(self):
+        return max(self.steps - self.start_step, 0) * self.accumulation
+
+    def __iter__(self):
+        per_replica = self.micro_batch * self.accumulation
+        for step in range(self.start_step, self.steps):
+            first = step * self.combined + self.rank * per_replica
+            for k in range(self.accumulation):
+                yield self.order[first + k * self.micro_batch: first + (k + 1) * self.micro_batch]
+
+
+class TorchBackend:
+    """Owns the training module (the model, compiled and wrapped in DDP as asked), optimizer, scheduler and scaler."""
+
+    def __init__(self, args, ipu_config):
+        self.args, self.ipu_config = args, ipu_config
+        self.device = args.device
+        self.world_size, self.rank = args.world_size, args.process_index
+        self.precision = args.precision
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.scaler = self._loss_scaler()
+        self.model = self.train_module = self.optimizer = self.lr_scheduler = None
+        self.non_embedding_params = 0
+
+    # --- precision ---------------------------------------------------------------------------------------------
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _loss_scaler(self):
+        args, auto = self.args, self.ipu_config.auto_loss_scaling
+        if self.precision != "fp16":
+            if args.loss_scaling is not None or auto:
+                logger.info("Loss scaling has no effect in %s: it applies to fp16 only", self.precision)
+            return None
+        if args.loss_scaling is not None and not auto:
+            return StaticLossScale(args.loss_scaling)
+        return torch.amp.GradScaler(self.device.type, init_scale=args.loss_scaling or 2.0 ** 16)
+
+    # --- model and optimizer -----------------------------------------------------------------------------------
+
+    def prepare_model(self, model):
+        """Recompute, serialized heads, compilation and DDP, in that order; returns the module to train."""
+        cfg, args = self.ipu_config, self.args
+        if cfg.recompute_checkpoint_every_layer:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+            logger.info("Activation checkpointing on every layer (recompute_checkpoint_every_layer)")
+        if enable_serialized_heads(model, cfg):
+            logger.info("Training loss computed by the serialized head: full logits are never materialised")
+        self.non_embedding_params = (model.num_parameters(exclude_embeddings=True) if hasattr(model, "num_parameters")
+                                     else sum(p.numel() for p in model.parameters()))
+        if args.torch_compile:
+            self.compile(model)
+        module = model
+        if self.world_size > 1:
+            module = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=bool(args.ddp_find_unused_parameters),
+                bucket_cap_mb=args.ddp_bucket_cap_mb or 25,
+                broadcast_buffers=args.ddp_broadcast_buffers if args.ddp_broadcast_buffers is not None else True,
+                static_graph=bool(args.ddp_static_graph))
+        self.model, self.train_module = model, module
+        return module
+
+    def compile(self, model):
+        """torch.compile in place (state_dict keys unchanged), caching in executable_cache_dir when it is set."""
+        cache_dir = self.ipu_config.executable_cache_dir
+        if cache_dir and cache_dir != "disabled":
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(cache_dir)
+            os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "1"
+            logger.info("torch.compile cache: %s (executable_cache_dir)", cache_dir)
+        model.compile(backend=self.args.torch_compile_backend, mode=self.args.torch_compile_mode)
+
+    def create_optimizer(self, param_groups):
+        """AdamW with bias correction (fused on CUDA, foreach on CPU), or LAMB with --lamb."""
+        args = self.args
+        kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+        if args.use_lamb:
+            return LAMB(param_groups, bias_correction=not args.lamb_no_bias_correction, **kwargs)
+        if self.device.type == "cuda":
+            return torch.optim.AdamW(param_groups, fused=True, **kwargs)
+        return torch.optim.AdamW(param_groups, foreach=True, **kwargs)
+
+    def attach(self, optimizer, lr_scheduler):
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+
+    # --- data ----------------------------------------------------------------------------------------------------
+
+    def train_loader(self, dataset, collator, order, start_step, seed):
+        """This replica's micro-batches for one epoch whose global sample order is `order`. The loader draws its
+        worker seeds from its own generator, so the global RNG (dropout, masking) is untouched by its creation."""
+        cfg, args = self.ipu_config, self.args
+        sampler = ReplicaBatchSampler(order, args.per_device_train_batch_size, cfg.gradient_accumulation_steps,
+                                      cfg.replication_factor, self.rank, start_step)
+        return self._loader(dataset, collator, sampler, seed)
+
+    def eval_loader(self, dataset, collator, indices):
+        return self._loader(dataset, collator, _chunks(indices, self.args.per_device_eval_batch_size), 0)
+
+    def _loader(self, dataset, collator, batch_sampler, seed):
+        args = self.args
+        workers = args.dataloader_num_workers
+        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collator, num_workers=workers,
+                          pin_memory=args.dataloader_pin_memory and self.device.type == "cuda",
+                          prefetch_factor=args.dataloader_prefetch_factor if workers else None,
+                          generator=torch.Generator().manual_seed(seed))
+
+    def to_device(self, batch):
+        non_blocking = self.device.type == "cuda"
+        return {k: v.to(self.device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    # --- the step ------------------------------------------------------------------------------------------------
+
+    def run_group(self, batches, n_steps, on_step_begin, on_step_end):
+        """Up to `n_steps` optimizer steps on micro-batches drawn from `batches` (gradient_accumulation_steps per
+        step) with no host read of a device value; stops early when on_step_end() returns True."""
+        sums = torch.zeros(4, device=self.device)
+        steps = samples = flops = 0
+        for _ in range(n_steps):
+            on_step_begin()
+            micro_batches = [next(batches) for _ in range(self.ipu_config.gradient_accumulation_steps)]
+            step_loss, tokens, grad_norm = self.train_step(micro_batches)
+            finite = torch.isfinite(step_loss)
+            sums[0] += torch.where(finite, step_loss, torch.zeros_like(step_loss))
+            sums[1] += finite
+            sums[2] += tokens
+            if grad_norm is not None:
+                sums[3] = grad_norm
+            steps += 1
+            samples += sum(_batch_size(b) for b in micro_batches)
+            flops += sum(self.batch_flops(b) for b in micro_batches)
+            if on_step_end():
+                break
+        return GroupResult(steps, samples, flops, sums)
+
+    def train_step(self, micro_batches):
+        """One optimizer step: the loss of each micro-batch divided by their number (mean over micro-batches, as
+        PopTorch's Mean reduction), gradients all-reduced on the last one only, clipping, step, schedule."""
+        module, accumulation = self.train_module, len(micro_batches)
+        module.train()
+        step_loss = torch.zeros((), device=self.device)
+        tokens = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro_batches):
+            batch = self.to_device(batch)
+            defer_all_reduce = self.world_size > 1 and i < accumulation - 1
+            with module.no_sync() if defer_all_reduce else contextlib.nullcontext():
+                with self.autocast():
+                    outputs = module(**batch)
+                loss = _loss_of(outputs).float() / accumulation
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            step_loss += loss.detach()
+            tokens += _input_tokens(batch)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = None
+        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm, foreach=True)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return step_loss, tokens, grad_norm
+
+    def compile_step(self, micro_batches):
+        """Forward and backward of one step through the compiled module, to compile both; gradients discarded."""
+        self.train_module.train()
+        for batch in micro_batches:
+            with self.autocast():
+                loss = _loss_of(self.train_module(**self.to_device(batch))).float()
+            loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def batch_flops(self, batch):
+        """Model FLOPs of one forward and backward pass: 6 per non-embedding parameter per token, plus attention
+        (12 x layers x hidden size x sequence length per token) when the model config says its shape."""
+        ids = batch.get("input_ids")
+        if ids is None:
+            return 0
+        per_token = 6 * self.non_embedding_params
+        config = getattr(self.model, "config", None)
+        layers = getattr(config, "num_hidden_layers", None)
+        hidden = getattr(config, "hidden_size", None)
+        if layers and hidden and ids.dim() == 2:
+            per_token += 12 * layers * hidden * ids.shape[1]
+        return per_token * ids.numel()
+
+    def eval_outputs(self, model, batch):
+        with torch.no_grad(), self.autocast():
+            return model(**batch)
+
+    def read(self, tensor):
+        """The one host read: sums over replicas first (an all-reduce, itself on the device)."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor)
+        return tensor.tolist()
+
+
+def _loss_of(outputs):
+    return outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+
+
+def _input_tokens(batch):
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        return mask.sum()
+    ids = batch.get("input_ids")
+    return ids.numel() if ids is not None else 0
+
+
+def _batch_size(batch):
+    first = next(v for v in batch.values() if torch.is_tensor(v))
+    return first.shape[0]
+
+
+def _chunks(indices, size):
+    return [indices[i:i + size] for i in range(0, len(indices), size)]

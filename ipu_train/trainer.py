@@ -1,0 +1,524 @@
+"""IPUTrainer: the `transformers.Trainer` interface (callbacks, logging, checkpoints, model card, metrics files) with
+the IPU configuration's batch semantics and its own step loop.
+
+- One optimizer step consumes a combined batch of micro_batch x gradient_accumulation_steps x replication_factor
+  samples; `global_step` counts optimizer steps.
+- `device_iterations` optimizer steps form a group that runs with no host read of a device value; losses and
+  counters are read once per group, and logging, evaluation and saving happen at group boundaries (so at the first
+  boundary at or after the step that asked for them).
+- An epoch is a whole number of groups: an incomplete last group of an epoch is dropped, or completed with samples
+  from the start of the epoch's order with --pad_on_batch_axis (real samples, so no batch is empty and no loss NaN).
+- Evaluation keeps every sample and follows the inference factors (inference_device_iterations batches per read).
+"""
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+import torch
+import torch.distributed as dist
+from transformers import Trainer
+from transformers.trainer_callback import ExportableState, TrainerState
+from transformers.trainer_pt_utils import nested_concat, nested_numpify
+from transformers.trainer_utils import (EvalLoopOutput, EvalPrediction, TrainOutput, denumpify_detensorize,
+                                        get_last_checkpoint)
+
+from .arguments import IPUTrainingArguments, fit_replication_to_world, load_ipu_config
+from .backends.torch import TorchBackend, peak_flops_per_second
+from .errors import UserError
+from .pipeline.stages import build_stage_plan, describe_batch
+
+logger = logging.getLogger("ipu_train")
+
+SCALER_NAME = "scaler.pt"
+
+
+@dataclass
+class BatchLayout:
+    micro_batch: int
+    accumulation: int
+    replicas: int
+    device_iterations: int
+
+    @property
+    def step_samples(self):
+        return self.micro_batch * self.accumulation * self.replicas
+
+    @property
+    def group_samples(self):
+        return self.step_samples * self.device_iterations
+
+    def steps_per_epoch(self, num_samples, pad):
+        groups = -(-num_samples // self.group_samples) if pad else num_samples // self.group_samples
+        return groups * self.device_iterations
+
+    def epoch_order(self, num_samples, seed, pad):
+        """Global sample order of an epoch: a permutation drawn from (seed, epoch) alone, so that a resumed run
+        rebuilds it without touching the data; cut (or completed) to a whole number of groups."""
+        order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed)).tolist()
+        length = self.steps_per_epoch(num_samples, pad) * self.step_samples
+        while len(order) < length:
+            order += order[:length - len(order)]
+        return order[:length]
+
+
+class ThroughputMeter:
+    """Samples, tokens and FLOPs per second over the part of the run after the warm-up steps (and after the first
+    group when compiling); time spent logging, evaluating and saving is left out."""
+
+    def __init__(self, warmup_steps):
+        self.warmup_steps = warmup_steps
+        self.start = None
+        self.paused = 0.0
+        self.steps = self.samples = self.tokens = self.flops = 0
+
+    def group_done(self, steps_this_run, steps, samples, tokens, flops):
+        if self.start is None:
+            if steps_this_run >= self.warmup_steps:
+                self.start = time.perf_counter()
+            return
+        self.steps += steps
+        self.samples += samples
+        self.tokens += tokens
+        self.flops += flops
+
+    def pause(self, seconds):
+        if self.start is not None:
+            self.paused += seconds
+
+    def metrics(self, run_seconds, run_counts):
+        """`run_counts` (steps, samples, tokens, flops) and `run_seconds` of the whole run serve when the run ended
+        before the warm-up did."""
+        if self.start is None or self.steps == 0:
+            logger.warning("The run was too short to leave out %d warm-up step(s): throughput covers the whole run",
+                           self.warmup_steps)
+            (steps, samples, tokens, flops), elapsed = run_counts, run_seconds
+        else:
+            steps, samples, tokens, flops = self.steps, self.samples, self.tokens, self.flops
+            elapsed = time.perf_counter() - self.start - self.paused
+        elapsed = max(elapsed, 1e-9)
+        return {"train_samples_per_second": round(samples / elapsed, 3),
+                "train_steps_per_second": round(steps / elapsed, 3),
+                "train_tokens_per_second": round(tokens / elapsed, 3),
+                "model_flops_per_second": flops / elapsed}
+
+
+class IPUTrainer(Trainer):
+    def __init__(self, model=None, ipu_config=None, args=None, data_collator=None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, compute_metrics=None, preprocess_logits_for_metrics=None,
+                 callbacks=None, optimizers=(None, None), **kwargs):
+        args = args if args is not None else IPUTrainingArguments(output_dir="tmp_trainer")
+        if not isinstance(args, IPUTrainingArguments):
+            raise TypeError(f"IPUTrainer needs IPUTrainingArguments, got {type(args).__name__}")
+        if ipu_config is None:
+            ipu_config = load_ipu_config(args)
+        if args.gradient_accumulation_steps not in (None, ipu_config.gradient_accumulation_steps):
+            raise UserError(
+                f"--gradient_accumulation_steps {args.gradient_accumulation_steps} disagrees with the IPU "
+                f"configuration's {ipu_config.gradient_accumulation_steps}: build it with load_ipu_config(args)")
+        args.gradient_accumulation_steps = ipu_config.gradient_accumulation_steps
+        if args.device_type != "ipu":
+            fit_replication_to_world(ipu_config, args.world_size)
+        self.ipu_config = ipu_config
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
+                         callbacks=callbacks, optimizers=optimizers,
+                         preprocess_logits_for_metrics=preprocess_logits_for_metrics, **kwargs)
+        self._set_signature_columns_if_needed()  # from the model's own forward, before any patch of it
+        self.backend = self._make_backend()
+        unused = ipu_config.unused_on_pytorch() if args.device_type != "ipu" else []
+        if unused:
+            logger.info("IPU configuration fields with no effect on %s: %s", args.device_type, ", ".join(unused))
+
+    def _make_backend(self):
+        if self.args.device_type == "ipu":
+            from .backends.poptorch import PopTorchBackend
+            return PopTorchBackend(self.args, self.ipu_config)
+        return TorchBackend(self.args, self.ipu_config)
+
+    # --- optimizer ---------------------------------------------------------------------------------------------
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            decay = set(self.get_decay_parameter_names(self.model))
+            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            groups = [{"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
+                      {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+            self.optimizer = self.backend.create_optimizer([g for g in groups if g["params"]])
+        return self.optimizer
+
+    # --- training ------------------------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """Train; returns TrainOutput(global_step, training_loss, metrics) as transformers.Trainer does."""
+        args, cfg = self.args, self.ipu_config.train()
+        checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
+        self._memory_tracker.start()
+        self.is_in_train = True
+        dataset = self._training_dataset()
+        layout = BatchLayout(args.per_device_train_batch_size, cfg.gradient_accumulation_steps,
+                             cfg.replication_factor, cfg.device_iterations)
+        num_samples = len(dataset)
+        steps_per_epoch = layout.steps_per_epoch(num_samples, args.pad_on_batch_axis)
+        if steps_per_epoch == 0:
+            raise UserError(
+                f"the training set has {num_samples} samples, fewer than one combined batch of {layout.group_samples} "
+                f"(micro batch x gradient accumulation x replicas x device iterations): lower one of them, add data, "
+                f"or pass --pad_on_batch_axis")
+        max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+        num_epochs = math.ceil(max_steps / steps_per_epoch)
+
+        if checkpoint is not None:
+            self._load_from_checkpoint(checkpoint)  # weights, before compilation and DDP wrap the model
+        self.model_wrapped = self.backend.prepare_model(self.model)
+        self.create_optimizer()
+        self.create_scheduler(num_training_steps=max_steps, optimizer=self.optimizer)
+        self._init_state(max_steps, num_epochs, layout, trial, checkpoint)
+        if checkpoint is not None:
+            self._load_optimizer_and_scheduler(checkpoint)
+            self._load_scaler(checkpoint)
+        self.backend.attach(self.optimizer, self.lr_scheduler)
+        for attr in ("model", "optimizer", "lr_scheduler"):
+            setattr(self.callback_handler, attr, getattr(self, attr))
+        self._log_training_plan(layout, num_samples, steps_per_epoch, max_steps)
+
+        if args.compile_only:
+            return self._compile_only(dataset, layout)
+        return self._training_loop(dataset, layout, steps_per_epoch, checkpoint, trial, ignore_keys_for_eval)
+
+    def _resolve_checkpoint(self, resume_from_checkpoint):
+        if resume_from_checkpoint is True:
+            last = get_last_checkpoint(self.args.output_dir)
+            if last is None:
+                raise UserError(f"--resume_from_checkpoint: no checkpoint-N in {self.args.output_dir}: pass a "
+                                "checkpoint directory or train from the start")
+            return last
+        if resume_from_checkpoint in (None, False):
+            return None
+        if not os.path.isdir(resume_from_checkpoint):
+            raise UserError(f"--resume_from_checkpoint {resume_from_checkpoint} is not a directory: pass a "
+                            "checkpoint-N directory")
+        return resume_from_checkpoint
+
+    def _training_dataset(self):
+        if self.train_dataset is None:
+            raise UserError("IPUTrainer.train() needs a train_dataset")
+        if isinstance(self.train_dataset, torch.utils.data.IterableDataset) or not hasattr(self.train_dataset, "__len__"):
+            raise UserError("IPUTrainer trains on map-style datasets (with a length): drop --streaming")
+        return self._without_unused_columns(self.train_dataset, "training")
+
+    def _without_unused_columns(self, dataset, description):
+        if isinstance(dataset, datasets.Dataset):
+            return self._remove_unused_columns(dataset, description=description)
+        return dataset
+
+    def _collator(self, dataset, description):
+        if isinstance(dataset, datasets.Dataset):
+            return self.data_collator
+        return self._get_collator_with_removed_columns(self.data_collator, description=description)
+
+    def _init_state(self, max_steps, num_epochs, layout, trial, checkpoint):
+        stateful = [cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)]
+        self.state = TrainerState(stateful_callbacks=stateful)
+        self.state.is_hyper_param_search = trial is not None
+        self.state.train_batch_size = layout.step_samples
+        self.state.compute_steps(self.args, max_steps)
+        if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
+            self.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+            self._load_callback_state()
+        self.state.init_training_references(self, max_steps, num_epochs, trial)
+
+    def _log_training_plan(self, layout, num_samples, steps_per_epoch, max_steps):
+        cfg, args = self.ipu_config, self.args
+        logger.info("***** Running training *****")
+        logger.info("  Num examples = %d, optimizer steps per epoch = %d, total optimizer steps = %d",
+                    num_samples, steps_per_epoch, max_steps)
+        logger.info("  %s", describe_batch(cfg, args.per_device_train_batch_size, args.per_device_eval_batch_size))
+        logger.info("  Device %s, precision %s, %d process(es)", self.backend.device, args.precision,
+                    args.world_size)
+        logger.info("  %s", build_stage_plan(self.model, cfg).describe())
+        if cfg.ipus_per_replica > 1 and args.device_type != "ipu":
+            logger.info("  The %d pipeline stages of each replica all run on its one device (%s)",
+                        cfg.ipus_per_replica, self.backend.device)
+
+    def _training_loop(self, dataset, layout, steps_per_epoch, checkpoint, trial, ignore_keys_for_eval):
+        args, state = self.args, self.state
+        collator = self._collator(self.train_dataset, "training")
+        start_time = time.time()
+        initial_step = state.global_step
+        self._initial_num_input_tokens_seen = state.num_input_tokens_seen
+        meter = ThroughputMeter(args.throughput_warmup_steps + (layout.device_iterations if args.torch_compile else 0))
+        totals = {"loss": 0.0, "finite": 0.0, "steps": 0, "samples": 0, "tokens": 0, "flops": 0}
+        self._since_log = {"loss": 0.0, "finite": 0.0}
+        self.control = self.callback_handler.on_train_begin(args, state, self.control)
+        if args.eval_on_start:
+            self._evaluate(trial, ignore_keys_for_eval, skip_scheduler=True)
+
+        epochs_trained = state.global_step // steps_per_epoch
+        rng_pending = checkpoint
+        for epoch in range(epochs_trained, state.num_train_epochs):
+            done = state.global_step - epoch * steps_per_epoch if epoch == epochs_trained else 0
+            order = layout.epoch_order(len(dataset), (args.data_seed or args.seed) + epoch, args.pad_on_batch_axis)
+            batches = iter(self.backend.train_loader(dataset, collator, order, done if not args.ignore_data_skip else 0,
+                                                     args.seed + epoch))
+            if rng_pending is not None:
+                self._load_rng_state(rng_pending)  # after the loader exists: dropout and masking resume exactly
+                rng_pending = None
+            self.control = self.callback_handler.on_epoch_begin(args, state, self.control)
+            while done < steps_per_epoch and state.global_step < state.max_steps:
+                n_steps = min(layout.device_iterations, steps_per_epoch - done, state.max_steps - state.global_step)
+                result, flags = self._run_group(batches, n_steps, epoch, done, steps_per_epoch)
+                done += result.steps
+                loss_sum, finite, tokens, grad_norm = self.backend.read(result.device_sums)  # the one host read
+                world = args.world_size
+                counts = (result.steps, result.samples * world, int(tokens), result.flops * world)
+                for key, value in zip(("steps", "samples", "tokens", "flops"), counts):
+                    totals[key] += value
+                totals["loss"] += loss_sum
+                totals["finite"] += finite
+                self._since_log["loss"] += loss_sum
+                self._since_log["finite"] += finite
+                state.num_input_tokens_seen += int(tokens)
+                self.current_flos += result.flops
+                meter.group_done(state.global_step - initial_step, *counts)
+                paused = time.perf_counter()
+                self._act_on(flags, grad_norm / world if self.args.max_grad_norm else None, trial,
+                             ignore_keys_for_eval, start_time)
+                meter.pause(time.perf_counter() - paused)
+                if self.control.should_epoch_stop or self.control.should_training_stop:
+                    break
+            self.control = self.callback_handler.on_epoch_end(args, state, self.control)
+            self._act_on({k: getattr(self.control, k) for k in _ACTIONS}, None, trial, ignore_keys_for_eval,
+                         start_time)
+            if self.control.should_training_stop:
+                break
+        return self._finish_training(start_time, meter, totals)
+
+    def _run_group(self, batches, n_steps, epoch, done, steps_per_epoch):
+        """Run one group; the callbacks see every optimizer step, and what they ask for (log, evaluate, save)
+        is gathered and acted on at the group's end."""
+        args, state = self.args, self.state
+        flags = dict.fromkeys(_ACTIONS, False)
+        position = {"done": done}
+
+        def step_begin():
+            self.control = self.callback_handler.on_step_begin(args, state, self.control)
+
+        def step_end():
+            position["done"] += 1
+            state.global_step += 1
+            state.epoch = epoch + position["done"] / steps_per_epoch
+            self.control = self.callback_handler.on_step_end(args, state, self.control)
+            for key in _ACTIONS:
+                flags[key] = flags[key] or getattr(self.control, key)
+            return self.control.should_epoch_stop or self.control.should_training_stop
+
+        return self.backend.run_group(batches, n_steps, step_begin, step_end), flags
+
+    def _act_on(self, flags, grad_norm, trial, ignore_keys_for_eval, start_time):
+        """Log, evaluate and save at a group boundary, as transformers.Trainer does after a step."""
+        for key, value in flags.items():
+            setattr(self.control, key, value)
+        if self.control.should_log and self._since_log["finite"] > 0:
+            logs = {"loss": self._since_log["loss"] / self._since_log["finite"]}
+            if grad_norm is not None:
+                logs["grad_norm"] = grad_norm
+            logs["learning_rate"] = self._get_learning_rate()
+            self._since_log = {"loss": 0.0, "finite": 0.0}
+            self.store_flos()
+            self.log(logs, start_time)
+        if self.control.should_evaluate:
+            metrics = self._evaluate(trial, ignore_keys_for_eval)
+            is_new_best = self._determine_best_metric(metrics=metrics, trial=trial)
+            if self.args.save_strategy == "best":
+                self.control.should_save = is_new_best
+        if self.control.should_save:
+            self._save_checkpoint(self.model_wrapped, trial)
+            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+        for key in _ACTIONS:
+            setattr(self.control, key, False)
+
+    def _finish_training(self, start_time, meter, totals):
+        runtime = time.time() - start_time
+        train_loss = totals["loss"] / totals["finite"] if totals["finite"] else float("nan")
+        counts = (totals["steps"], totals["samples"], totals["tokens"], totals["flops"])
+        throughput = meter.metrics(runtime, counts)
+        model_flops = throughput.pop("model_flops_per_second")
+        metrics = {"train_runtime": round(runtime, 4), **throughput}
+        peak = peak_flops_per_second(self.backend.device, self.args.precision)
+        if self.backend.device.type == "cuda":
+            metrics["train_model_flops_per_second"] = model_flops
+            if peak is not None:
+                metrics["train_mfu"] = model_flops / (peak * self.args.world_size)
+        self.store_flos()
+        metrics["total_flos"] = self.state.total_flos
+        metrics["train_loss"] = train_loss
+        self._memory_tracker.stop_and_update_metrics(metrics)
+        self.log(metrics)
+        if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
+            self._load_best_model()
+        self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+        self.is_in_train = False
+        return TrainOutput(self.state.global_step, train_loss, metrics)
+
+    def _compile_only(self, dataset, layout):
+        """--compile_only: compile the training step on its first micro-batches (forward and backward; the weights
+        do not change), then stop."""
+        if not self.args.torch_compile:
+            logger.info("--compile_only: compiling the model with torch.compile")
+            self.backend.compile(self.model)
+        order = layout.epoch_order(len(dataset), self.args.data_seed or self.args.seed, self.args.pad_on_batch_axis)
+        loader = iter(self.backend.train_loader(dataset, self._collator(self.train_dataset, "training"), order, 0, 0))
+        started = time.perf_counter()
+        self.backend.compile_step([next(loader) for _ in range(layout.accumulation)])
+        metrics = {"compile_time": round(time.perf_counter() - started, 3)}
+        logger.info("--compile_only: compiled in %.1f s; exiting without training", metrics["compile_time"])
+        self.is_in_train = False
+        return TrainOutput(self.state.global_step, 0.0, metrics)
+
+    # --- evaluation ----------------------------------------------------------------------------------------------
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        if isinstance(eval_dataset, str):
+            eval_dataset = self.eval_dataset[eval_dataset]
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise UserError("evaluation needs an eval_dataset")
+        return self._inference_loader(dataset, "evaluation")
+
+    def get_test_dataloader(self, test_dataset):
+        return self._inference_loader(test_dataset, "test")
+
+    def _inference_loader(self, dataset, description):
+        """This process's contiguous share of the samples, in order and each exactly once."""
+        collator = self._collator(dataset, description)
+        dataset = self._without_unused_columns(dataset, description)
+        per_process = -(-len(dataset) // self.args.world_size)
+        first = self.args.process_index * per_process
+        indices = list(range(first, min(first + per_process, len(dataset))))
+        loader = self.backend.eval_loader(dataset, collator, indices)
+        loader.num_samples = len(dataset)
+        return loader
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """Loss summed on the device and read once at the end; predictions (only when metrics need them) moved to
+        the host once per inference_device_iterations batches."""
+        args, cfg = self.args, self.ipu_config.eval()
+        prediction_loss_only = args.prediction_loss_only if prediction_loss_only is None else prediction_loss_only
+        ignore_keys = ignore_keys or getattr(getattr(self.model, "config", None), "keys_to_ignore_at_inference", [])
+        model = self.model
+        model.eval()
+        logger.info("***** Running %s *****  Num examples = %d, batch size = %d", description,
+                    dataloader.num_samples, args.per_device_eval_batch_size)
+        sums = torch.zeros(2, device=self.backend.device)  # sum of batch loss x batch size, samples with a loss
+        host_preds = host_labels = None
+        group_preds, group_labels = [], []
+        batch_metrics = {}
+        for step, inputs in enumerate(dataloader):
+            inputs = self.backend.to_device(inputs)
+            outputs = self.backend.eval_outputs(model, inputs)
+            labels = _labels(inputs, self.label_names)
+            size = next(v for v in inputs.values() if torch.is_tensor(v)).shape[0]
+            if isinstance(outputs, dict) and outputs.get("loss") is not None:
+                sums[0] += outputs["loss"].float() * size
+                sums[1] += size
+            if prediction_loss_only:
+                continue
+            logits = _logits(outputs, ignore_keys)
+            if self.preprocess_logits_for_metrics is not None and logits is not None:
+                logits = self.preprocess_logits_for_metrics(logits, labels)
+            if args.batch_eval_metrics:
+                if self.compute_metrics is not None:
+                    last = step == len(dataloader) - 1
+                    batch_metrics = self.compute_metrics(EvalPrediction(predictions=logits, label_ids=labels),
+                                                         compute_result=last)
+                continue
+            group_preds.append(logits)
+            group_labels.append(labels)
+            if len(group_preds) == cfg.inference_device_iterations or step == len(dataloader) - 1:
+                host_preds = _append(host_preds, group_preds)
+                host_labels = _append(host_labels, group_labels)
+                group_preds, group_labels = [], []
+        self.ipu_config.train()
+
+        loss_sum, counted = self.backend.read(sums)
+        metrics = {}
+        if not prediction_loss_only and not args.batch_eval_metrics:
+            host_preds, host_labels = self._gather(host_preds), self._gather(host_labels)
+            if self.compute_metrics is not None and host_preds is not None and host_labels is not None:
+                metrics = self.compute_metrics(EvalPrediction(predictions=host_preds, label_ids=host_labels))
+        elif args.batch_eval_metrics:
+            metrics = batch_metrics or {}
+        metrics = denumpify_detensorize(metrics)
+        if counted:
+            metrics["loss"] = loss_sum / counted
+        metrics = {k if k.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{k}": v
+                   for k, v in metrics.items()}
+        return EvalLoopOutput(predictions=host_preds, label_ids=host_labels, metrics=metrics,
+                              num_samples=dataloader.num_samples)
+
+    def _gather(self, arrays):
+        """Concatenate every process's share in process order, which is the dataset order."""
+        if self.args.world_size == 1 or arrays is None:
+            return arrays
+        shares = [None] * self.args.world_size
+        dist.all_gather_object(shares, arrays)
+        result = None
+        for share in shares:
+            if share is not None:
+                result = share if result is None else nested_concat(result, share, padding_index=-100)
+        return result
+
+    # --- saving --------------------------------------------------------------------------------------------------
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        """Model (safetensors, loadable with from_pretrained), tokenizer, training_args.bin and ipu_config.json."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.should_save:
+            self.ipu_config.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
+
+    def _save_scaler(self, output_dir):
+        if self.backend.scaler is not None and self.args.should_save:
+            torch.save(self.backend.scaler.state_dict(), os.path.join(output_dir, SCALER_NAME))
+
+    def _load_scaler(self, checkpoint):
+        path = os.path.join(checkpoint, SCALER_NAME)
+        if self.backend.scaler is not None and os.path.isfile(path):
+            self.backend.scaler.load_state_dict(torch.load(path, weights_only=True))
+
+
+_ACTIONS = ("should_log", "should_evaluate", "should_save")
+
+
+def _labels(inputs, label_names):
+    found = [inputs.get(name) for name in label_names]
+    if not found or any(v is None for v in found):
+        return None
+    return found[0] if len(found) == 1 else tuple(found)
+
+
+def _logits(outputs, ignore_keys):
+    if isinstance(outputs, dict):
+        values = tuple(v for k, v in outputs.items() if k not in list(ignore_keys) + ["loss"] and v is not None)
+    else:
+        values = tuple(outputs[1:])
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+def _append(host, group):
+    """Move a group of per-batch tensors to the host at once and append them (padded with -100 where the sequence
+    lengths differ)."""
+    group = [g.detach() if torch.is_tensor(g) else g for g in group if g is not None]
+    if not group:
+        return host
+    if all(torch.is_tensor(g) and g.shape[1:] == group[0].shape[1:] for g in group):
+        group = [torch.cat(group)]  # one device-to-host copy for the group
+    for array in nested_numpify(group):
+        host = array if host is None else nested_concat(host, array, padding_index=-100)
+    return host
