@@ -1,0 +1,141 @@
+"""Print the pipeline plan of an IPU configuration for a model, before any long compile or training run.
+
+    python -m ipu_train.plan --ipu_config ipu_configs/gpt2 --model_type gpt2
+
+The model is built from its configuration on the meta device: no weights are downloaded or allocated.
+"""
+import argparse
+import sys
+
+from .errors import UserError
+
+# The head each objective's script trains; other model types take the masked-LM head, else the causal-LM one.
+_DEFAULT_HEADS = {"bert": "pretraining", "xlnet": "causal-lm", "gpt2": "causal-lm"}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m ipu_train.plan", description=__doc__.splitlines()[0])
+    parser.add_argument("--ipu_config", "--ipu_config_name", dest="ipu_config", required=True,
+                        help="a directory holding ipu_config.json, a .json file, or a hub name")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model_type", help="a transformers model type, e.g. gpt2, bert (default sizes)")
+    model.add_argument("--config_name", help="a model configuration: a directory or a hub name")
+    model.add_argument("--model_name_or_path", help="a model directory or hub name: only its config.json is read")
+    parser.add_argument("--config_overrides", help='model configuration overrides, e.g. "n_layer=24,n_embd=1024"')
+    parser.add_argument("--head", choices=("causal-lm", "masked-lm", "pretraining"),
+                        help="the model head to plan for (default: the one its training script uses)")
+    parser.add_argument("--ipu_config_overrides", help='e.g. "layers_per_ipu=[1 3 4 4],matmul_proportion=0.2"')
+    parser.add_argument("--pod_type", help="resolves per-pod values: pod4, pod8, pod16, pod32 or pod64")
+    parser.add_argument("--n_ipu", type=int, help="IPUs available: replication_factor = n_ipu // ipus_per_replica")
+    parser.add_argument("--per_device_train_batch_size", type=int, default=1, help="the micro-batch size")
+    parser.add_argument("--per_device_eval_batch_size", type=int, help="default: the training micro-batch size")
+    return parser.parse_args(argv)
+
+
+def load_ipu_config(args):
+    """Source -> pod type -> --n_ipu -> overrides, the order the training scripts use."""
+    from .config import IPUConfig
+
+    ipu_config = IPUConfig.from_pretrained(args.ipu_config).for_pod_type(args.pod_type)
+    if args.n_ipu is not None:
+        ipu_config.apply_n_ipu(args.n_ipu)
+    if args.ipu_config_overrides:
+        ipu_config.update_from_string(args.ipu_config_overrides)
+    return ipu_config
+
+
+def load_model_config(args):
+    from transformers import AutoConfig
+
+    try:
+        if args.model_type:
+            config = AutoConfig.for_model(args.model_type)
+        else:
+            config = AutoConfig.from_pretrained(args.config_name or args.model_name_or_path)
+    except (ValueError, OSError) as error:
+        flag = "--model_type" if args.model_type else "--config_name" if args.config_name else "--model_name_or_path"
+        value = args.model_type or args.config_name or args.model_name_or_path
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{flag} {value}: no model configuration ({first_line})") from None
+    if args.config_overrides:
+        try:
+            config.update_from_string(args.config_overrides)
+        except ValueError as error:
+            raise UserError(f"--config_overrides: {error}") from None
+    return config
+
+
+def build_model_skeleton(config, head=None):
+    """The model with its parameters on the meta device: shapes and structure, no memory, no weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForPreTraining
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if head is None:
+        masked = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        head = _DEFAULT_HEADS.get(config.model_type, "masked-lm" if masked else "causal-lm")
+    auto_class = {
+        "causal-lm": AutoModelForCausalLM,
+        "masked-lm": AutoModelForMaskedLM,
+        "pretraining": AutoModelForPreTraining,
+    }[head]
+    try:
+        with torch.device("meta"):
+            return auto_class.from_config(config)
+    except ValueError as error:
+        raise UserError(f"--head {head} does not exist for model type {config.model_type} ({error})") from None
+
+
+def render_plan(args) -> str:
+    from .pipeline.stages import build_stage_plan, describe_batch
+
+    ipu_config = load_ipu_config(args)
+    model = build_model_skeleton(load_model_config(args), args.head)
+    layouts = {}
+    for mode, prefix in (("train", ""), ("eval", "inference_")):
+        getattr(ipu_config, mode)()  # layout attributes read the inference_* values in eval mode
+        layouts[mode] = (
+            f"{prefix}layers_per_ipu={ipu_config.layers_per_ipu}, {prefix}ipus_per_replica={ipu_config.ipus_per_replica}",
+            build_stage_plan(model, ipu_config),
+        )
+    ipu_config.train()
+    (training_layout, training), (inference_layout, inference) = layouts["train"], layouts["eval"]
+    num_layers = sum(len(stage.layers) for stage in training.stages)
+    lines = [
+        f"IPU plan: {args.ipu_config} for {type(model).__name__} ({num_layers} layers, "
+        f"{training.total_parameters:,} parameters; weights not loaded)",
+        "",
+        f"training: {training_layout}",
+        training.describe(),
+        "",
+    ]
+    if inference.stages == training.stages:
+        lines += [f"inference: {inference_layout} (the same stages as training)", ""]
+    else:
+        lines += [f"inference: {inference_layout}", inference.describe(), ""]
+    lines += [
+        describe_batch(ipu_config, args.per_device_train_batch_size, args.per_device_eval_batch_size),
+        "",
+        f"IPUs: training {ipu_config.ipus_per_replica} per replica x {ipu_config.replication_factor} replicas = "
+        f"{ipu_config.ipus_per_replica * ipu_config.replication_factor}; inference "
+        f"{ipu_config.inference_ipus_per_replica} x {ipu_config.inference_replication_factor} = "
+        f"{ipu_config.inference_ipus_per_replica * ipu_config.inference_replication_factor}",
+    ]
+    unused = ipu_config.unused_on_pytorch()
+    if unused:
+        lines.append(f"IPU only (no effect on PyTorch): {', '.join(unused)}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        print(render_plan(args))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
