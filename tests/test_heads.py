@@ -304,6 +304,20 @@ def test_bert_pretraining_outputs():
     model.eval()
     out = model(**mlm_batch(with_nsp=True))
     assert out.prediction_logits.shape == (3, 12, VOCAB)
+    model.train()
+    without_nsp_label = mlm_batch()  # BertForPreTraining computes no loss then: its own forward runs
+    out = model(**without_nsp_label)
+    assert out.loss is None and out.prediction_logits.shape == (3, 12, VOCAB)
+
+
+def test_positional_arguments_reach_the_patched_forward():
+    model, batch = tiny_gpt2(), causal_batch()
+    model.train()
+    expected = model(batch["input_ids"], labels=batch["labels"]).loss
+    enable_serialized_heads(model, ipu_config(embedding=3))
+    out = model(batch["input_ids"], labels=batch["labels"])
+    assert out.logits is None
+    torch.testing.assert_close(out.loss.float(), expected)
 
 
 def test_roberta_mlm_sparse_head_equals_dense():

@@ -167,20 +167,21 @@ def enable_serialized_heads(model, ipu_config, max_predictions=None):
     Returns False, patching nothing, for an architecture without a serialized head here."""
     if getattr(model, "_serialized_heads", False):
         return True
-    training_forward = _training_forward_for(model)
-    if training_forward is None:
+    supported = _training_forward_for(model)
+    if supported is None:
         return False
+    training_forward, required_labels = supported
     n_chunks = serialization_factor(ipu_config)
     original_forward = model.forward
-    signature = inspect.signature(original_forward)
-    var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+    # Name the positional arguments by hand rather than with Signature.bind: torch.compile traces this cheaply.
+    parameters = inspect.signature(original_forward).parameters.values()
+    positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
     def forward(self, *args, **kwargs):
-        arguments = signature.bind(*args, **kwargs).arguments
-        named = {k: v for k, v in arguments.items() if k != var_keyword}
-        extra = dict(arguments.get(var_keyword, {}))
-        if not self.training or not _has_training_labels(named):
+        named = dict(zip(positional, args), **kwargs)
+        if not self.training or not _has_training_labels(named, required_labels):
             return original_forward(*args, **kwargs)
+        extra = {k: named.pop(k) for k in list(named) if k not in positional}
         return_dict = extra.pop("return_dict", None)
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
@@ -192,26 +193,26 @@ def enable_serialized_heads(model, ipu_config, max_predictions=None):
     return True
 
 
-def _has_training_labels(named):
-    if named.get("labels") is None:
+def _has_training_labels(named, required_labels):
+    # Without all its labels a model computes no loss (BertForPreTraining needs both): its own forward runs.
+    if any(named.get(name) is None for name in required_labels):
         return False
-    if "next_sentence_label" in named and named["next_sentence_label"] is None:
-        return False  # BertForPreTraining computes no loss without both labels: keep its behaviour
     logits_to_keep = named.get("logits_to_keep", 0)
     return isinstance(logits_to_keep, int) and logits_to_keep == 0
 
 
 def _training_forward_for(model):
+    """(training forward, the labels it needs), or None for an architecture without a serialized head here."""
     from transformers import BertForMaskedLM, BertForPreTraining, GPT2LMHeadModel, RobertaForMaskedLM
 
     if isinstance(model, GPT2LMHeadModel):
-        return _gpt2_training_forward
+        return _gpt2_training_forward, ("labels",)
     if isinstance(model, BertForPreTraining):
-        return _bert_pretraining_training_forward
+        return _bert_pretraining_training_forward, ("labels", "next_sentence_label")
     if isinstance(model, BertForMaskedLM):
-        return _bert_mlm_training_forward
+        return _bert_mlm_training_forward, ("labels",)
     if isinstance(model, RobertaForMaskedLM):
-        return _roberta_mlm_training_forward
+        return _roberta_mlm_training_forward, ("labels",)
     return None
 
 
