@@ -235,7 +235,7 @@ def _checked(field: _Field, value: Any) -> Any:
     except (ValueError, TypeError):
         nullable = " or null" if field.optional else ""
         raise IPUConfigError(
-            f"{field.name} must be {field.kind.description}{nullable}, not {json.dumps(value)}"
+            f"{field.name} must be {field.kind.description}{nullable}, not {json.dumps(value, default=repr)}"
         ) from None
 
 
@@ -266,21 +266,7 @@ class IPUConfig:
     def __init__(self, **values):
         self._mode = "training"
         self._values = {name: copy.deepcopy(field.default) for name, field in FIELDS.items()}
-        for key in [k for k in values if k in METADATA_KEYS]:
-            values.pop(key)
-        for key in [k for k in values if k in DEPRECATED_KEYS]:
-            values.pop(key)
-            logger.warning(
-                "ipu_config key '%s' is deprecated and ignored (%s): remove it from the file",
-                key,
-                DEPRECATED_KEYS[key],
-            )
-        for key in values:
-            if key not in FIELDS:
-                raise _unknown_key_error(key, "IPU configuration")
-        for key, value in values.items():
-            self._values[key] = _checked(FIELDS[key], value)
-        self._validate()
+        self.update(**values)
 
     # --- loading and saving ----------------------------------------------------------------------------------
 
@@ -326,11 +312,15 @@ class IPUConfig:
     # --- changing values ---------------------------------------------------------------------------------------
 
     def update(self, **values) -> "IPUConfig":
-        """Set several fields at once, then validate; on an error nothing is changed."""
+        """Set several fields at once, then validate; on an error nothing is changed. Metadata keys are dropped,
+        deprecated keys dropped with one warning each, unknown keys refused."""
         checked = {}
         for key, value in values.items():
+            if key in METADATA_KEYS:
+                continue
             if key in DEPRECATED_KEYS:
-                logger.warning("ipu_config key '%s' is deprecated and ignored (%s)", key, DEPRECATED_KEYS[key])
+                reason = DEPRECATED_KEYS[key]
+                logger.warning("ipu_config key '%s' is deprecated and ignored (%s): remove it", key, reason)
                 continue
             if key not in FIELDS:
                 raise _unknown_key_error(key, "IPU configuration")

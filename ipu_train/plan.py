@@ -94,10 +94,8 @@ def render_plan(args) -> str:
     layouts = {}
     for mode, prefix in (("train", ""), ("eval", "inference_")):
         getattr(ipu_config, mode)()  # layout attributes read the inference_* values in eval mode
-        layouts[mode] = (
-            f"{prefix}layers_per_ipu={ipu_config.layers_per_ipu}, {prefix}ipus_per_replica={ipu_config.ipus_per_replica}",
-            build_stage_plan(model, ipu_config),
-        )
+        layout = f"{prefix}layers_per_ipu={ipu_config.layers_per_ipu}, {prefix}ipus_per_replica="
+        layouts[mode] = (f"{layout}{ipu_config.ipus_per_replica}", build_stage_plan(model, ipu_config))
     ipu_config.train()
     (training_layout, training), (inference_layout, inference) = layouts["train"], layouts["eval"]
     num_layers = sum(len(stage.layers) for stage in training.stages)

@@ -66,7 +66,8 @@ def test_inference_variants_follow_the_training_values_until_set():
 
 
 def test_eval_mode_reads_and_writes_the_inference_layout():
-    config = IPUConfig(layers_per_ipu=[0, 4, 4, 4], inference_layers_per_ipu=[6, 6], matmul_proportion=[0.1, 0.2, 0.2, 0.2])
+    config = IPUConfig(layers_per_ipu=[0, 4, 4, 4], inference_layers_per_ipu=[6, 6],
+                       matmul_proportion=[0.1, 0.2, 0.2, 0.2])
     assert config.mode == "training"
     assert config.eval() is config and config.mode == "inference"
     assert config.layers_per_ipu == [6, 6]
@@ -321,7 +322,8 @@ def test_override_uses_declared_types():
 ])
 def test_override_booleans(text, expected):
     config = IPUConfig(recompute_checkpoint_every_layer=not expected)
-    assert config.update_from_string(f"recompute_checkpoint_every_layer={text}").recompute_checkpoint_every_layer is expected
+    config.update_from_string(f"recompute_checkpoint_every_layer={text}")
+    assert config.recompute_checkpoint_every_layer is expected
 
 
 def test_override_whitespace_and_empty_items_are_tolerated():
