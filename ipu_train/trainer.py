@@ -55,10 +55,13 @@ class BatchLayout:
         groups = -(-num_samples // self.group_samples) if pad else num_samples // self.group_samples
         return groups * self.device_iterations
 
-    def epoch_order(self, num_samples, seed, pad):
+    def epoch_order(self, num_samples, seed, pad, shuffle=True):
         """Global sample order of an epoch: a permutation drawn from (seed, epoch) alone, so that a resumed run
         rebuilds it without touching the data; cut (or completed) to a whole number of groups."""
-        order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed)).tolist()
+        if shuffle:
+            order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed)).tolist()
+        else:
+            order = list(range(num_samples))
         length = self.steps_per_epoch(num_samples, pad) * self.step_samples
         while len(order) < length:
             order += order[:length - len(order)]
@@ -261,7 +264,8 @@ class IPUTrainer(Trainer):
         rng_pending = checkpoint
         for epoch in range(epochs_trained, state.num_train_epochs):
             done = state.global_step - epoch * steps_per_epoch if epoch == epochs_trained else 0
-            order = layout.epoch_order(len(dataset), (args.data_seed or args.seed) + epoch, args.pad_on_batch_axis)
+            order = layout.epoch_order(len(dataset), (args.data_seed or args.seed) + epoch, args.pad_on_batch_axis,
+                                       shuffle=args.train_sampling_strategy != "sequential")
             batches = iter(self.backend.train_loader(dataset, collator, order, done if not args.ignore_data_skip else 0,
                                                      args.seed + epoch))
             if rng_pending is not None:
