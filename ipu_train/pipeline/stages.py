@@ -172,7 +172,7 @@ def _get(module, path):
 
 def _holders(model, layer_ids):
     """(name, parameters) of the coarsest modules that hold parameters but no layer, in registration order; a
-    module that contains layers and has parameters of its own (XLNet's mask_emb) is listed with those only."""
+    module that contains layers lists its own parameters one by one (XLNet's transformer.mask_emb)."""
     found = []
 
     def visit(prefix, module):
@@ -183,9 +183,8 @@ def _holders(model, layer_ids):
             if params:
                 found.append((prefix, params))
             return
-        own = list(module.parameters(recurse=False))
-        if own:
-            found.append((prefix or type(module).__name__, own))
+        for name, param in module.named_parameters(recurse=False):
+            found.append((f"{prefix}.{name}" if prefix else name, [param]))
         for name, child in module.named_children():
             visit(f"{prefix}.{name}" if prefix else name, child)
 
