@@ -330,7 +330,7 @@ class IPUTrainer(Trainer):
             logs = {"loss": self._since_log["loss"] / self._since_log["finite"]}
             if grad_norm is not None:
                 logs["grad_norm"] = grad_norm
-            logs["learning_rate"] = self._get_learning_rate()
+            logs["learning_rate"] = self.backend.last_learning_rate  # the rate of the group's last step
             self._since_log = {"loss": 0.0, "finite": 0.0}
             self.store_flos()
             self.log(logs, start_time)

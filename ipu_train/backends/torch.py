@@ -100,6 +100,7 @@ class TorchBackend:
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.scaler = self._loss_scaler()
         self.model = self.train_module = self.optimizer = self.lr_scheduler = None
+        self.last_learning_rate = None
         self.non_embedding_params = 0
 
     # --- precision ---------------------------------------------------------------------------------------------
@@ -243,6 +244,7 @@ class TorchBackend:
             self.scaler.update()
         else:
             self.optimizer.step()
+        self.last_learning_rate = self.lr_scheduler.get_last_lr()[0]  # the rate this step used (a host float)
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return step_loss, tokens, grad_norm
