@@ -9,7 +9,7 @@
 | bpe --style gpt2 | GPT-2 | <|endoftext|> (bos, eos, unk) | none |
 | bpe --style roberta | RoBERTa | <s> <pad> </s> <unk> <mask> | <s> A </s></s> B </s> |
 | wordpiece | BERT (lowercased) | [PAD] [UNK] [CLS] [SEP] [MASK] | [CLS] A [SEP] B [SEP], token_type_ids 0/1 |
-| unigram | XLNet | <unk> <s> </s> <cls> <sep> <pad> <mask> | A <sep> B <sep> <cls>, token_type_ids 0/1/2, left padding |
+| unigram | XLNet | <unk> <s> </s> <cls> <sep> <pad> <mask> | A <sep> B <sep> <cls>, types 0/1/2, left padding |
 
 Special tokens take the first ids, in the order shown, so that the model configs' default ids fit: BERT
 pad 0; RoBERTa bos 0, pad 1, eos 2; XLNet bos 1, eos 2, pad 5. GPT-2's <|endoftext|> is id 0 (the config's

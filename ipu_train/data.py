@@ -1,0 +1,387 @@
+"""Data pieces the four scripts share: block grouping, capped dynamic masking, BERT next-sentence pairs, PLM batches.
+
+Randomness: the collators draw from torch's global RNG, so the trainer's seeding, its per-worker seeding and its
+checkpointed RNG state reproduce the masks on resume. The NSP builder is seeded per document (see
+`build_nsp_pairs`), so `datasets.map` gives the same pairs for any batch size and any `num_proc`.
+"""
+import dataclasses
+import functools
+import math
+import random
+import re
+from typing import Any
+
+import torch
+from transformers import DataCollatorForPermutationLanguageModeling
+from transformers.data.data_collator import pad_without_fast_tokenizer_warning
+
+from ipu_train.errors import UserError
+
+IGNORE_INDEX = -100  # label of positions the loss skips
+
+
+# ----------------------------------------------------------------------------------------------- grouping
+
+def group_texts(examples: dict[str, list], block_size: int) -> dict[str, list]:
+    """Concatenate every column of a tokenized batch and cut it into blocks of `block_size` tokens.
+
+    The remainder shorter than a block is dropped (Hugging Face example semantics), so a batch with fewer than
+    `block_size` tokens yields no block. The CLM script adds `labels` itself.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    concatenated = {key: [token for row in rows for token in row] for key, rows in examples.items()}
+    total = len(next(iter(concatenated.values()), []))
+    usable = total - total % block_size
+    return {key: [values[start:start + block_size] for start in range(0, usable, block_size)]
+            for key, values in concatenated.items()}
+
+
+# ----------------------------------------------------------------------------------------------- masking
+
+def masked_token_cap(seq_len: int, probability: float) -> int:
+    """Static cap on masked tokens per sequence: mean plus two standard deviations, rounded up to 16, at most L."""
+    mean = seq_len * probability
+    bound = mean + 2 * math.sqrt(mean * (1 - probability))
+    return min(seq_len, 16 * math.ceil(bound / 16))
+
+
+@dataclasses.dataclass
+class DataCollatorForCappedMLM:
+    """Pad a list of tokenized examples and mask them for MLM, keeping at most a fixed number of masked tokens.
+
+    - Each maskable token (not a special token, not padding) is selected with probability `mlm_probability`;
+      selected tokens become the mask token 80% of the time, a random non-special token 10%, and stay 10%
+      (`mask_replace_prob`, `random_replace_prob`). `labels` hold the original ids there and -100 elsewhere.
+    - `max_masked_tokens`: None (no cap: evaluation, which must never drop a masked token), an int, or "auto" =
+      `masked_token_cap(L, mlm_probability)` for the padded length L. Where more tokens were selected, a random
+      subset of `cap` tokens is kept, so a pipelined model can gather a fixed number of predictions.
+      `dataclasses.replace(collator, max_masked_tokens=None)` gives the evaluation collator.
+    - `whole_word_masking`: words are selected with probability `mlm_probability` and masked whole (the 80/10/10
+      choice is still per token, as in BERT's whole-word release); under a cap, whole words are kept in random
+      order while they fit. Word boundaries come from a `word_ids` column (`encoding.word_ids(i)` at tokenization,
+      None for special tokens): exact for every fast tokenizer, including byte-level BPE. Without that column a
+      WordPiece tokenizer's "##" continuation pieces mark the boundaries; other tokenizers then raise.
+    - `token_type_ids` and `next_sentence_label` pass through; `word_ids` and `special_tokens_mask` are consumed.
+    """
+
+    tokenizer: Any
+    mlm_probability: float = 0.15
+    max_masked_tokens: int | str | None = None
+    whole_word_masking: bool = False
+    pad_to_multiple_of: int | None = None
+    mask_replace_prob: float = 0.8
+    random_replace_prob: float = 0.1
+
+    def __post_init__(self):
+        if self.tokenizer.mask_token_id is None or self.tokenizer.pad_token_id is None:
+            raise UserError("masked LM needs a tokenizer with mask and padding tokens: use one made for BERT or "
+                            "RoBERTa (train_tokenizer.py --type wordpiece, or --type bpe --style roberta)")
+        if not 0 < self.mlm_probability < 1:
+            raise ValueError(f"mlm_probability must be between 0 and 1, got {self.mlm_probability}")
+        if not (self.max_masked_tokens in (None, "auto")
+                or (isinstance(self.max_masked_tokens, int) and self.max_masked_tokens >= 1)):
+            raise ValueError(f"max_masked_tokens must be None, 'auto' or an int >= 1; got {self.max_masked_tokens!r}")
+        if min(self.mask_replace_prob, self.random_replace_prob) < 0 \
+                or self.mask_replace_prob + self.random_replace_prob > 1:
+            raise ValueError("mask_replace_prob and random_replace_prob must be non-negative and sum to at most 1")
+        special = set(self.tokenizer.all_special_ids)
+        self._special_ids = torch.tensor(sorted(special), dtype=torch.long)
+        self._replacement_ids = torch.tensor([i for i in range(len(self.tokenizer)) if i not in special])
+        self._continuation = None  # per-vocabulary "##" flags, built on first use without a word_ids column
+
+    def cap_for(self, seq_len: int) -> int | None:
+        if self.max_masked_tokens == "auto":
+            return masked_token_cap(seq_len, self.mlm_probability)
+        return self.max_masked_tokens
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        word_ids = [example.get("word_ids") for example in examples]
+        examples = [{key: value for key, value in example.items()
+                     if key not in ("word_ids", "special_tokens_mask", "labels")} for example in examples]
+        batch = pad_without_fast_tokenizer_warning(
+            self.tokenizer, examples, return_tensors="pt", pad_to_multiple_of=self.pad_to_multiple_of)
+        input_ids = batch["input_ids"]
+        maskable = ~torch.isin(input_ids, self._special_ids)
+        if "attention_mask" in batch:
+            maskable &= batch["attention_mask"].bool()
+
+        if self.whole_word_masking:
+            words = self._word_index(input_ids, word_ids, maskable)
+            selected = self._select_whole_words(words)
+        else:
+            selected = maskable & (torch.rand(input_ids.shape) < self.mlm_probability)
+            selected = self._cap_tokens(selected)
+
+        labels = torch.where(selected, input_ids, IGNORE_INDEX)
+        batch["input_ids"] = self._corrupt(input_ids.clone(), selected)
+        batch["labels"] = labels
+        return dict(batch)
+
+    def _cap_tokens(self, selected: torch.Tensor) -> torch.Tensor:
+        cap = self.cap_for(selected.shape[1])
+        if cap is None or cap >= selected.shape[1]:
+            return selected
+        # Random priorities, selected tokens first: the first `cap` positions of each row are the ones kept.
+        priority = torch.where(selected, torch.rand(selected.shape), 2.0)
+        kept = torch.zeros_like(selected)
+        kept.scatter_(1, priority.argsort(dim=1)[:, :cap], True)
+        return kept & selected
+
+    def _word_index(self, input_ids, word_ids, maskable) -> torch.Tensor:
+        """Per token, the index of its word within the row (0, 1, ...), -1 for special tokens and padding."""
+        if any(ids is None for ids in word_ids):
+            starts = ~self._continuation_flags()[input_ids]
+        else:
+            ids = self._pad_word_ids(word_ids, input_ids.shape[1])
+            previous = torch.cat([torch.full_like(ids[:, :1], -1), ids[:, :-1]], dim=1)
+            starts = ids != previous
+        previous_maskable = torch.cat([torch.zeros_like(maskable[:, :1]), maskable[:, :-1]], dim=1)
+        starts = maskable & (starts | ~previous_maskable)
+        return torch.where(maskable, starts.long().cumsum(dim=1) - 1, -1)
+
+    def _pad_word_ids(self, word_ids, length) -> torch.Tensor:
+        padded = torch.full((len(word_ids), length), -1, dtype=torch.long)
+        for row, ids in enumerate(word_ids):
+            ids = torch.tensor([-1 if i is None else i for i in ids], dtype=torch.long)
+            if self.tokenizer.padding_side == "left":
+                padded[row, length - len(ids):] = ids
+            else:
+                padded[row, :len(ids)] = ids
+        return padded
+
+    def _continuation_flags(self) -> torch.Tensor:
+        if self._continuation is None:
+            model = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "model", None)
+            prefix = getattr(model, "continuing_subword_prefix", None)
+            if not prefix:
+                raise ValueError("whole-word masking without a word_ids column needs a WordPiece tokenizer; add "
+                                 "word_ids at tokenization: encoded['word_ids'] = [encoded.word_ids(i) ...]")
+            flags = torch.zeros(len(self.tokenizer), dtype=torch.bool)
+            for token, index in self.tokenizer.get_vocab().items():
+                flags[index] = token.startswith(prefix)
+            self._continuation = flags
+        return self._continuation
+
+    def _select_whole_words(self, words: torch.Tensor) -> torch.Tensor:
+        rows, length = words.shape
+        word_count = int(words.max()) + 1 if words.numel() else 0
+        if word_count == 0:
+            return torch.zeros_like(words, dtype=torch.bool)
+        valid = words >= 0
+        slot = words.clamp(min=0)
+        word_length = torch.zeros(rows, word_count, dtype=torch.long).scatter_add_(1, slot, valid.long())
+        chosen = (word_length > 0) & (torch.rand(rows, word_count) < self.mlm_probability)
+        cap = self.cap_for(length)
+        if cap is not None:
+            # Keep chosen words in a random order while their token count fits under the cap.
+            order = torch.where(chosen, torch.rand(rows, word_count), 2.0).argsort(dim=1)
+            running = torch.gather(word_length * chosen, 1, order).cumsum(dim=1)
+            fits = torch.zeros_like(chosen).scatter_(1, order, running <= cap)
+            chosen &= fits
+        return valid & torch.gather(chosen, 1, slot)
+
+    def _corrupt(self, input_ids: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+        draw = torch.rand(input_ids.shape)
+        to_mask = selected & (draw < self.mask_replace_prob)
+        to_random = selected & ~to_mask & (draw < self.mask_replace_prob + self.random_replace_prob)
+        input_ids[to_mask] = self.tokenizer.mask_token_id
+        choices = torch.randint(len(self._replacement_ids), (int(to_random.sum()),))
+        input_ids[to_random] = self._replacement_ids[choices]
+        return input_ids
+
+
+# ----------------------------------------------------------------------------------------------- NSP pairs
+
+_ABBREVIATIONS = {"e.g", "i.e", "etc", "vs", "mr", "mrs", "ms", "dr", "prof", "st", "no", "fig", "cf", "approx"}
+_SENTENCE_END = re.compile(r"""[.!?]+["')\]]*(?=\s+["'(\[]?[A-Z0-9])""")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split text into sentences with a deterministic rule: a line break, or [.!?] then space then a capital or digit.
+
+    No split after a common abbreviation ("e.g.", "Dr.") or a single-letter initial ("G. van Rossum").
+    """
+    sentences = []
+    for line in text.splitlines():
+        start = 0
+        for match in _SENTENCE_END.finditer(line):
+            last_word = line[start:match.start()].split()[-1:] or [""]
+            last_word = last_word[0].strip("\"'([{").lower()
+            if match.group().startswith(".") and (last_word in _ABBREVIATIONS or len(last_word) == 1):
+                continue
+            sentences.append(line[start:match.end()].strip())
+            start = match.end()
+        sentences.append(line[start:].strip())
+    return [sentence for sentence in sentences if sentence]
+
+
+def read_text_documents(path) -> list[str]:
+    """Documents of a .txt file: blocks separated by one or more blank lines (paragraphs kept on their lines)."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    return [block.strip() for block in re.split(r"\n[ \t]*\n", text) if block.strip()]
+
+
+def _truncate_pair(tokens_a, tokens_b, max_tokens, rng):
+    # From create_pretraining_data.py: trim the longer segment, from the front or the back at random.
+    while len(tokens_a) + len(tokens_b) > max_tokens:
+        longer = tokens_a if len(tokens_a) > len(tokens_b) else tokens_b
+        del longer[0 if rng.random() < 0.5 else -1]
+
+
+def _document_rng(seed, index):
+    return random.Random(f"nsp:{seed}:{index}")  # string seeds hash with SHA-512: stable across processes
+
+
+def _pairs_from_document(document, index, corpus, max_tokens, short_seq_prob, nsp_probability, rng):
+    """BERT's create_instances_from_document for one document: yields (tokens_a, tokens_b, is_random_next)."""
+    target = rng.randint(2, max_tokens) if rng.random() < short_seq_prob else max_tokens
+    chunk, chunk_length, i = [], 0, 0
+    while i < len(document):
+        chunk.append(document[i])
+        chunk_length += len(document[i])
+        if i == len(document) - 1 or chunk_length >= target:
+            a_end = rng.randint(1, len(chunk) - 1) if len(chunk) >= 2 else 1
+            tokens_a = [token for sentence in chunk[:a_end] for token in sentence]
+            random_next = len(chunk) == 1 or rng.random() < nsp_probability
+            tokens_b = _random_segment(corpus, index, target - len(tokens_a), rng) if random_next else None
+            if tokens_b is not None:
+                i -= len(chunk) - a_end  # the unused sentences start the next chunk
+            elif len(chunk) >= 2:
+                random_next = False
+                tokens_b = [token for sentence in chunk[a_end:] for token in sentence]
+            if tokens_b:
+                _truncate_pair(tokens_a, tokens_b, max_tokens, rng)
+                yield tokens_a, tokens_b, random_next
+            chunk, chunk_length = [], 0
+        i += 1
+
+
+def _random_segment(corpus, own_index, target_length, rng, tries=10):
+    """Consecutive sentences from a random other document of `corpus`, about `target_length` tokens; None if none."""
+    if len(corpus) < 2:
+        return None
+    for _ in range(tries):
+        other = rng.randrange(len(corpus) - 1)
+        other += other >= own_index  # any document but this one
+        sentences = corpus[other]
+        if sentences:
+            break
+    else:
+        return None
+    segment = []
+    for sentence in sentences[rng.randrange(len(sentences)):]:
+        segment.extend(sentence)
+        if len(segment) >= target_length:
+            break
+    return segment
+
+
+def build_nsp_pairs(documents, max_seq_length, cls_token_id, sep_token_id, short_seq_prob=0.1,
+                    nsp_probability=0.5, seed=0, first_index=0, corpus=None) -> dict[str, list]:
+    """Next-sentence-prediction pairs `[CLS] A [SEP] B [SEP]` from tokenized documents (BERT's recipe).
+
+    `documents`: a list of documents, each a list of sentences, each a list of token ids (no special tokens).
+    Segment A is one or more consecutive sentences of a document; B is the actual continuation (label 0) or,
+    with probability `nsp_probability` (and always when the chunk has a single sentence), consecutive sentences
+    from another document (label 1). The target length is `max_seq_length - 3`, or with probability
+    `short_seq_prob` a random length from 2; the longer segment is trimmed at a random end until the pair fits.
+
+    Determinism: document k uses an RNG seeded from (`seed`, `first_index + k`), its index in the whole corpus.
+    Random segments come from `corpus` (a sequence of documents indexed like `first_index + k`) when given:
+    the pairs are then the same for any batching or number of processes. Without `corpus`, they come from
+    `documents` only (a document of a single-document batch gets no random partner): results then depend on
+    where batch boundaries fall.
+
+    Returns unpadded columns `input_ids`, `token_type_ids`, `attention_mask` and `next_sentence_label`.
+    """
+    max_tokens = max_seq_length - 3
+    if max_tokens < 2:
+        raise ValueError(f"max_seq_length must be at least 5 to hold [CLS] A [SEP] B [SEP], got {max_seq_length}")
+    pool, offset = (documents, 0) if corpus is None else (corpus, first_index)
+    columns = {"input_ids": [], "token_type_ids": [], "attention_mask": [], "next_sentence_label": []}
+    for k, document in enumerate(documents):
+        document = [sentence for sentence in document if sentence]
+        rng = _document_rng(seed, first_index + k)
+        for tokens_a, tokens_b, random_next in _pairs_from_document(
+                document, offset + k, pool, max_tokens, short_seq_prob, nsp_probability, rng):
+            input_ids = [cls_token_id, *tokens_a, sep_token_id, *tokens_b, sep_token_id]
+            columns["input_ids"].append(input_ids)
+            columns["token_type_ids"].append([0] * (len(tokens_a) + 2) + [1] * (len(tokens_b) + 1))
+            columns["attention_mask"].append([1] * len(input_ids))
+            columns["next_sentence_label"].append(int(random_next))
+    return columns
+
+
+class _TokenizedCorpus:
+    """Raw-text documents, split into sentences and tokenized on access (random partners of the NSP builder)."""
+
+    def __init__(self, texts, tokenize):
+        self.texts = texts
+        # Small corpora draw the same partners again and again; large ones rarely repeat, so the cache stays bounded.
+        self._tokenized = functools.lru_cache(maxsize=4096)(lambda index: tokenize(self.texts[index]))
+
+    def __len__(self):
+        return len(self.texts)
+
+    def __getitem__(self, index):
+        return self._tokenized(index)
+
+
+def nsp_pair_builder(tokenizer, max_seq_length, short_seq_prob=0.1, nsp_probability=0.5, seed=0, corpus=None,
+                     text_column="text"):
+    """A function for `dataset.map(fn, batched=True, with_indices=True, remove_columns=...)` on raw documents.
+
+    One record per document (see `read_text_documents`). `corpus`: the whole text column being mapped (e.g.
+    `dataset["text"]`), so random segments may come from any document and the pairs do not depend on
+    `batch_size` or `num_proc`; without it they come from the batch (see `build_nsp_pairs`).
+    """
+    if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
+        raise UserError("next-sentence pairs need a tokenizer with [CLS] and [SEP] tokens: use a BERT WordPiece "
+                        "tokenizer (train_tokenizer.py --type wordpiece)")
+
+    def tokenize(text):
+        sentences = split_sentences(text)
+        if not sentences:
+            return []
+        return tokenizer(sentences, add_special_tokens=False, verbose=False)["input_ids"]
+
+    pool = None if corpus is None else _TokenizedCorpus(corpus, tokenize)
+
+    def build(examples, indices):
+        documents = [tokenize(text) for text in examples[text_column]]
+        return build_nsp_pairs(documents, max_seq_length, tokenizer.cls_token_id, tokenizer.sep_token_id,
+                               short_seq_prob, nsp_probability, seed, first_index=indices[0], corpus=pool)
+
+    return build
+
+
+# ----------------------------------------------------------------------------------------------- PLM
+
+@dataclasses.dataclass
+class DataCollatorForPLM:
+    """XLNet permutation LM batches: transformers' collator plus the padding it lacks.
+
+    `DataCollatorForPermutationLanguageModeling` keeps only `input_ids`, pads them to the longest example (an odd
+    length makes it raise) and returns no attention mask, so padded positions would be attended to. This pads
+    to an even length on the tokenizer's side (left for XLNet), keeps `attention_mask` and `token_type_ids`, and
+    hands the ids to the upstream masking (spans, `perm_mask`, `target_mapping`, labels; torch's global RNG).
+    """
+
+    tokenizer: Any
+    plm_probability: float = 1 / 6
+    max_span_length: int = 5
+
+    def __post_init__(self):
+        self._upstream = DataCollatorForPermutationLanguageModeling(
+            self.tokenizer, plm_probability=self.plm_probability, max_span_length=self.max_span_length)
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        examples = [{key: example[key] for key in ("input_ids", "attention_mask", "token_type_ids")
+                     if key in example} for example in examples]
+        batch = pad_without_fast_tokenizer_warning(self.tokenizer, examples, return_tensors="pt",
+                                                   pad_to_multiple_of=2)
+        input_ids, perm_mask, target_mapping, labels = self._upstream.torch_mask_tokens(batch["input_ids"].clone())
+        batch.update(input_ids=input_ids, perm_mask=perm_mask, target_mapping=target_mapping, labels=labels)
+        return dict(batch)
