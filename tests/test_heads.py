@@ -340,6 +340,16 @@ def test_unsupported_architecture_is_not_patched():
     assert "forward" not in vars(model)
 
 
+def test_patched_forward_keeps_the_signature_trainers_inspect():
+    import inspect
+
+    model = tiny_bert(BertForPreTraining)
+    expected = inspect.signature(model.forward)
+    enable_serialized_heads(model, ipu_config())
+    assert inspect.signature(model.forward) == expected
+    assert "next_sentence_label" in inspect.signature(model.forward).parameters
+
+
 def test_patching_twice_patches_once():
     model, batch = tiny_gpt2(), causal_batch()
     assert enable_serialized_heads(model, ipu_config(embedding=2))

@@ -13,6 +13,7 @@ on masked tokens per sequence keeps the shapes static (for compiled graphs and n
 `enable_serialized_heads(model, ipu_config)` patches one model instance so that its training forward with labels
 uses these heads; evaluation and calls without labels run the model's own forward unchanged.
 """
+import functools
 import inspect
 import types
 
@@ -188,6 +189,8 @@ def enable_serialized_heads(model, ipu_config, max_predictions=None):
         output = training_forward(self, named, extra, n_chunks=n_chunks, max_predictions=max_predictions)
         return output if return_dict else output.to_tuple()
 
+    # The original's name and signature: Trainer's column selection and loss-kwargs detection inspect them.
+    functools.update_wrapper(forward, type(model).forward)
     model.forward = types.MethodType(forward, model)
     model._serialized_heads = True
     return True
