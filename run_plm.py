@@ -6,11 +6,12 @@ factorisation order. Flags follow Hugging Face's run_plm.py, plus the IPU traini
 import logging
 from dataclasses import dataclass, field
 
-from transformers import DataCollatorForPermutationLanguageModeling, XLNetLMHeadModel, set_seed
+from transformers import XLNetLMHeadModel, set_seed
 
 from ipu_train import IPUTrainer, IPUTrainingArguments
 from ipu_train.arguments import load_ipu_config
 from ipu_train.cli import ScriptArgumentParser, last_checkpoint_or_refuse, main_entry, setup_logging
+from ipu_train.data import DataCollatorForPLM
 from ipu_train.errors import UserError
 from ipu_train.loading import (column_names, fit_config_to_tokenizer, fit_embeddings_to_tokenizer, load_config,
                                load_model, load_raw_datasets, load_tokenizer, text_column)
@@ -28,8 +29,8 @@ class DataTrainingArguments(DataArguments):
         default=1 / 6, metadata={"help": "Ratio of the length of a span of masked tokens to its surrounding context."})
     max_span_length: int = field(default=5, metadata={"help": "Longest span of masked tokens."})
     line_by_line: bool = field(
-        default=False, metadata={"help": "One sequence per non-empty line (padded to --max_seq_length) instead of "
-                                         "concatenated blocks."})
+        default=False, metadata={"help": "One sequence per non-empty line (each batch padded to an even length) "
+                                         "instead of concatenated blocks."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -69,8 +70,7 @@ def main(argv=None):
     if data_args.line_by_line:
         def tokenize(examples):
             lines = [line for line in examples[text] if line and not line.isspace()]
-            # Padding to the (even) maximum keeps every batch even-length, as the permutation mask requires.
-            return tokenizer(lines, padding="max_length", truncation=True, max_length=max_seq_length)
+            return tokenizer(lines, truncation=True, max_length=max_seq_length)
     else:
         def tokenize(examples):
             # Documents are longer than a block until grouped: verbose=False silences the over-length warning.
@@ -88,7 +88,7 @@ def main(argv=None):
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        data_collator=DataCollatorForPermutationLanguageModeling(
+        data_collator=DataCollatorForPLM(
             tokenizer, plm_probability=data_args.plm_probability, max_span_length=data_args.max_span_length),
     )
     if training_args.do_train:
