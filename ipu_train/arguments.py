@@ -33,7 +33,8 @@ class IPUTrainingArguments(TrainingArguments):
     loss_scaling: Optional[float] = field(
         default=None, metadata={"help": "Static loss scale (fp16); with --auto_loss_scaling, the initial scale."})
     auto_loss_scaling: Optional[bool] = field(
-        default=None, metadata={"help": "Dynamic loss scaling (an IPU configuration override)."})
+        default=None, metadata={"help": "Dynamic loss scaling (an IPU configuration override).", "nargs": "?",
+                                "const": True})
     dataloader_mode: str = field(
         default="sync", metadata={"help": "IPU data loader mode.", "choices": list(DATALOADER_MODES)})
     compile_only: bool = field(default=False, metadata={"help": "Compile the training step, then exit."})
