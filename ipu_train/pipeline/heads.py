@@ -230,9 +230,9 @@ def _gpt2_training_forward(model, named, extra, n_chunks, max_predictions):
         shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
     loss = chunked_lm_loss(outputs.last_hidden_state, model.lm_head.weight, shift_labels, n_chunks,
                            bias=model.lm_head.bias, num_items_in_batch=extra.get("num_items_in_batch"))
-    return CausalLMOutputWithCrossAttentions(loss=loss, logits=None, cache=outputs.cache,
-                                             hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-                                             cross_attentions=outputs.cross_attentions)
+    # The transformer's other outputs (cache, hidden states, attentions) carry the same names in the LM output.
+    rest = {k: v for k, v in outputs.items() if k != "last_hidden_state"}
+    return CausalLMOutputWithCrossAttentions(loss=loss, logits=None, **rest)
 
 
 def _masked_lm_loss(encoder_outputs, labels, transform, decoder, n_chunks, max_predictions):
