@@ -5,6 +5,7 @@ GPUs or CPUs.
 Training masks tokens dynamically (80% [MASK], 10% random, 10% kept) with a static cap on masked tokens per
 sequence, so the model predicts only at masked positions; evaluation masks without a cap. Flags follow Hugging
 Face's run_mlm.py, plus the IPU training flags (see the README)."""
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Optional
@@ -92,7 +93,7 @@ def main(argv=None):
     train_dataset, eval_dataset = select_splits(lm_datasets, data_args, training_args, ipu_config,
                                                 f"sequences of {max_seq_length} tokens", "lower --max_seq_length")
 
-    data_collator = DataCollatorForCappedMLM(
+    train_collator = DataCollatorForCappedMLM(
         tokenizer, mlm_probability=data_args.mlm_probability, max_masked_tokens="auto",
         whole_word_masking=data_args.whole_word_masking,
         pad_to_multiple_of=8 if data_args.line_by_line and not data_args.pad_to_max_length else None)
@@ -104,7 +105,8 @@ def main(argv=None):
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        data_collator=data_collator,
+        data_collator=train_collator,
+        eval_data_collator=dataclasses.replace(train_collator, max_masked_tokens=None),  # never drop a masked token
         compute_metrics=RunningAccuracy() if with_accuracy else None,
         preprocess_logits_for_metrics=argmax_predictions if with_accuracy else None,
     )

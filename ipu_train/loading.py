@@ -43,6 +43,13 @@ def load_raw_datasets(data_args, model_args):
     return raw
 
 
+def split_off_validation(dataset, percentage):
+    """The first `percentage`% of a dataset as "validation", the rest as "train" (as `train[:5%]` does)."""
+    held_out = max(1, len(dataset) * percentage // 100)
+    return datasets.DatasetDict(train=dataset.select(range(held_out, len(dataset))),
+                                validation=dataset.select(range(held_out)))
+
+
 def _hold_out_validation(raw, data_args, load_split):
     pct = data_args.validation_split_percentage
     if data_args.streaming:

@@ -72,8 +72,12 @@ class DataArguments:
         default=None, metadata={"help": "Processes for preprocessing."})
     keep_linebreaks: bool = field(default=True, metadata={"help": "Keep line breaks in .txt files."})
 
+    def training_source(self):
+        """Where training data comes from (None: nowhere); scripts with other sources extend this."""
+        return self.dataset_name or self.train_file
+
     def __post_init__(self):
-        if self.dataset_name is None and self.train_file is None and self.validation_file is None:
+        if self.training_source() is None and self.validation_file is None:
             raise UserError("no data given: pass --dataset_name, or --train_file / --validation_file")
         for flag in ("train_file", "validation_file"):
             path = getattr(self, flag)
@@ -86,5 +90,5 @@ class DataArguments:
         """Rules that involve the training flags too."""
         if self.streaming and training_args.do_train and training_args.max_steps <= 0:
             raise UserError("--streaming data has no length, so the number of steps is unknown: pass --max_steps")
-        if training_args.do_train and self.train_file is None and self.dataset_name is None:
+        if training_args.do_train and self.training_source() is None:
             raise UserError("--do_train needs --train_file or --dataset_name")
