@@ -1,0 +1,60 @@
+"""run_pretraining.py (BERT MLM + NSP) end to end: from raw text, and from the pairs it saved."""
+import math
+
+import datasets
+import pytest
+from transformers import BertForPreTraining
+
+import run_pretraining
+
+from .test_scripts_clm_mlm import (TINY_BERT, logged_losses, results, run_and_expect_user_error,  # noqa: F401
+                                   text_files)
+
+
+def pretraining_args(text_files, tokenizer_dir, output_dir, *extra):
+    return ["--model_type", "bert", "--config_overrides", TINY_BERT, "--tokenizer_name", str(tokenizer_dir),
+            "--train_file", str(text_files / "train.txt"), "--validation_file", str(text_files / "validation.txt"),
+            "--max_seq_length", "64", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
+            "--learning_rate", "3e-3", "--output_dir", str(output_dir), "--report_to", "none", "--seed", "0",
+            "--logging_steps", "2", "--disable_tqdm", "true", "--max_eval_samples", "32", *extra]
+
+
+def test_pretraining_from_raw_text_then_from_the_saved_pairs(text_files, wordpiece_tokenizer_dir, tmp_path):
+    out, saved = tmp_path / "raw", tmp_path / "pairs"
+    run_pretraining.main(pretraining_args(text_files, wordpiece_tokenizer_dir, out, "--do_train", "--do_eval",
+                                          "--max_steps", "16", "--save_preprocessed_dataset", str(saved)))
+    losses = logged_losses(out)
+    assert losses[-1] < losses[0]
+    metrics = results(out, "eval")
+    for key in ("eval_loss", "eval_mlm_loss", "eval_nsp_loss", "eval_mlm_accuracy", "eval_nsp_accuracy"):
+        assert key in metrics
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["eval_mlm_loss"]))
+    # The model's loss is MLM + NSP; reduced per batch vs per token, the two agree closely, not exactly.
+    assert metrics["eval_loss"] == pytest.approx(metrics["eval_mlm_loss"] + metrics["eval_nsp_loss"], rel=0.05)
+    assert BertForPreTraining.from_pretrained(out).config.num_hidden_layers == 2
+
+    pairs = datasets.load_from_disk(str(saved))
+    assert set(pairs["train"].column_names) >= {"input_ids", "token_type_ids", "attention_mask",
+                                                "next_sentence_label"}
+    assert max(len(ids) for ids in pairs["train"]["input_ids"]) <= 64
+
+    again = tmp_path / "from_disk"
+    run_pretraining.main(pretraining_args(text_files, wordpiece_tokenizer_dir, again, "--do_train", "--max_steps",
+                                          "16", "--dataset_path", str(saved)))
+    assert logged_losses(again)[-1] < logged_losses(again)[0]
+
+
+@pytest.mark.parametrize("change, phrases", [
+    (["--is_already_masked"], ["--is_already_masked", "--is_already_preprocessed"]),
+    (["--dataset_path", "nowhere"], ["--dataset_path", "nowhere"]),
+    (["--streaming", "--max_steps", "2"], ["--streaming", "--is_already_preprocessed"]),
+    (["--is_already_preprocessed"], ["next_sentence_label", "--is_already_preprocessed"]),
+])
+def test_pretraining_user_errors(change, phrases, text_files, wordpiece_tokenizer_dir, tmp_path, capsys):
+    argv = pretraining_args(text_files, wordpiece_tokenizer_dir, tmp_path / "out", "--do_train", *change)
+    run_and_expect_user_error(run_pretraining.main, argv, capsys, *phrases)
+
+
+def test_pretraining_needs_cls_and_sep(text_files, bpe_tokenizer_dir, tmp_path, capsys):
+    argv = pretraining_args(text_files, bpe_tokenizer_dir, tmp_path / "out", "--do_train", "--max_steps", "2")
+    run_and_expect_user_error(run_pretraining.main, argv, capsys, "[CLS]", "wordpiece")
