@@ -338,8 +338,8 @@ def nsp_pair_builder(tokenizer, max_seq_length, short_seq_prob=0.1, nsp_probabil
     `batch_size` or `num_proc`; without it they come from the batch (see `build_nsp_pairs`).
     """
     if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
-        raise UserError("next-sentence pairs need a tokenizer with [CLS] and [SEP] tokens: use a BERT WordPiece "
-                        "tokenizer (train_tokenizer.py --type wordpiece)")
+        raise UserError("next-sentence pairs need a tokenizer with [CLS] and [SEP] tokens: pass a --tokenizer_name "
+                        "made for BERT (train_tokenizer.py --type wordpiece)")
 
     def tokenize(text):
         sentences = split_sentences(text)
