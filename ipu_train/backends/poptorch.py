@@ -1,0 +1,175 @@
+"""The IPU backend, written against PopTorch's API (the Poplar SDK's `poptorch`, not on PyPI). Imported only with
+--device ipu. PopTorch runs a whole group on the device in one call: a data-loader item is the combined batch of
+micro_batch x gradient_accumulation_steps x replication_factor x device_iterations samples, and the returned loss is
+already on the host. Differences from the PyTorch backend: the group always holds device_iterations steps (a
+max_steps that is not a multiple of it ends at the next group boundary), the serialized heads are not patched in
+(the IPU splits its projection itself through the stage plan), and the learning rate is updated once per group."""
+import logging
+
+import poptorch
+import torch
+
+from ..pipeline.stages import transformer_layers
+from .torch import GroupResult
+
+logger = logging.getLogger("ipu_train")
+
+OUTPUT_MODES = {"all": "All", "sum": "Sum", "final": "Final", "default": "Default"}
+
+
+def build_options(ipu_config, *, training, compile_only=False):
+    """poptorch.Options for the configuration's training or inference layout."""
+    cfg = ipu_config
+    prefix = "" if training else "inference_"
+    replicas = getattr(cfg, f"{prefix}replication_factor")
+    stages = getattr(cfg, f"{prefix}ipus_per_replica")
+    opts = poptorch.Options()
+    opts.replicationFactor(replicas)
+    opts.autoRoundNumIPUs(True)
+    opts.deviceIterations(getattr(cfg, f"{prefix}device_iterations"))
+    if training:
+        opts.Training.gradientAccumulation(cfg.gradient_accumulation_steps)
+        opts.Training.accumulationAndReplicationReductionType(poptorch.ReductionType.Mean)
+        if cfg.auto_loss_scaling:
+            opts.Training.setAutomaticLossScaling(True)
+        opts.outputMode(getattr(poptorch.OutputMode, OUTPUT_MODES[cfg.output_mode]))
+        opts.setExecutionStrategy(poptorch.PipelinedExecution(poptorch.AutoStage.AutoIncrement))
+    else:
+        opts.outputMode(poptorch.OutputMode.All)
+        opts.setExecutionStrategy(poptorch.ShardedExecution())
+    if cfg.seed is not None:
+        opts.randomSeed(cfg.seed)
+    opts.TensorLocations.setOptimizerLocation(
+        poptorch.TensorLocationSettings()
+        .useOnChipStorage(not cfg.optimizer_state_offchip)
+        .useReplicatedTensorSharding(cfg.replicated_tensor_sharding and replicas > 1))
+    if compile_only:
+        opts.useOfflineIpuTarget()
+    proportion = getattr(cfg, f"{prefix}matmul_proportion")
+    proportions = proportion if isinstance(proportion, list) else [proportion] * stages
+    opts.setAvailableMemoryProportion({f"IPU{i}": p for i, p in enumerate(proportions)})
+    if cfg.executable_cache_dir and cfg.executable_cache_dir != "disabled":
+        opts.enableExecutableCaching(cfg.executable_cache_dir)
+    opts.Precision.enableStochasticRounding(training)
+    if cfg.enable_half_partials:
+        opts.Precision.setPartialsType(torch.float16)
+    return opts
+
+
+def annotate_stages(model, ipu_config, recompute):
+    """Embeddings on IPU 0 and each layer in a BeginBlock on its IPU (optimum-graphcore's placement); a
+    recomputation checkpoint on each layer output when asked."""
+    layers = transformer_layers(model)
+    stage_of = ipu_config.layer_stages(len(layers))
+    poptorch.BeginBlock(model.get_input_embeddings(), "Embedding", ipu_id=0)
+    for index, (layer, ipu) in enumerate(zip(layers, stage_of)):
+        poptorch.BeginBlock(layer, f"Layer{index}", ipu_id=ipu)
+        if recompute:
+            layer.register_forward_hook(_checkpoint_output)
+    return stage_of
+
+
+def _checkpoint_output(module, inputs, output):
+    if isinstance(output, tuple):
+        return (poptorch.recomputationCheckpoint(output[0]),) + output[1:]
+    return poptorch.recomputationCheckpoint(output)
+
+
+class PopTorchBackend:
+    """The trainer's backend interface (see TorchBackend) over poptorch.trainingModel / inferenceModel."""
+
+    def __init__(self, args, ipu_config):
+        self.args, self.ipu_config = args, ipu_config
+        self.device = torch.device("cpu")  # the host: PopTorch moves the data itself
+        self.precision = args.precision
+        self.scaler = None  # loss scaling is the optimizer's (loss_scaling) and the options' (automatic)
+        self.model = self.training_model = self.inference_model = None
+        self.optimizer = self.lr_scheduler = None
+        self.last_learning_rate = None
+
+    def prepare_model(self, model):
+        if self.precision == "fp16":
+            model.half()
+        annotate_stages(model, self.ipu_config, self.ipu_config.recompute_checkpoint_every_layer)
+        self.model = model
+        return model
+
+    def compile(self, model):
+        """PopTorch compiles in compile_step (trainingModel.compile); nothing to do beforehand."""
+
+    def create_optimizer(self, param_groups):
+        args = self.args
+        kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                      loss_scaling=args.loss_scaling or 1.0)
+        if args.use_lamb:
+            return poptorch.optim.LAMB(param_groups, bias_correction=not args.lamb_no_bias_correction, **kwargs)
+        return poptorch.optim.AdamW(param_groups, bias_correction=True, max_grad_norm=args.max_grad_norm or None,
+                                    **kwargs)
+
+    def attach(self, optimizer, lr_scheduler):
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        options = build_options(self.ipu_config, training=True, compile_only=self.args.compile_only)
+        self.training_model = poptorch.trainingModel(self.model, options=options, optimizer=optimizer)
+
+    def train_loader(self, dataset, collator, order, start_step, seed):
+        cfg = self.ipu_config
+        first = start_step * self.args.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.replication_factor
+        subset = torch.utils.data.Subset(dataset, order[first:])
+        return self._loader(build_options(self.ipu_config, training=True), subset, collator,
+                            self.args.per_device_train_batch_size, drop_last=True)
+
+    def eval_loader(self, dataset, collator, indices):
+        options = build_options(self.ipu_config, training=False)
+        return self._loader(options, torch.utils.data.Subset(dataset, indices), collator,
+                            self.args.per_device_eval_batch_size, drop_last=False)
+
+    def _loader(self, options, dataset, collator, batch_size, drop_last):
+        modes = {"sync": poptorch.DataLoaderMode.Sync, "async": poptorch.DataLoaderMode.Async,
+                 "async_rebatched": poptorch.DataLoaderMode.AsyncRebatched}
+        return poptorch.DataLoader(options, dataset, batch_size=batch_size, shuffle=False, drop_last=drop_last,
+                                   collate_fn=collator, num_workers=self.args.dataloader_num_workers,
+                                   mode=modes[self.args.dataloader_mode])
+
+    def to_device(self, batch):
+        return batch
+
+    def run_group(self, batches, n_steps, on_step_begin, on_step_end):
+        """One device call runs the group's device_iterations steps; the callbacks then see each step."""
+        batch = next(batches)
+        outputs = self.training_model(**batch)
+        loss = _loss_of(outputs).float().mean()
+        steps = 0
+        for _ in range(n_steps):
+            on_step_begin()
+            self.last_learning_rate = self.lr_scheduler.get_last_lr()[0]
+            self.lr_scheduler.step()
+            steps += 1
+            if on_step_end():
+                break
+        self.training_model.setOptimizer(self.optimizer)  # the new learning rate, for the next group
+        tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+        samples = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
+        sums = torch.stack([loss * steps, torch.tensor(float(steps)), torch.as_tensor(tokens, dtype=torch.float32),
+                            torch.tensor(0.0)])
+        return GroupResult(steps, samples, 0, sums)
+
+    def compile_step(self, micro_batches):
+        self.training_model.compile(**micro_batches[0])
+
+    def eval_outputs(self, model, batch):
+        if self.inference_model is None:
+            if self.model is None:  # evaluation without training: place the model for inference
+                self.prepare_model(model)
+            self.inference_model = poptorch.inferenceModel(self.model,
+                                                           options=build_options(self.ipu_config, training=False))
+        outputs = self.inference_model(**batch)
+        if isinstance(outputs, dict) and outputs.get("loss") is not None:
+            outputs["loss"] = outputs["loss"].float().mean()  # one loss per replica and iteration
+        return outputs
+
+    def read(self, tensor):
+        return tensor.tolist()
+
+
+def _loss_of(outputs):
+    return outputs["loss"] if isinstance(outputs, dict) else outputs[0]
