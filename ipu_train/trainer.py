@@ -155,7 +155,7 @@ class IPUTrainer(Trainer):
 
     # --- training ------------------------------------------------------------------------------------------------
 
-    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
         """Train; returns TrainOutput(global_step, training_loss, metrics) as transformers.Trainer does."""
         args, cfg = self.args, self.ipu_config.train()
         checkpoint = self._resolve_checkpoint(resume_from_checkpoint)

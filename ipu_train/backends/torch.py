@@ -102,6 +102,10 @@ class TorchBackend:
         self.model = self.train_module = self.optimizer = self.lr_scheduler = None
         self.last_learning_rate = None
         self.non_embedding_params = 0
+        not_applied = [k for k in ("replicated_tensor_sharding", "optimizer_state_offchip") if getattr(ipu_config, k)]
+        if not_applied:
+            logger.info("%s: not applied on PyTorch yet; each replica keeps its whole optimizer state on its device",
+                        " and ".join(not_applied))
 
     # --- precision ---------------------------------------------------------------------------------------------
 
