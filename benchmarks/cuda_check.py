@@ -1,0 +1,119 @@
+"""CUDA correctness of the numerical kernels, in seconds, before any timing (benchmarks/gpu_check.sh runs it):
+
+- the chunked LM head under bf16 autocast equals the plain head (loss and gradients) at GPT-2 scale, with a
+  smaller peak memory;
+- the chunked loss, the capped sparse MLM head and a LAMB step make no host synchronisation
+  (torch.cuda.set_sync_debug_mode("error") turns any into an exception);
+- a GPT-2 patched with the serialized head gives the unpatched model's loss and gradients on the GPU.
+Prints one line per check and exits non-zero on the first failure."""
+import sys
+import types
+
+import torch
+import torch.nn.functional as F
+
+from ipu_train.optim import LAMB
+from ipu_train.pipeline.heads import chunked_lm_loss, enable_serialized_heads, sparse_mlm_loss
+
+DEVICE = "cuda"
+
+
+def report(name, ok, detail):
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}", flush=True)
+    if not ok:
+        sys.exit(1)
+
+
+def fresh_grads(*tensors):
+    return [t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def peak_of(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    result = fn()
+    torch.cuda.synchronize()
+    return result, (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+
+
+def check_chunked_head_bf16():
+    g = torch.Generator(DEVICE).manual_seed(0)
+    tokens, hidden_size, vocab = 8 * 1024, 768, 50257
+    hidden = torch.randn(tokens, hidden_size, device=DEVICE, generator=g)
+    weight = torch.randn(vocab, hidden_size, device=DEVICE, generator=g) * 0.02
+    labels = torch.randint(0, vocab, (tokens,), device=DEVICE, generator=g)
+    labels[::7] = -100
+
+    def run(loss_fn):
+        h, w = fresh_grads(hidden, weight)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = loss_fn(h, w)
+        loss.backward()
+        return loss.detach(), h.grad, w.grad
+
+    def plain(h, w):
+        return F.cross_entropy(F.linear(h, w).float(), labels)
+
+    (loss_p, gh_p, gw_p), mem_plain = peak_of(lambda: run(plain))
+    (loss_c, gh_c, gw_c), mem_chunked = peak_of(lambda: run(lambda h, w: chunked_lm_loss(h, w, labels, 4)))
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
+    errors = dict(loss=abs(loss_c - loss_p).item(), grad_hidden=rel(gh_c, gh_p), grad_weight=rel(gw_c, gw_p))
+    report("chunked head = plain head (bf16, 8192 tokens x 50257)",
+           errors["loss"] < 2e-3 and errors["grad_hidden"] < 2e-2 and errors["grad_weight"] < 2e-2,
+           ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    report("chunked head peak memory below the plain head's", mem_chunked < mem_plain,
+           f"{mem_chunked:.2f} GiB vs {mem_plain:.2f} GiB")
+
+
+def check_no_host_sync():
+    g = torch.Generator(DEVICE).manual_seed(1)
+    hidden = torch.randn(8, 128, 64, device=DEVICE, generator=g, requires_grad=True)
+    weight = torch.randn(1000, 64, device=DEVICE, generator=g, requires_grad=True)
+    labels = torch.randint(0, 1000, (8, 128), device=DEVICE, generator=g)
+    mlm_labels = torch.where(torch.rand(8, 128, device=DEVICE, generator=g) < 0.15, labels, -100)
+    transform = torch.nn.Linear(64, 64, device=DEVICE)
+    model = torch.nn.Linear(64, 64, device=DEVICE)
+    optimizer = LAMB(model.parameters(), lr=1e-3, weight_decay=0.01)
+    model(hidden.detach()).sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        chunked_lm_loss(hidden, weight, labels, 3).backward()
+        sparse_mlm_loss(hidden, mlm_labels, transform, weight, max_predictions=32, n_chunks=2).backward()
+        optimizer.step()
+        optimizer.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    report("no host synchronisation", True, "chunked loss, capped sparse MLM loss, LAMB steps")
+
+
+def check_gpt2_patched():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=128, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
+                                       attn_pdrop=0.0)).to(DEVICE).train()
+    ids = torch.randint(0, model.config.vocab_size, (4, 256), device=DEVICE)
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss_ref, grads_ref = loss_and_grads()
+    enable_serialized_heads(model, types.SimpleNamespace(embedding_serialization_factor=4,
+                                                         projection_serialization_factor=1))
+    loss, grads = loss_and_grads()
+    worst = max(((grads[n] - grads_ref[n]).norm() / grads_ref[n].norm().clamp_min(1e-12)).item() for n in grads)
+    report("GPT-2 patched = unpatched (fp32)", abs(loss - loss_ref).item() < 1e-4 and worst < 1e-3,
+           f"loss {loss.item():.5f} vs {loss_ref.item():.5f}, worst relative gradient error {worst:.1e}")
+
+
+if __name__ == "__main__":
+    torch.backends.cuda.matmul.allow_tf32 = False
+    print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}", flush=True)
+    check_chunked_head_bf16()
+    check_no_host_sync()
+    check_gpt2_patched()
