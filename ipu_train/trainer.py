@@ -10,6 +10,7 @@ the IPU configuration's batch semantics and its own step loop.
   from the start of the epoch's order with --pad_on_batch_axis (real samples, so no batch is empty and no loss NaN).
 - Evaluation keeps every sample and follows the inference factors (inference_device_iterations batches per read).
 """
+import itertools
 import logging
 import math
 import os
@@ -112,7 +113,9 @@ class ThroughputMeter:
 class IPUTrainer(Trainer):
     def __init__(self, model=None, ipu_config=None, args=None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, compute_metrics=None, preprocess_logits_for_metrics=None,
-                 callbacks=None, optimizers=(None, None), **kwargs):
+                 callbacks=None, optimizers=(None, None), eval_data_collator=None, **kwargs):
+        """transformers.Trainer's arguments plus `ipu_config` (default: load_ipu_config(args)) and
+        `eval_data_collator` (default: data_collator) for evaluation and prediction batches."""
         args = args if args is not None else IPUTrainingArguments(output_dir="tmp_trainer")
         if not isinstance(args, IPUTrainingArguments):
             raise TypeError(f"IPUTrainer needs IPUTrainingArguments, got {type(args).__name__}")
@@ -130,6 +133,7 @@ class IPUTrainer(Trainer):
                          eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
                          callbacks=callbacks, optimizers=optimizers,
                          preprocess_logits_for_metrics=preprocess_logits_for_metrics, **kwargs)
+        self.eval_data_collator = eval_data_collator if eval_data_collator is not None else self.data_collator
         self._set_signature_columns_if_needed()  # from the model's own forward, before any patch of it
         self.backend = self._make_backend()
         unused = ipu_config.unused_on_pytorch() if args.device_type != "ipu" else []
@@ -164,8 +168,15 @@ class IPUTrainer(Trainer):
         dataset = self._training_dataset()
         layout = BatchLayout(args.per_device_train_batch_size, cfg.gradient_accumulation_steps,
                              cfg.replication_factor, cfg.device_iterations)
-        num_samples = len(dataset)
-        steps_per_epoch = layout.steps_per_epoch(num_samples, args.pad_on_batch_axis)
+        if _is_stream(dataset):
+            if args.max_steps <= 0:
+                raise UserError("a streamed training set has no length: pass --max_steps")
+            if args.device_type == "ipu":
+                raise UserError("--streaming is not supported with --device ipu: drop --streaming")
+        num_samples = None if _is_stream(dataset) else len(dataset)
+        # A stream is read as one long epoch of max_steps optimizer steps (passes over it restart as needed).
+        steps_per_epoch = args.max_steps if num_samples is None else layout.steps_per_epoch(num_samples,
+                                                                                           args.pad_on_batch_axis)
         if steps_per_epoch == 0:
             raise UserError(
                 f"the training set has {num_samples} samples, fewer than one combined batch of {layout.group_samples} "
@@ -209,19 +220,52 @@ class IPUTrainer(Trainer):
     def _training_dataset(self):
         if self.train_dataset is None:
             raise UserError("IPUTrainer.train() needs a train_dataset")
-        if isinstance(self.train_dataset, torch.utils.data.IterableDataset) or not hasattr(self.train_dataset, "__len__"):
-            raise UserError("IPUTrainer trains on map-style datasets (with a length): drop --streaming")
         return self._without_unused_columns(self.train_dataset, "training")
+
+    def _train_batches(self, dataset, layout, epoch, start_step):
+        """This replica's micro-batches for an epoch, from `start_step` on."""
+        args = self.args
+        collator = self._collator(self.train_dataset, "training", self.data_collator)
+        if _is_stream(dataset):
+            return self._stream_micro_batches(dataset, collator, layout, start_step)
+        order = layout.epoch_order(len(dataset), (args.data_seed or args.seed) + epoch, args.pad_on_batch_axis,
+                                   shuffle=args.train_sampling_strategy != "sequential")
+        return iter(self.backend.train_loader(dataset, collator, order, start_step, args.seed + epoch))
+
+    def _stream_micro_batches(self, dataset, collator, layout, start_step):
+        """Micro-batches of this replica from a stream, pass after pass: rows are cut into combined batches (an
+        incomplete last one is dropped) and each replica collates its slice. A stream only reads forward, so a
+        resumed run reads past the rows of the steps already trained (without collating them)."""
+        rank, micro = self.args.process_index, layout.micro_batch
+        per_replica = micro * layout.accumulation
+        to_skip = start_step * layout.step_samples
+        for stream_epoch in itertools.count():
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(stream_epoch)
+            combined, full_batches = [], 0
+            for row in dataset:
+                if to_skip:
+                    to_skip -= 1
+                    continue
+                combined.append(row)
+                if len(combined) == layout.step_samples:
+                    mine = combined[rank * per_replica:(rank + 1) * per_replica]
+                    for k in range(layout.accumulation):
+                        yield collator(mine[k * micro:(k + 1) * micro])
+                    combined, full_batches = [], full_batches + 1
+            if full_batches == 0 and not to_skip:
+                raise UserError(f"the training stream holds fewer than one combined batch of {layout.step_samples} "
+                                "samples: lower --per_device_train_batch_size or --gradient_accumulation_steps")
 
     def _without_unused_columns(self, dataset, description):
         if isinstance(dataset, datasets.Dataset):
             return self._remove_unused_columns(dataset, description=description)
         return dataset
 
-    def _collator(self, dataset, description):
+    def _collator(self, dataset, description, collator):
         if isinstance(dataset, datasets.Dataset):
-            return self.data_collator
-        return self._get_collator_with_removed_columns(self.data_collator, description=description)
+            return collator  # its unused columns are removed from the dataset itself
+        return self._get_collator_with_removed_columns(collator, description=description)
 
     def _init_state(self, max_steps, num_epochs, layout, trial, checkpoint):
         stateful = [cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)]
@@ -237,8 +281,8 @@ class IPUTrainer(Trainer):
     def _log_training_plan(self, layout, num_samples, steps_per_epoch, max_steps):
         cfg, args = self.ipu_config, self.args
         logger.info("***** Running training *****")
-        logger.info("  Num examples = %d, optimizer steps per epoch = %d, total optimizer steps = %d",
-                    num_samples, steps_per_epoch, max_steps)
+        logger.info("  Num examples = %s, optimizer steps per epoch = %d, total optimizer steps = %d",
+                    "streamed" if num_samples is None else f"{num_samples:,}", steps_per_epoch, max_steps)
         logger.info("  %s", describe_batch(cfg, args.per_device_train_batch_size, args.per_device_eval_batch_size))
         logger.info("  Device %s, precision %s, %d process(es)", self.backend.device, args.precision,
                     args.world_size)
@@ -249,7 +293,6 @@ class IPUTrainer(Trainer):
 
     def _training_loop(self, dataset, layout, steps_per_epoch, checkpoint, trial, ignore_keys_for_eval):
         args, state = self.args, self.state
-        collator = self._collator(self.train_dataset, "training")
         start_time = time.time()
         initial_step = state.global_step
         self._initial_num_input_tokens_seen = state.num_input_tokens_seen
@@ -264,10 +307,7 @@ class IPUTrainer(Trainer):
         rng_pending = checkpoint
         for epoch in range(epochs_trained, state.num_train_epochs):
             done = state.global_step - epoch * steps_per_epoch if epoch == epochs_trained else 0
-            order = layout.epoch_order(len(dataset), (args.data_seed or args.seed) + epoch, args.pad_on_batch_axis,
-                                       shuffle=args.train_sampling_strategy != "sequential")
-            batches = iter(self.backend.train_loader(dataset, collator, order, done if not args.ignore_data_skip else 0,
-                                                     args.seed + epoch))
+            batches = self._train_batches(dataset, layout, epoch, 0 if args.ignore_data_skip else done)
             if rng_pending is not None:
                 self._load_rng_state(rng_pending)  # after the loader exists: dropout and masking resume exactly
                 rng_pending = None
@@ -374,8 +414,7 @@ class IPUTrainer(Trainer):
         if not self.args.torch_compile:
             logger.info("--compile_only: compiling the model with torch.compile")
             self.backend.compile(self.model)
-        order = layout.epoch_order(len(dataset), self.args.data_seed or self.args.seed, self.args.pad_on_batch_axis)
-        loader = iter(self.backend.train_loader(dataset, self._collator(self.train_dataset, "training"), order, 0, 0))
+        loader = self._train_batches(dataset, layout, epoch=0, start_step=0)
         started = time.perf_counter()
         self.backend.compile_step([next(loader) for _ in range(layout.accumulation)])
         metrics = {"compile_time": round(time.perf_counter() - started, 3)}
@@ -397,15 +436,16 @@ class IPUTrainer(Trainer):
         return self._inference_loader(test_dataset, "test")
 
     def _inference_loader(self, dataset, description):
-        """This process's contiguous share of the samples, in order and each exactly once."""
-        collator = self._collator(dataset, description)
+        """This process's share of the samples, each exactly once: a contiguous block of a map-style dataset (so
+        the shares concatenate in dataset order), every world_size-th micro-batch of a stream."""
+        collator = self._collator(dataset, description, self.eval_data_collator)
         dataset = self._without_unused_columns(dataset, description)
-        per_process = -(-len(dataset) // self.args.world_size)
-        first = self.args.process_index * per_process
-        indices = list(range(first, min(first + per_process, len(dataset))))
-        loader = self.backend.eval_loader(dataset, collator, indices)
-        loader.num_samples = len(dataset)
-        return loader
+        world, rank, micro = self.args.world_size, self.args.process_index, self.args.per_device_eval_batch_size
+        if _is_stream(dataset):
+            return (collator(rows) for i, rows in enumerate(_chunked(dataset, micro)) if i % world == rank)
+        per_process = -(-len(dataset) // world)
+        first = rank * per_process
+        return self.backend.eval_loader(dataset, collator, list(range(first, min(first + per_process, len(dataset)))))
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
@@ -416,17 +456,17 @@ class IPUTrainer(Trainer):
         ignore_keys = ignore_keys or getattr(getattr(self.model, "config", None), "keys_to_ignore_at_inference", [])
         model = self.model
         model.eval()
-        logger.info("***** Running %s *****  Num examples = %d, batch size = %d", description,
-                    dataloader.num_samples, args.per_device_eval_batch_size)
-        sums = torch.zeros(2, device=self.backend.device)  # sum of batch loss x batch size, samples with a loss
+        logger.info("***** Running %s *****  batch size = %d", description, args.per_device_eval_batch_size)
+        sums = torch.zeros(3, device=self.backend.device)  # sum of batch loss x size, samples with a loss, samples
         host_preds = host_labels = None
         group_preds, group_labels = [], []
         batch_metrics = {}
-        for step, inputs in enumerate(dataloader):
+        for inputs, last in _with_last(dataloader):
             inputs = self.backend.to_device(inputs)
             outputs = self.backend.eval_outputs(model, inputs)
             labels = _labels(inputs, self.label_names)
             size = next(v for v in inputs.values() if torch.is_tensor(v)).shape[0]
+            sums[2] += size
             if isinstance(outputs, dict) and outputs.get("loss") is not None:
                 sums[0] += outputs["loss"].float() * size
                 sums[1] += size
@@ -437,19 +477,18 @@ class IPUTrainer(Trainer):
                 logits = self.preprocess_logits_for_metrics(logits, labels)
             if args.batch_eval_metrics:
                 if self.compute_metrics is not None:
-                    last = step == len(dataloader) - 1
                     batch_metrics = self.compute_metrics(EvalPrediction(predictions=logits, label_ids=labels),
                                                          compute_result=last)
                 continue
             group_preds.append(logits)
             group_labels.append(labels)
-            if len(group_preds) == cfg.inference_device_iterations or step == len(dataloader) - 1:
+            if len(group_preds) == cfg.inference_device_iterations or last:
                 host_preds = _append(host_preds, group_preds)
                 host_labels = _append(host_labels, group_labels)
                 group_preds, group_labels = [], []
         self.ipu_config.train()
 
-        loss_sum, counted = self.backend.read(sums)
+        loss_sum, counted, num_samples = self.backend.read(sums)
         metrics = {}
         if not prediction_loss_only and not args.batch_eval_metrics:
             host_preds, host_labels = self._gather(host_preds), self._gather(host_labels)
@@ -463,7 +502,7 @@ class IPUTrainer(Trainer):
         metrics = {k if k.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{k}": v
                    for k, v in metrics.items()}
         return EvalLoopOutput(predictions=host_preds, label_ids=host_labels, metrics=metrics,
-                              num_samples=dataloader.num_samples)
+                              num_samples=int(num_samples))
 
     def _gather(self, arrays):
         """Concatenate every process's share in process order, which is the dataset order."""
@@ -496,6 +535,34 @@ class IPUTrainer(Trainer):
 
 
 _ACTIONS = ("should_log", "should_evaluate", "should_save")
+
+
+def _is_stream(dataset):
+    return isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__")
+
+
+def _chunked(rows, size):
+    chunk = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _with_last(iterable):
+    """(item, is_last) pairs: the last batch is known when it arrives, even for a stream."""
+    iterator = iter(iterable)
+    try:
+        current = next(iterator)
+    except StopIteration:
+        return
+    for following in iterator:
+        yield current, False
+        current = following
+    yield current, True
 
 
 def _labels(inputs, label_names):

@@ -299,3 +299,37 @@ def test_compile_only_compiles_and_leaves_the_weights_untouched(tmp_path):
     assert output.global_step == 0 and output.metrics["compile_time"] > 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert hasattr(model, "_compiled_call_impl") and model._compiled_call_impl is not None
+
+
+# --- streams and the evaluation collator --------------------------------------------------------------------------
+
+class Stream(torch.utils.data.IterableDataset):
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+def test_a_stream_trains_for_max_steps_over_several_passes_and_evaluates_every_row(tmp_path):
+    collator = CountingCollator()
+    args = make_args(tmp_path, max_steps=5, per_device_eval_batch_size=3)
+    rows = token_rows(7)
+    trainer = make_trainer(tmp_path, Stream(rows), IPUConfig(gradient_accumulation_steps=2, device_iterations=2),
+                           args=args, data_collator=collator, eval_dataset=Stream(rows))
+    assert trainer.train().global_step == 5
+    assert collator.samples == 5 * 4  # 7 rows give one combined batch of 4 per pass: 5 passes
+    with pytest.raises(ValueError, match="max_steps"):  # transformers.Trainer refuses it at construction
+        make_trainer(tmp_path, Stream(rows), args=make_args(tmp_path)).train()
+    streamed = trainer.evaluate()
+    assert math.isclose(streamed["eval_loss"], trainer.evaluate(rows)["eval_loss"], rel_tol=1e-6)
+
+
+def test_evaluation_uses_the_evaluation_collator(tmp_path):
+    training, evaluation = CountingCollator(), CountingCollator()
+    rows = token_rows(8)
+    trainer = make_trainer(tmp_path, rows, args=make_args(tmp_path, max_steps=1), data_collator=training,
+                           eval_data_collator=evaluation, eval_dataset=rows)
+    trainer.train()
+    trainer.evaluate()
+    assert (training.samples, evaluation.samples) == (2, 8)
