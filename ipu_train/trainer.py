@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass
 
 import datasets
-import numpy as np
 import torch
 import torch.distributed as dist
 from transformers import Trainer
