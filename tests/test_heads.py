@@ -350,6 +350,21 @@ def test_patched_forward_keeps_the_signature_trainers_inspect():
     assert "next_sentence_label" in inspect.signature(model.forward).parameters
 
 
+def test_a_deep_copy_of_a_patched_model_uses_its_own_weights():
+    import copy
+
+    model, batch = tiny_gpt2(), causal_batch()
+    enable_serialized_heads(model, ipu_config(embedding=2))
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone.transformer.wte.weight.mul_(2.0)
+    for mode in ("eval", "train"):
+        getattr(model, mode)()
+        getattr(clone, mode)()
+        assert not torch.allclose(clone(**batch).loss, model(**batch).loss), mode
+    assert clone.lm_head.weight is clone.transformer.wte.weight
+
+
 def test_patching_twice_patches_once():
     model, batch = tiny_gpt2(), causal_batch()
     assert enable_serialized_heads(model, ipu_config(embedding=2))

@@ -165,23 +165,25 @@ def enable_serialized_heads(model, ipu_config, max_predictions=None):
     and returns no logits (`logits=None`, `prediction_logits=None`; BERT pretraining keeps its NSP logits). In eval
     mode or without labels the model's own forward runs. Modules, parameters, tied weights and state_dict keys are
     untouched. `max_predictions` is the cap on masked tokens per sequence (static shapes); None means no cap.
-    Returns False, patching nothing, for an architecture without a serialized head here."""
+    A model already patched keeps its first patch. Returns False, patching nothing, for an architecture without a
+    serialized head here."""
     if getattr(model, "_serialized_heads", False):
         return True
     supported = _training_forward_for(model)
-    if supported is None:
+    original_function = getattr(model.forward, "__func__", None)
+    if supported is None or original_function is None:
         return False
     training_forward, required_labels = supported
     n_chunks = serialization_factor(ipu_config)
-    original_forward = model.forward
     # Name the positional arguments by hand rather than with Signature.bind: torch.compile traces this cheaply.
-    parameters = inspect.signature(original_forward).parameters.values()
+    parameters = inspect.signature(model.forward).parameters.values()
     positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
     def forward(self, *args, **kwargs):
         named = dict(zip(positional, args), **kwargs)
         if not self.training or not _has_training_labels(named, required_labels):
-            return original_forward(*args, **kwargs)
+            # Called on `self`, not on the patched instance: a deep copy of the model runs on its own weights.
+            return original_function(self, *args, **kwargs)
         extra = {k: named.pop(k) for k in list(named) if k not in positional}
         return_dict = extra.pop("return_dict", None)
         if return_dict is None:
@@ -190,7 +192,7 @@ def enable_serialized_heads(model, ipu_config, max_predictions=None):
         return output if return_dict else output.to_tuple()
 
     # The original's name and signature: Trainer's column selection and loss-kwargs detection inspect them.
-    functools.update_wrapper(forward, type(model).forward)
+    functools.update_wrapper(forward, original_function)
     model.forward = types.MethodType(forward, model)
     model._serialized_heads = True
     return True
