@@ -64,6 +64,8 @@ def setup_logging(training_args):
     """Hugging Face example-script logging: INFO on the main process, warnings elsewhere."""
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
                         datefmt="%m/%d/%Y %H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
+    if training_args.should_log:  # --log_level defaults to "passive": INFO on the main process, as users expect
+        transformers.utils.logging.set_verbosity_info()
     level = training_args.get_process_log_level()
     for name in ("ipu_train", "__main__"):
         logging.getLogger(name).setLevel(level)
@@ -71,6 +73,8 @@ def setup_logging(training_args):
     transformers.utils.logging.set_verbosity(level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
+    if training_args.disable_tqdm:
+        datasets.disable_progress_bars()
 
 
 def last_checkpoint_or_refuse(training_args):

@@ -6,6 +6,7 @@ import os
 
 import datasets
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer
 
 from .errors import UserError
@@ -102,8 +103,9 @@ def apply_config_overrides(config, overrides):
             raise UserError(f"--config_overrides: {type(config).__name__} has no attribute '{key}'")
     try:
         config.update_from_string(",".join(s.strip() for s in overrides.split(",") if s.strip()))
-    except (ValueError, TypeError) as err:
-        raise UserError(f"--config_overrides {overrides}: {err}") from None
+        config.validate()  # values that contradict each other (e.g. XLNet's d_head vs d_model // n_head)
+    except (ValueError, TypeError, StrictDataclassError) as err:
+        raise UserError(f"--config_overrides {overrides}: {' '.join(str(err).split())}") from None
 
 
 def load_tokenizer(model_args):
@@ -120,7 +122,10 @@ def load_model(model_args, config, auto_class):
         return auto_class.from_pretrained(model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
                                           revision=model_args.model_revision, token=model_args.token,
                                           trust_remote_code=model_args.trust_remote_code, dtype=dtype)
-    model = auto_class.from_config(config, trust_remote_code=model_args.trust_remote_code)
+    if hasattr(auto_class, "from_config"):  # an Auto class
+        model = auto_class.from_config(config, trust_remote_code=model_args.trust_remote_code)
+    else:  # a concrete model class, such as XLNetLMHeadModel
+        model = auto_class(config)
     logger.info("New model from scratch: %.1fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
     return model
 

@@ -8,7 +8,7 @@ import run_plm
 
 from .test_scripts_clm_mlm import logged_losses, results, run_and_expect_user_error, text_files  # noqa: F401
 
-TINY_XLNET = "n_layer=2,d_model=32,n_head=2,d_inner=64"
+TINY_XLNET = "n_layer=2,d_model=32,n_head=2,d_head=16,d_inner=64"
 
 
 def plm_args(text_files, tokenizer_dir, output_dir, *extra):
@@ -33,6 +33,12 @@ def test_xlnet_line_by_line(text_files, unigram_tokenizer_dir, tmp_path):
     out = tmp_path / "lbl"
     run_plm.main(plm_args(text_files, unigram_tokenizer_dir, out, "--do_train", "--max_steps", "2", "--line_by_line"))
     assert len(logged_losses(out)) == 1
+
+
+def test_contradicting_config_overrides_are_a_user_error(text_files, unigram_tokenizer_dir, tmp_path, capsys):
+    argv = plm_args(text_files, unigram_tokenizer_dir, tmp_path / "out", "--do_train", "--max_steps", "2",
+                    "--config_overrides", "d_model=32,n_head=2")
+    run_and_expect_user_error(run_plm.main, argv, capsys, "--config_overrides", "d_head")
 
 
 def test_odd_length_is_refused_before_any_work(text_files, unigram_tokenizer_dir, tmp_path, capsys):
