@@ -55,6 +55,9 @@ def main(argv=None):
 
     raw_datasets = load_raw_datasets(data_args, model_args)
     config = load_config(model_args)
+    if config.model_type != "xlnet":
+        raise UserError(f"permutation LM is implemented for XLNet; this is a {config.model_type} model: pass "
+                        "--model_type xlnet or an XLNet --model_name_or_path")
     tokenizer = load_tokenizer(model_args)
     if tokenizer.mask_token is None or tokenizer.pad_token is None:
         raise UserError("permutation LM needs a tokenizer with mask and padding tokens: pass a --tokenizer_name made "
