@@ -59,6 +59,7 @@ def main(argv=None):
                                                 f"blocks of {block_size} tokens", "lower --block_size")
 
     with_accuracy = training_args.do_eval and not training_args.prediction_loss_only
+    training_args.batch_eval_metrics = with_accuracy  # metrics fold in batch by batch; no predictions are kept
     trainer = IPUTrainer(
         model=model,
         ipu_config=ipu_config,

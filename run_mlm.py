@@ -15,7 +15,7 @@ from transformers import AutoModelForMaskedLM, set_seed
 from ipu_train import IPUTrainer, IPUTrainingArguments
 from ipu_train.arguments import load_ipu_config
 from ipu_train.cli import ScriptArgumentParser, last_checkpoint_or_refuse, main_entry, setup_logging
-from ipu_train.data import DataCollatorForCappedMLM
+from ipu_train.data import DataCollatorForCappedMLM, masked_token_cap
 from ipu_train.errors import UserError
 from ipu_train.loading import (column_names, fit_config_to_tokenizer, fit_embeddings_to_tokenizer, load_config,
                                load_model, load_raw_datasets, load_tokenizer, sequence_length, text_column)
@@ -94,10 +94,12 @@ def main(argv=None):
                                                 f"sequences of {max_seq_length} tokens", "lower --max_seq_length")
 
     train_collator = DataCollatorForCappedMLM(
-        tokenizer, mlm_probability=data_args.mlm_probability, max_masked_tokens="auto",
+        tokenizer, mlm_probability=data_args.mlm_probability,
+        max_masked_tokens=masked_token_cap(max_seq_length, data_args.mlm_probability),
         whole_word_masking=data_args.whole_word_masking,
         pad_to_multiple_of=8 if data_args.line_by_line and not data_args.pad_to_max_length else None)
     with_accuracy = training_args.do_eval and not training_args.prediction_loss_only
+    training_args.batch_eval_metrics = with_accuracy  # metrics fold in batch by batch; no predictions are kept
     trainer = IPUTrainer(
         model=model,
         ipu_config=ipu_config,

@@ -20,7 +20,7 @@ from transformers import AutoModelForPreTraining, default_data_collator, set_see
 from ipu_train import IPUTrainer, IPUTrainingArguments
 from ipu_train.arguments import load_ipu_config
 from ipu_train.cli import ScriptArgumentParser, last_checkpoint_or_refuse, main_entry, setup_logging
-from ipu_train.data import DataCollatorForCappedMLM, nsp_pair_builder, read_text_documents
+from ipu_train.data import DataCollatorForCappedMLM, masked_token_cap, nsp_pair_builder, read_text_documents
 from ipu_train.errors import UserError
 from ipu_train.loading import (column_names, fit_config_to_tokenizer, fit_embeddings_to_tokenizer, load_config,
                                load_model, load_raw_datasets, load_tokenizer, sequence_length, split_off_validation,
@@ -164,10 +164,12 @@ def main(argv=None):
         train_collator = eval_collator = default_data_collator
     else:
         train_collator = DataCollatorForCappedMLM(
-            tokenizer, mlm_probability=data_args.mlm_probability, max_masked_tokens="auto",
+            tokenizer, mlm_probability=data_args.mlm_probability,
+            max_masked_tokens=masked_token_cap(max_seq_length, data_args.mlm_probability),
             whole_word_masking=data_args.whole_word_masking, pad_to_multiple_of=8)
         eval_collator = dataclasses.replace(train_collator, max_masked_tokens=None)
     with_accuracy = training_args.do_eval and not training_args.prediction_loss_only
+    training_args.batch_eval_metrics = with_accuracy  # metrics fold in batch by batch; no predictions are kept
     trainer = IPUTrainer(
         model=model,
         ipu_config=ipu_config,

@@ -20,9 +20,11 @@ DATALOADER_MODES = ("sync", "async", "async_rebatched")
 class IPUTrainingArguments(TrainingArguments):
     ipu_config_name: Optional[str] = field(
         default=None, metadata={"help": "IPU configuration: a JSON file, a directory holding ipu_config.json, "
-                                        "or a hub name. Default: the model directory's ipu_config.json, else defaults."})
+                                        "or a hub name. Default: the model directory's ipu_config.json, else "
+                                        "defaults."})
     ipu_config_overrides: Optional[str] = field(
-        default=None, metadata={"help": 'Override IPU configuration fields: "k=v,k=v" (lists: "layers_per_ipu=[0 4 4 4]").'})
+        default=None, metadata={"help": 'Override IPU configuration fields: "k=v,k=v" '
+                                        '(lists: "layers_per_ipu=[0 4 4 4]").'})
     pod_type: Optional[str] = field(
         default=None, metadata={"help": "Resolve per-pod values of the IPU configuration (pod4, pod16, ...)."})
     n_ipu: Optional[int] = field(
@@ -107,7 +109,8 @@ def _resolve_device_type(requested):
         try:
             import poptorch  # noqa: F401
         except ImportError:
-            raise UserError("--device ipu needs the Poplar SDK's poptorch; install the SDK or use --device auto") from None
+            raise UserError("--device ipu needs the Poplar SDK's poptorch; install the SDK or use --device auto") \
+                from None
     return requested
 
 

@@ -2,6 +2,7 @@
 device and folded into running counts, so neither logits nor predictions accumulate over the evaluation set and
 nothing is downloaded (unlike `evaluate.load("accuracy")`)."""
 import torch
+import torch.distributed as dist
 
 
 def argmax_predictions(logits, labels):
@@ -9,6 +10,14 @@ def argmax_predictions(logits, labels):
     if isinstance(logits, (tuple, list)):
         return tuple(argmax_predictions(part, labels) for part in logits)
     return logits.argmax(dim=-1)
+
+
+def _summed_over_processes(tensor):
+    """With `batch_eval_metrics` each process sees only its shard: add the counts of all processes."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+    return tensor
 
 
 class RunningAccuracy:
@@ -19,21 +28,19 @@ class RunningAccuracy:
 
     def __init__(self, name="accuracy", shift=False):
         self.name, self.shift = name, shift
-        self.correct = self.total = 0
+        self.counts = 0  # tensor([correct, counted]) on the batches' device once a batch has been seen
 
     def __call__(self, eval_pred, compute_result=True):
-        preds, labels = eval_pred.predictions, eval_pred.label_ids
-        preds, labels = torch.as_tensor(preds), torch.as_tensor(labels)
+        preds, labels = torch.as_tensor(eval_pred.predictions), torch.as_tensor(eval_pred.label_ids)
         if self.shift:
             preds, labels = preds[..., :-1], labels[..., 1:]
         counted = labels != -100
-        self.correct += int((preds.eq(labels) & counted).sum())
-        self.total += int(counted.sum())
+        self.counts = self.counts + torch.stack([(preds.eq(labels) & counted).sum(), counted.sum()]).double()
         if not compute_result:
             return {}
-        result = {self.name: self.correct / max(self.total, 1)}
-        self.correct = self.total = 0
-        return result
+        correct, total = _summed_over_processes(self.counts).tolist()
+        self.counts = 0
+        return {self.name: correct / max(total, 1)}
 
 
 def pretraining_batch_statistics(logits, labels):
@@ -65,10 +72,11 @@ class RunningPretrainingMetrics:
         self.totals = torch.zeros(6, dtype=torch.float64)
 
     def __call__(self, eval_pred, compute_result=True):
-        self.totals += torch.as_tensor(eval_pred.predictions, dtype=torch.float64).reshape(-1, 6).sum(0)
+        batch = torch.as_tensor(eval_pred.predictions).reshape(-1, 6).sum(0).double()
+        self.totals = self.totals.to(batch.device) + batch
         if not compute_result:
             return {}
-        mlm_loss, masked, mlm_correct, nsp_loss, pairs, nsp_correct = self.totals.tolist()
-        self.totals.zero_()
+        mlm_loss, masked, mlm_correct, nsp_loss, pairs, nsp_correct = _summed_over_processes(self.totals).tolist()
+        self.totals = torch.zeros(6, dtype=torch.float64)
         return {"mlm_loss": mlm_loss / max(masked, 1), "mlm_accuracy": mlm_correct / max(masked, 1),
                 "nsp_loss": nsp_loss / max(pairs, 1), "nsp_accuracy": nsp_correct / max(pairs, 1)}

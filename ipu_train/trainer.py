@@ -186,7 +186,10 @@ class IPUTrainer(Trainer):
 
         if checkpoint is not None:
             self._load_from_checkpoint(checkpoint)  # weights, before compilation and DDP wrap the model
-        self.model_wrapped = self.backend.prepare_model(self.model)
+        # A collator that caps masked tokens at a fixed count lets the sparse MLM head gather with static shapes.
+        cap = getattr(self.data_collator, "max_masked_tokens", None)
+        self.model_wrapped = self.backend.prepare_model(self.model,
+                                                        max_predictions=cap if isinstance(cap, int) else None)
         self.create_optimizer()
         self.create_scheduler(num_training_steps=max_steps, optimizer=self.optimizer)
         self._init_state(max_steps, num_epochs, layout, trial, checkpoint)

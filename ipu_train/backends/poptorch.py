@@ -87,7 +87,9 @@ class PopTorchBackend:
         self.optimizer = self.lr_scheduler = None
         self.last_learning_rate = None
 
-    def prepare_model(self, model):
+    def prepare_model(self, model, max_predictions=None):
+        """Stages and recompute marked for PopTorch. The serialized heads (and so `max_predictions`) are not applied
+        on IPU: their custom autograd has not been run through PopTorch's tracer."""
         if self.precision == "fp16":
             model.half()
         annotate_stages(model, self.ipu_config, self.ipu_config.recompute_checkpoint_every_layer)
@@ -113,7 +115,8 @@ class PopTorchBackend:
 
     def train_loader(self, dataset, collator, order, start_step, seed):
         cfg = self.ipu_config
-        first = start_step * self.args.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.replication_factor
+        first = (start_step * self.args.per_device_train_batch_size * cfg.gradient_accumulation_steps
+                 * cfg.replication_factor)
         subset = torch.utils.data.Subset(dataset, order[first:])
         return self._loader(build_options(self.ipu_config, training=True), subset, collator,
                             self.args.per_device_train_batch_size, drop_last=True)

@@ -126,14 +126,15 @@ class TorchBackend:
 
     # --- model and optimizer -----------------------------------------------------------------------------------
 
-    def prepare_model(self, model):
-        """Recompute, serialized heads, compilation and DDP, in that order; returns the module to train."""
+    def prepare_model(self, model, max_predictions=None):
+        """Recompute, serialized heads (`max_predictions`: the masked-token cap per sequence, if fixed), compilation
+        and DDP, in that order; returns the module to train."""
         cfg, args = self.ipu_config, self.args
         if cfg.recompute_checkpoint_every_layer:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
             logger.info("Activation checkpointing on every layer (recompute_checkpoint_every_layer)")
-        if enable_serialized_heads(model, cfg):
+        if enable_serialized_heads(model, cfg, max_predictions=max_predictions):
             logger.info("Training loss computed by the serialized head: full logits are never materialised")
         self.non_embedding_params = (model.num_parameters(exclude_embeddings=True) if hasattr(model, "num_parameters")
                                      else sum(p.numel() for p in model.parameters()))
