@@ -9,7 +9,7 @@ import functools
 import math
 import random
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import DataCollatorForPermutationLanguageModeling
@@ -64,6 +64,8 @@ class DataCollatorForCappedMLM:
       WordPiece tokenizer's "##" continuation pieces mark the boundaries; other tokenizers then raise.
     - `token_type_ids` and `next_sentence_label` pass through; `word_ids` and `special_tokens_mask` are consumed.
     """
+
+    consumed_columns: ClassVar[tuple[str, ...]] = ("word_ids", "special_tokens_mask")  # read here, not by the model
 
     tokenizer: Any
     mlm_probability: float = 0.15

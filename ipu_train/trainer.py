@@ -134,6 +134,9 @@ class IPUTrainer(Trainer):
                          preprocess_logits_for_metrics=preprocess_logits_for_metrics, **kwargs)
         self.eval_data_collator = eval_data_collator if eval_data_collator is not None else self.data_collator
         self._set_signature_columns_if_needed()  # from the model's own forward, before any patch of it
+        for collator in (self.data_collator, self.eval_data_collator):  # columns a collator reads, the model not
+            self._signature_columns += [name for name in getattr(collator, "consumed_columns", ())
+                                        if name not in self._signature_columns]
         self.backend = self._make_backend()
         unused = ipu_config.unused_on_pytorch() if args.device_type != "ipu" else []
         if unused:

@@ -189,3 +189,12 @@ def test_a_real_process_exits_2_without_traceback(text_files, bpe_tokenizer_dir,
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "--block_size" in done.stderr
+
+
+def test_mlm_whole_word_masking_with_byte_level_bpe(text_files, roberta_tokenizer_dir, tmp_path):
+    """Byte-level BPE has no "##" marks: word boundaries must reach the collator as the `word_ids` column."""
+    out = tmp_path / "wwm"
+    run_mlm.main(mlm_args(text_files, roberta_tokenizer_dir, out, "--do_train", "--max_steps", "2",
+                          "--model_type", "roberta", "--config_overrides", TINY_BERT.replace("64", "66"),
+                          "--whole_word_masking"))
+    assert len(logged_losses(out)) == 1
