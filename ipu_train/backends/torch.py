@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from ..optim import LAMB
 from ..pipeline.heads import enable_serialized_heads
+from ..pipeline.recompute import enable_recompute
 
 logger = logging.getLogger("ipu_train")
 
@@ -131,9 +132,8 @@ class TorchBackend:
         and DDP, in that order; returns the module to train."""
         cfg, args = self.ipu_config, self.args
         if cfg.recompute_checkpoint_every_layer:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
-            logger.info("Activation checkpointing on every layer (recompute_checkpoint_every_layer)")
+            how = enable_recompute(model)
+            logger.info("Activation checkpointing on every layer (recompute_checkpoint_every_layer): %s", how)
         if enable_serialized_heads(model, cfg, max_predictions=max_predictions):
             logger.info("Training loss computed by the serialized head: full logits are never materialised")
         self.non_embedding_params = (model.num_parameters(exclude_embeddings=True) if hasattr(model, "num_parameters")
