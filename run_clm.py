@@ -7,16 +7,16 @@ import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
-from transformers import AutoModelForCausalLM, default_data_collator, set_seed
+from transformers import AutoModelForCausalLM, default_data_collator
 
-from ipu_train import IPUTrainer, IPUTrainingArguments
-from ipu_train.arguments import load_ipu_config
-from ipu_train.cli import ScriptArgumentParser, last_checkpoint_or_refuse, main_entry, setup_logging
-from ipu_train.loading import (column_names, fit_config_to_tokenizer, fit_embeddings_to_tokenizer, load_config,
-                               load_model, load_raw_datasets, load_tokenizer, sequence_length, text_column)
+from ipu_train import IPUTrainer
+from ipu_train.cli import main_entry
+from ipu_train.loading import (build_model, column_names, load_config, load_raw_datasets, load_tokenizer,
+                               sequence_length, text_column)
 from ipu_train.metrics import RunningAccuracy, argmax_predictions
-from ipu_train.script_args import DataArguments, ModelArguments
-from ipu_train.workflow import evaluate_and_report, publish, select_splits, tokenize_and_group, train_and_save
+from ipu_train.script_args import DataArguments
+from ipu_train.workflow import (evaluate_and_report, publish, select_splits, start, tokenize_and_group,
+                                train_and_save)
 
 logger = logging.getLogger(__name__)
 
@@ -30,20 +30,12 @@ class DataTrainingArguments(DataArguments):
 
 @main_entry
 def main(argv=None):
-    parser = ScriptArgumentParser((ModelArguments, DataTrainingArguments, IPUTrainingArguments))
-    model_args, data_args, training_args = parser.parse_script_args(argv)
-    setup_logging(training_args)
-    data_args.check_with(training_args)
-    last_checkpoint = last_checkpoint_or_refuse(training_args)
-    ipu_config = load_ipu_config(training_args, model_args.model_name_or_path)
-    set_seed(training_args.seed)
+    model_args, data_args, training_args, ipu_config, last_checkpoint = start(DataTrainingArguments, argv)
 
     raw_datasets = load_raw_datasets(data_args, model_args)
     config = load_config(model_args)
     tokenizer = load_tokenizer(model_args)
-    fit_config_to_tokenizer(config, tokenizer, model_args)
-    model = load_model(model_args, config, AutoModelForCausalLM)
-    fit_embeddings_to_tokenizer(model, tokenizer)
+    model = build_model(model_args, config, tokenizer, AutoModelForCausalLM)
 
     first_split = raw_datasets["train" if training_args.do_train else "validation"]
     text, columns = text_column(first_split), column_names(first_split)

@@ -15,19 +15,17 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import datasets
-from transformers import AutoModelForPreTraining, default_data_collator, set_seed
+from transformers import AutoModelForPreTraining, default_data_collator
 
-from ipu_train import IPUTrainer, IPUTrainingArguments
-from ipu_train.arguments import load_ipu_config
-from ipu_train.cli import ScriptArgumentParser, last_checkpoint_or_refuse, main_entry, setup_logging
+from ipu_train import IPUTrainer
+from ipu_train.cli import main_entry
 from ipu_train.data import DataCollatorForCappedMLM, masked_token_cap, nsp_pair_builder, read_text_documents
 from ipu_train.errors import UserError
-from ipu_train.loading import (column_names, fit_config_to_tokenizer, fit_embeddings_to_tokenizer, load_config,
-                               load_model, load_raw_datasets, load_tokenizer, sequence_length, split_off_validation,
-                               text_column)
+from ipu_train.loading import (build_model, column_names, load_config, load_raw_datasets, load_tokenizer,
+                               local_data_files, sequence_length, split_off_validation, text_column)
 from ipu_train.metrics import RunningPretrainingMetrics, pretraining_batch_statistics
-from ipu_train.script_args import DataArguments, ModelArguments
-from ipu_train.workflow import evaluate_and_report, publish, select_splits, train_and_save
+from ipu_train.script_args import DataArguments
+from ipu_train.workflow import evaluate_and_report, publish, select_splits, start, train_and_save
 
 logger = logging.getLogger(__name__)
 
@@ -76,17 +74,10 @@ class DataTrainingArguments(DataArguments):
 def load_documents(data_args, model_args):
     """Raw text, one record per document: .txt files are split on blank lines; other files and hub datasets hold
     one document per record."""
-    files = [path for path in (data_args.train_file, data_args.validation_file) if path is not None]
-    if data_args.dataset_name is not None or not all(path.endswith(".txt") for path in files):
+    files = {} if data_args.dataset_name is not None else local_data_files(data_args)
+    if not files or not all(path.endswith(".txt") for path in files.values()):
         return load_raw_datasets(data_args, model_args)
-    splits = {}
-    for split, flag in (("train", "train_file"), ("validation", "validation_file")):
-        path = getattr(data_args, flag)
-        if path is None:
-            continue
-        if not os.path.isfile(path):
-            raise UserError(f"--{flag} {path} does not exist")
-        splits[split] = datasets.Dataset.from_dict({"text": read_text_documents(path)})
+    splits = {split: datasets.Dataset.from_dict({"text": read_text_documents(path)}) for split, path in files.items()}
     if "validation" not in splits:
         return split_off_validation(splits["train"], data_args.validation_split_percentage)
     return datasets.DatasetDict(splits)
@@ -140,19 +131,11 @@ def keep_pair_columns(pairs, data_args):
 
 @main_entry
 def main(argv=None):
-    parser = ScriptArgumentParser((ModelArguments, DataTrainingArguments, IPUTrainingArguments))
-    model_args, data_args, training_args = parser.parse_script_args(argv)
-    setup_logging(training_args)
-    data_args.check_with(training_args)
-    last_checkpoint = last_checkpoint_or_refuse(training_args)
-    ipu_config = load_ipu_config(training_args, model_args.model_name_or_path)
-    set_seed(training_args.seed)
+    model_args, data_args, training_args, ipu_config, last_checkpoint = start(DataTrainingArguments, argv)
 
     config = load_config(model_args)
     tokenizer = load_tokenizer(model_args)
-    fit_config_to_tokenizer(config, tokenizer, model_args)
-    model = load_model(model_args, config, AutoModelForPreTraining)
-    fit_embeddings_to_tokenizer(model, tokenizer)
+    model = build_model(model_args, config, tokenizer, AutoModelForPreTraining)
     max_seq_length = sequence_length(data_args.max_seq_length, "--max_seq_length", tokenizer, config)
 
     pairs = keep_pair_columns(load_pairs(data_args, model_args, training_args, tokenizer, max_seq_length), data_args)

@@ -26,15 +26,8 @@ def load_raw_datasets(data_args, model_args):
             raw = _hold_out_validation(raw, data_args, lambda split: datasets.load_dataset(
                 data_args.dataset_name, data_args.dataset_config_name, split=split, **common))
         return raw
-    data_files, extension = {}, None
-    for split, flag in (("train", "train_file"), ("validation", "validation_file")):
-        path = getattr(data_args, flag)
-        if path is None:
-            continue
-        if not os.path.isfile(path):
-            raise UserError(f"--{flag} {path} does not exist")
-        data_files[split] = path
-        extension = path.rsplit(".", 1)[-1]
+    data_files = local_data_files(data_args)
+    extension = next(iter(data_files.values())).rsplit(".", 1)[-1]
     builder = {"txt": "text", "jsonl": "json"}.get(extension, extension)
     options = dict(keep_linebreaks=data_args.keep_linebreaks) if builder == "text" else {}
     raw = datasets.load_dataset(builder, data_files=data_files, **common, **options)
@@ -42,6 +35,18 @@ def load_raw_datasets(data_args, model_args):
         raw = _hold_out_validation(raw, data_args, lambda split: datasets.load_dataset(
             builder, data_files=data_files, split=split, **common, **options))
     return raw
+
+
+def local_data_files(data_args):
+    """{"train": --train_file, "validation": --validation_file}, for the ones given; a missing file is an error."""
+    files = {}
+    for split, flag in (("train", "train_file"), ("validation", "validation_file")):
+        path = getattr(data_args, flag)
+        if path is not None and not os.path.isfile(path):
+            raise UserError(f"--{flag} {path} does not exist")
+        if path is not None:
+            files[split] = path
+    return files
 
 
 def split_off_validation(dataset, percentage):
@@ -127,6 +132,15 @@ def load_model(model_args, config, auto_class):
     else:  # a concrete model class, such as XLNetLMHeadModel
         model = auto_class(config)
     logger.info("New model from scratch: %.1fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+    return model
+
+
+def build_model(model_args, config, tokenizer, auto_class):
+    """The model for this tokenizer: a new one sized to it, or pretrained weights with the embedding table grown
+    to fit tokens the tokenizer added."""
+    fit_config_to_tokenizer(config, tokenizer, model_args)
+    model = load_model(model_args, config, auto_class)
+    fit_embeddings_to_tokenizer(model, tokenizer)
     return model
 
 

@@ -1,9 +1,28 @@
-"""The closing steps every script shares, as in the Hugging Face example scripts: train (resuming when asked),
-save, evaluate, report metrics, and write the model card."""
+"""The steps every script shares, in the order of the Hugging Face example scripts: start (flags, logging, the
+checkpoint to resume from, the IPU configuration, the seed), tokenize and group, pick the splits, train (resuming
+when asked), save, evaluate, report metrics, and write the model card."""
 import datasets
+from transformers import set_seed
 
+from .arguments import IPUTrainingArguments, load_ipu_config
+from .cli import ScriptArgumentParser, last_checkpoint_or_refuse, setup_logging
 from .data import group_texts
 from .loading import perplexity, require_samples
+from .script_args import ModelArguments
+
+
+def start(data_arguments_class, argv=None):
+    """Parse the flags (or one .json/.yaml file) into model, data and training arguments; set up logging; find the
+    checkpoint to resume from (or refuse a non-empty --output_dir); load the IPU configuration; seed everything.
+    Returns (model_args, data_args, training_args, ipu_config, last_checkpoint)."""
+    parser = ScriptArgumentParser((ModelArguments, data_arguments_class, IPUTrainingArguments))
+    model_args, data_args, training_args = parser.parse_script_args(argv)
+    setup_logging(training_args)
+    data_args.check_with(training_args)
+    last_checkpoint = last_checkpoint_or_refuse(training_args)
+    ipu_config = load_ipu_config(training_args, model_args.model_name_or_path)
+    set_seed(training_args.seed)
+    return model_args, data_args, training_args, ipu_config, last_checkpoint
 
 
 def take(dataset, limit):
@@ -41,10 +60,11 @@ def select_splits(lm_datasets, data_args, training_args, ipu_config, unit, fix):
     if training_args.do_train:
         train_dataset = take(lm_datasets["train"], data_args.max_train_samples)
         if not data_args.streaming:
-            combined_batch = (training_args.per_device_train_batch_size * ipu_config.gradient_accumulation_steps
-                              * ipu_config.replication_factor)
+            # One data-loader item: micro-batch x accumulation x replicas x device iterations.
+            combined_batch = training_args.per_device_train_batch_size * ipu_config.batch_size_factor()
             require_samples(train_dataset, combined_batch, f"the training data ({unit})",
-                            f"{fix}, --per_device_train_batch_size or --gradient_accumulation_steps, or add data")
+                            f"{fix}, --per_device_train_batch_size, --gradient_accumulation_steps or "
+                            "device_iterations (--ipu_config_overrides), or add data")
     if training_args.do_eval:
         eval_dataset = take(lm_datasets["validation"], data_args.max_eval_samples)
         if not data_args.streaming:
