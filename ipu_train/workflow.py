@@ -1,6 +1,8 @@
 """The steps every script shares, in the order of the Hugging Face example scripts: start (flags, logging, the
 checkpoint to resume from, the IPU configuration, the seed), tokenize and group, pick the splits, train (resuming
 when asked), save, evaluate, report metrics, and write the model card."""
+import logging
+
 import datasets
 from transformers import set_seed
 
@@ -8,7 +10,13 @@ from .arguments import IPUTrainingArguments, load_ipu_config
 from .cli import ScriptArgumentParser, last_checkpoint_or_refuse, setup_logging
 from .data import group_texts
 from .loading import perplexity, require_samples
+from .errors import UserError
 from .script_args import ModelArguments
+
+logger = logging.getLogger("ipu_train")
+
+# Columns of pre-tokenized data that are kept (and grouped) as they are.
+TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "special_tokens_mask", "word_ids")
 
 
 def start(data_arguments_class, argv=None):
@@ -36,9 +44,14 @@ def take(dataset, limit):
 
 def tokenize_and_group(raw_datasets, tokenize, columns, data_args, training_args, block_size=None, labels=False):
     """Tokenize, then concatenate and cut into `block_size` blocks (none: keep one sequence per record), with
-    `labels` a copy of the inputs when asked. Runs on the main process first so the others read its cache."""
+    `labels` a copy of the inputs when asked. Data that is already tokenized (an `input_ids` column) is only
+    grouped. Runs on the main process first so the others read its cache."""
     options = {} if data_args.streaming else dict(
         num_proc=data_args.preprocessing_num_workers, load_from_cache_file=not data_args.overwrite_cache)
+    pretokenized = "input_ids" in columns
+    if pretokenized and block_size is None:
+        raise UserError("the data is already tokenized (it has an input_ids column), so it is grouped into blocks: "
+                        "drop --line_by_line")
 
     def make_blocks(examples):
         blocks = group_texts(examples, block_size)
@@ -47,7 +60,11 @@ def tokenize_and_group(raw_datasets, tokenize, columns, data_args, training_args
         return blocks
 
     with training_args.main_process_first(desc="tokenizing and grouping"):
-        processed = raw_datasets.map(tokenize, batched=True, remove_columns=columns, **options)
+        if pretokenized:
+            logger.info("The data is already tokenized (input_ids column): grouping it into blocks only.")
+            processed = raw_datasets.remove_columns([name for name in columns if name not in TOKEN_COLUMNS])
+        else:
+            processed = raw_datasets.map(tokenize, batched=True, remove_columns=columns, **options)
         if block_size is not None:
             processed = processed.map(make_blocks, batched=True, **options)
     return processed

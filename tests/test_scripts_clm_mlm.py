@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
@@ -198,3 +199,17 @@ def test_mlm_whole_word_masking_with_byte_level_bpe(text_files, roberta_tokenize
                           "--model_type", "roberta", "--config_overrides", TINY_BERT.replace("64", "66"),
                           "--whole_word_masking"))
     assert len(logged_losses(out)) == 1
+
+
+def test_clm_on_pre_tokenized_data_only_groups(bpe_tokenizer_dir, tmp_path):
+    ids = torch.randint(0, 500, (64, 40), generator=torch.Generator().manual_seed(0)).tolist()
+    for name, rows in (("train.jsonl", ids[:56]), ("validation.jsonl", ids[56:])):
+        (tmp_path / name).write_text("".join(json.dumps({"id": i, "input_ids": row}) + "\n"
+                                             for i, row in enumerate(rows)))
+    out = tmp_path / "out"
+    run_clm.main(["--model_type", "gpt2", "--config_overrides", TINY_GPT2, "--tokenizer_name", str(bpe_tokenizer_dir),
+                  "--train_file", str(tmp_path / "train.jsonl"), "--validation_file", str(tmp_path / "validation.jsonl"),
+                  "--block_size", "32", "--per_device_train_batch_size", "4", "--do_train", "--do_eval",
+                  "--max_steps", "4", "--output_dir", str(out), "--report_to", "none", "--disable_tqdm", "true"])
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+    assert results(out, "eval")["eval_samples"] == 8 * 40 // 32  # 8 rows of 40 ids, concatenated into 32-id blocks
