@@ -1,5 +1,6 @@
 """Loading what the scripts train on: raw datasets (hub or local files), config (+ overrides), tokenizer, model.
 Hub names work when online; local paths always. Mistakes become UserError naming the flag."""
+import contextlib
 import logging
 import math
 import os
@@ -17,11 +18,27 @@ logger = logging.getLogger("ipu_train")
 _UNBOUNDED = 1_000_000
 
 
+@contextlib.contextmanager
+def _named(flag, value):
+    """A model, tokenizer or dataset that cannot be found or fetched is the user's to fix: name the flag."""
+    try:
+        yield
+    except (OSError, ConnectionError, ValueError) as err:
+        reason = " ".join(str(err).split()).split(". ")[0] or type(err).__name__  # the first sentence says it
+        offline = " (the Hub is offline here: pass a local path, or go online)" if _hub_offline() else ""
+        raise UserError(f"--{flag} {value}: {reason}{offline}") from None
+
+
+def _hub_offline():
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
 def load_raw_datasets(data_args, model_args):
     """A DatasetDict (or IterableDatasetDict with --streaming) with "train" and, when available, "validation"."""
     common = dict(cache_dir=model_args.cache_dir, token=model_args.token, streaming=data_args.streaming)
     if data_args.dataset_name is not None:
-        raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, **common)
+        with _named("dataset_name", data_args.dataset_name):
+            raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, **common)
         if "validation" not in raw and "train" in raw:
             raw = _hold_out_validation(raw, data_args, lambda split: datasets.load_dataset(
                 data_args.dataset_name, data_args.dataset_config_name, split=split, **common))
@@ -85,7 +102,8 @@ def load_config(model_args):
     common = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token,
                   trust_remote_code=model_args.trust_remote_code)
     if _config_source(model_args):
-        config = AutoConfig.from_pretrained(_config_source(model_args), **common)
+        with _named("config_name" if model_args.config_name else "model_name_or_path", _config_source(model_args)):
+            config = AutoConfig.from_pretrained(_config_source(model_args), **common)
     elif model_args.model_type in CONFIG_MAPPING:
         config = CONFIG_MAPPING[model_args.model_type]()
         logger.warning("Training a new %s model from scratch.", model_args.model_type)
@@ -115,18 +133,22 @@ def apply_config_overrides(config, overrides):
 
 def load_tokenizer(model_args):
     source = model_args.tokenizer_name or model_args.model_name_or_path
-    return AutoTokenizer.from_pretrained(source, cache_dir=model_args.cache_dir, use_fast=model_args.use_fast_tokenizer,
-                                         revision=model_args.model_revision, token=model_args.token,
-                                         trust_remote_code=model_args.trust_remote_code)
+    with _named("tokenizer_name" if model_args.tokenizer_name else "model_name_or_path", source):
+        return AutoTokenizer.from_pretrained(source, cache_dir=model_args.cache_dir,
+                                             use_fast=model_args.use_fast_tokenizer,
+                                             revision=model_args.model_revision, token=model_args.token,
+                                             trust_remote_code=model_args.trust_remote_code)
 
 
 def load_model(model_args, config, auto_class):
     """Pretrained weights when --model_name_or_path is given, else a new model from the config."""
     if model_args.model_name_or_path:
         dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
-        return auto_class.from_pretrained(model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
-                                          revision=model_args.model_revision, token=model_args.token,
-                                          trust_remote_code=model_args.trust_remote_code, dtype=dtype)
+        with _named("model_name_or_path", model_args.model_name_or_path):
+            return auto_class.from_pretrained(model_args.model_name_or_path, config=config,
+                                              cache_dir=model_args.cache_dir, revision=model_args.model_revision,
+                                              token=model_args.token, trust_remote_code=model_args.trust_remote_code,
+                                              dtype=dtype)
     if hasattr(auto_class, "from_config"):  # an Auto class
         model = auto_class.from_config(config, trust_remote_code=model_args.trust_remote_code)
     else:  # a concrete model class, such as XLNetLMHeadModel

@@ -162,6 +162,9 @@ def run_and_expect_user_error(main, argv, capsys, *phrases):
                                                                          "--per_device_train_batch_size"]),
     (["--streaming"], ["--streaming", "--max_steps"]),
     (["--ipu_config_overrides", "device_iterations=0"], ["device_iterations"]),
+    (["--model_name_or_path", "no-such-model"], ["--model_name_or_path no-such-model", "offline"]),
+    (["--tokenizer_name", "no-such-tokenizer"], ["--tokenizer_name no-such-tokenizer", "offline"]),
+    (["--dataset_name", "no-such-dataset"], ["--dataset_name no-such-dataset", "offline"]),
 ])
 def test_clm_user_errors(change, phrases, text_files, bpe_tokenizer_dir, tmp_path, capsys):
     argv = clm_args(text_files, bpe_tokenizer_dir, tmp_path / "out", "--do_train", "--num_train_epochs", "1")
