@@ -48,6 +48,9 @@ class DataTrainingArguments(DataArguments):
     max_seq_length: int = field(default=128, metadata={"help": "Tokens per sentence pair, [CLS] and [SEP]s included."})
     mlm_probability: float = field(default=0.15, metadata={"help": "Share of tokens to mask."})
     whole_word_masking: bool = field(default=False, metadata={"help": "Mask whole words rather than tokens."})
+    pad_to_max_length: bool = field(
+        default=False, metadata={"help": "Pad every pair to --max_seq_length (static shapes, e.g. for compiled "
+                                         "steps) instead of padding each batch to its longest pair."})
     short_seq_probability: float = field(
         default=0.1, metadata={"help": "Probability of a pair shorter than --max_seq_length (BERT recipe)."})
     nsp_probability: float = field(
@@ -149,7 +152,8 @@ def main(argv=None):
         train_collator = DataCollatorForCappedMLM(
             tokenizer, mlm_probability=data_args.mlm_probability,
             max_masked_tokens=masked_token_cap(max_seq_length, data_args.mlm_probability),
-            whole_word_masking=data_args.whole_word_masking, pad_to_multiple_of=8)
+            whole_word_masking=data_args.whole_word_masking,
+            pad_to_multiple_of=max_seq_length if data_args.pad_to_max_length else 8)
         eval_collator = dataclasses.replace(train_collator, max_masked_tokens=None)
     with_accuracy = training_args.do_eval and not training_args.prediction_loss_only
     training_args.batch_eval_metrics = with_accuracy  # metrics fold in batch by batch; no predictions are kept
