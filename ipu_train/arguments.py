@@ -14,6 +14,7 @@ logger = logging.getLogger("ipu_train")
 
 DEVICE_TYPES = ("auto", "cpu", "cuda", "ipu")
 DATALOADER_MODES = ("sync", "async", "async_rebatched")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that record CUDA graphs
 
 
 @dataclass
@@ -49,6 +50,17 @@ class IPUTrainingArguments(TrainingArguments):
                                   "help": "Where to run: auto (CUDA when present, else CPU), cpu, cuda or ipu."})
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Train into a non-empty --output_dir that holds no checkpoint."})
+    # None means "not given": on CUDA the step is compiled, elsewhere it runs eagerly (see compile_by_default).
+    torch_compile: Optional[bool] = field(
+        default=None, metadata={"help": "Compile the model (forward, loss and backward) with torch.compile. Default: "
+                                        "on with CUDA, off on CPU; --no_torch_compile or --torch_compile false turns "
+                                        "it off.", "nargs": "?", "const": True})
+    no_torch_compile: bool = field(
+        default=False, metadata={"help": "Train eagerly on CUDA (torch.compile is the CUDA default)."})
+    cuda_graphs: bool = field(
+        default=False, metadata={"help": "Replay each compiled step as CUDA graphs (torch.compile mode "
+                                         "reduce-overhead): CUDA only, static shapes, one process, no gradient "
+                                         "accumulation."})
     # None means "not given on the command line": only a given value overrides the IPU configuration.
     gradient_accumulation_steps: Optional[int] = field(
         default=None, metadata={"help": "Micro-batches per optimizer step (overrides the IPU configuration)."})
@@ -64,7 +76,31 @@ class IPUTrainingArguments(TrainingArguments):
             self.bf16 = True  # the CUDA default, recorded in training_args.bin
         if self.device_type == "cpu" and self.fp16:
             raise UserError("--fp16 needs --device cuda or ipu: on CPU train in fp32 (the default) or with --bf16")
+        self._resolve_compilation()
         super().__post_init__()
+
+    def _resolve_compilation(self):
+        """torch_compile becomes True or False here, so that training_args.bin records what ran."""
+        asked_for_compilation = [flag for flag, given in (("--torch_compile", self.torch_compile),
+                                                          ("--cuda_graphs", self.cuda_graphs),
+                                                          ("--torch_compile_mode", self.torch_compile_mode),
+                                                          ("--torch_compile_backend", self.torch_compile_backend))
+                                 if given]
+        if self.no_torch_compile and asked_for_compilation:
+            raise UserError(f"--no_torch_compile contradicts {asked_for_compilation[0]}: drop one of them")
+        if self.cuda_graphs:
+            if self.device_type != "cuda":
+                raise UserError(f"--cuda_graphs needs --device cuda (this run is on {self.device_type}): drop it")
+            if self.torch_compile is False:
+                raise UserError("--cuda_graphs replays compiled graphs: drop --torch_compile false or --cuda_graphs")
+            if self.torch_compile_mode not in (None, *CUDA_GRAPH_MODES):
+                raise UserError(f"--cuda_graphs contradicts --torch_compile_mode {self.torch_compile_mode}: use "
+                                f"{' or '.join(CUDA_GRAPH_MODES)}, or drop --torch_compile_mode")
+            self.torch_compile_mode = self.torch_compile_mode or CUDA_GRAPH_MODES[0]
+        requested = False if self.no_torch_compile else self.torch_compile
+        if requested is None and (self.torch_compile_mode or self.torch_compile_backend):
+            requested = True  # as transformers.TrainingArguments does
+        self.torch_compile = compile_by_default(requested, self.device_type)
 
     def _check_ipu_flags(self):
         if self.device_type not in DEVICE_TYPES:
@@ -98,6 +134,14 @@ class IPUTrainingArguments(TrainingArguments):
     @property
     def use_lamb(self) -> bool:
         return self.lamb or self.lamb_no_bias_correction
+
+
+def compile_by_default(requested, device_type):
+    """Whether the step is compiled: as asked, else on CUDA only (where compilation pays back its minute at start in
+    a few hundred steps; on CPU the compile time rarely pays back and eager is easier to debug)."""
+    if requested is not None:
+        return bool(requested)
+    return device_type == "cuda"
 
 
 def _resolve_device_type(requested):

@@ -10,6 +10,7 @@ the IPU configuration's batch semantics and its own step loop.
   from the start of the epoch's order with --pad_on_batch_axis (real samples, so no batch is empty and no loss NaN).
 - Evaluation keeps every sample and follows the inference factors (inference_device_iterations batches per read).
 """
+import collections
 import itertools
 import logging
 import math
@@ -66,6 +67,33 @@ class BatchLayout:
         while len(order) < length:
             order += order[:length - len(order)]
         return order[:length]
+
+
+class DeviceBatches:
+    """The micro-batches of `batches`, in order, each moved to the device by `to_device` once. `prefetch(n)` reads and
+    moves the next n ahead of need: on CUDA the trainer calls it once a group's steps are launched and before the
+    group's host read, so that collating and copying the next group's first step overlaps the device's work instead
+    of following the read."""
+
+    def __init__(self, batches, to_device):
+        self._batches = iter(batches)
+        self._to_device = to_device
+        self._ready = collections.deque()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._ready:
+            return self._ready.popleft()
+        return self._to_device(next(self._batches))
+
+    def prefetch(self, n):
+        while len(self._ready) < n:
+            try:
+                self._ready.append(self._to_device(next(self._batches)))
+            except StopIteration:
+                return
 
 
 class ThroughputMeter:
@@ -138,6 +166,8 @@ class IPUTrainer(Trainer):
             self._signature_columns += [name for name in getattr(collator, "consumed_columns", ())
                                         if name not in self._signature_columns]
         self.backend = self._make_backend()
+        # Read the next group's first step ahead of each group's host read (see _prefetch_allowed).
+        self.read_ahead = args.device_type == "cuda"
         unused = ipu_config.unused_on_pytorch() if args.device_type != "ipu" else []
         if unused:
             logger.info("IPU configuration fields with no effect on %s: %s", args.device_type, ", ".join(unused))
@@ -301,7 +331,9 @@ class IPUTrainer(Trainer):
         start_time = time.time()
         initial_step = state.global_step
         self._initial_num_input_tokens_seen = state.num_input_tokens_seen
-        meter = ThroughputMeter(args.throughput_warmup_steps + (layout.device_iterations if args.torch_compile else 0))
+        # Compilation happens in the first group; CUDA graphs are recorded in the second (the first runs warm-up).
+        compile_groups = (2 if args.cuda_graphs else 1) if args.torch_compile else 0
+        meter = ThroughputMeter(args.throughput_warmup_steps + compile_groups * layout.device_iterations)
         totals = {"loss": 0.0, "finite": 0.0, "steps": 0, "samples": 0, "tokens": 0, "flops": 0}
         self._since_log = {"loss": 0.0, "finite": 0.0}
         self.control = self.callback_handler.on_train_begin(args, state, self.control)
@@ -312,7 +344,8 @@ class IPUTrainer(Trainer):
         rng_pending = checkpoint
         for epoch in range(epochs_trained, state.num_train_epochs):
             done = state.global_step - epoch * steps_per_epoch if epoch == epochs_trained else 0
-            batches = self._train_batches(dataset, layout, epoch, 0 if args.ignore_data_skip else done)
+            batches = DeviceBatches(self._train_batches(dataset, layout, epoch, 0 if args.ignore_data_skip else done),
+                                    self.backend.to_device)
             if rng_pending is not None:
                 self._load_rng_state(rng_pending)  # after the loader exists: dropout and masking resume exactly
                 rng_pending = None
@@ -321,6 +354,8 @@ class IPUTrainer(Trainer):
                 n_steps = min(layout.device_iterations, steps_per_epoch - done, state.max_steps - state.global_step)
                 result, flags = self._run_group(batches, n_steps, epoch, done, steps_per_epoch)
                 done += result.steps
+                if self._prefetch_allowed(flags, done, steps_per_epoch):
+                    batches.prefetch(layout.accumulation)
                 loss_sum, finite, tokens, grad_norm = self.backend.read(result.device_sums)  # the one host read
                 world = args.world_size
                 counts = (result.steps, result.samples * world, int(tokens), result.flops * world)
@@ -366,6 +401,18 @@ class IPUTrainer(Trainer):
             return self.control.should_epoch_stop or self.control.should_training_stop
 
         return self.backend.run_group(batches, n_steps, step_begin, step_end), flags
+
+    def _prefetch_allowed(self, flags, done, steps_per_epoch):
+        """The next group's first step may be read ahead when this group ends with nothing but logging: the host
+        random state that a checkpoint saves, or that an evaluation's collator draws from, is then the one of a run
+        without read-ahead, so a resumed run stays exact. It is on with CUDA only (`read_ahead`): there the host
+        random state serves the collator alone (dropout draws on the device) and the copies are asynchronous; on the
+        CPU every copy is synchronous anyway, and dropout shares that state with the collator."""
+        control = self.control
+        return (self.read_ahead and done < steps_per_epoch
+                and self.state.global_step < self.state.max_steps
+                and not (flags["should_save"] or flags["should_evaluate"]
+                         or control.should_epoch_stop or control.should_training_stop))
 
     def _act_on(self, flags, grad_norm, trial, ignore_keys_for_eval, start_time):
         """Log, evaluate and save at a group boundary, as transformers.Trainer does after a step."""

@@ -2,12 +2,13 @@
 flags -> seed; world size checks; one clear UserError per bad combination."""
 import json
 import logging
+import types
 
 import pytest
 import torch
 from transformers import HfArgumentParser
 
-from ipu_train.arguments import IPUTrainingArguments, fit_replication_to_world, load_ipu_config
+from ipu_train.arguments import IPUTrainingArguments, compile_by_default, fit_replication_to_world, load_ipu_config
 from ipu_train.config import IPUConfig
 from ipu_train.errors import UserError
 
@@ -87,8 +88,61 @@ def test_precision_defaults_and_flags(tmp_path):
     assert parse(tmp_path, "--fp32").precision == "fp32"
 
 
+@pytest.mark.parametrize("requested, device, compiled", [
+    (None, "cuda", True), (None, "cpu", False), (None, "ipu", False),
+    (False, "cuda", False), (True, "cpu", True),
+])
+def test_the_step_is_compiled_by_default_on_cuda_only(requested, device, compiled):
+    assert compile_by_default(requested, device) is compiled
+
+
+@pytest.mark.parametrize("flags, compiled", [
+    ([], False),  # CPU: eager by default
+    (["--torch_compile"], True),
+    (["--torch_compile", "true"], True),
+    (["--torch_compile", "false"], False),
+    (["--no_torch_compile"], False),
+    (["--torch_compile_mode", "max-autotune-no-cudagraphs"], True),
+])
+def test_compile_flags_resolve_to_a_recorded_boolean(tmp_path, flags, compiled):
+    args = parse(tmp_path, *flags)
+    assert args.torch_compile is compiled
+    assert args.to_dict()["torch_compile"] is compiled  # what training_args.bin and the logs show
+
+
+def _cuda_flags(**given):
+    """The compile flags of a CUDA run, resolved by IPUTrainingArguments' own method (no GPU needed)."""
+    flags = types.SimpleNamespace(device_type="cuda", torch_compile=None, no_torch_compile=False, cuda_graphs=False,
+                                  torch_compile_mode=None, torch_compile_backend=None)
+    vars(flags).update(given)
+    IPUTrainingArguments._resolve_compilation(flags)
+    return flags
+
+
+def test_cuda_runs_compile_unless_told_not_to_and_cuda_graphs_pick_the_graph_mode():
+    assert _cuda_flags().torch_compile is True
+    assert _cuda_flags(no_torch_compile=True).torch_compile is False
+    assert _cuda_flags(torch_compile=False).torch_compile is False
+    graphs = _cuda_flags(cuda_graphs=True)
+    assert (graphs.torch_compile, graphs.torch_compile_mode) == (True, "reduce-overhead")
+    assert _cuda_flags(cuda_graphs=True, torch_compile_mode="max-autotune").torch_compile_mode == "max-autotune"
+
+
+@pytest.mark.parametrize("given, message", [
+    (dict(cuda_graphs=True, torch_compile=False), "--cuda_graphs replays compiled graphs"),
+    (dict(cuda_graphs=True, torch_compile_mode="default"), "--cuda_graphs contradicts --torch_compile_mode default"),
+    (dict(no_torch_compile=True, torch_compile_mode="max-autotune"), "--no_torch_compile contradicts"),
+])
+def test_contradicting_compile_flags_on_cuda_are_user_errors(given, message):
+    with pytest.raises(UserError, match=message):
+        _cuda_flags(**given)
+
+
 @pytest.mark.parametrize("values, message", [
     (dict(fp32=True, bf16=True), "--fp32 contradicts --fp16/--bf16"),
+    (dict(no_torch_compile=True, torch_compile=True), "--no_torch_compile contradicts --torch_compile"),
+    (dict(no_torch_compile=True, cuda_graphs=True), "--no_torch_compile contradicts --cuda_graphs"),
+    (dict(cuda_graphs=True), "--cuda_graphs needs --device cuda"),
     (dict(pod_type="pod16", n_ipu=16), "--pod_type and --n_ipu"),
     (dict(fp16=True), "--fp16 needs --device cuda or ipu"),
     (dict(device_type="tpu"), "--device tpu is not one of"),

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from ..errors import UserError
 from ..optim import LAMB
 from ..pipeline.heads import enable_serialized_heads
 from ..pipeline.recompute import enable_recompute
@@ -100,6 +101,9 @@ class TorchBackend:
         self.precision = args.precision
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.scaler = self._loss_scaler()
+        self.cuda_graphs = bool(getattr(args, "cuda_graphs", False))
+        if self.cuda_graphs:
+            self._check_cuda_graphs()
         self.model = self.train_module = self.optimizer = self.lr_scheduler = None
         self.last_learning_rate = None
         self.non_embedding_params = 0
@@ -107,6 +111,18 @@ class TorchBackend:
         if not_applied:
             logger.info("%s: not applied on PyTorch yet; each replica keeps its whole optimizer state on its device",
                         " and ".join(not_applied))
+
+    def _check_cuda_graphs(self):
+        """CUDA graph trees (torch.compile's reduce-overhead mode) hand out gradients that live in the graph's memory
+        pool: a second backward before the optimizer step overwrites them (gradient accumulation silently loses
+        micro-batches, pytorch/pytorch#169545), and DDP's reducer copies gradients between graph replays."""
+        if self.ipu_config.gradient_accumulation_steps > 1:
+            raise UserError(f"--cuda_graphs needs gradient_accumulation_steps=1 (the IPU configuration has "
+                            f"{self.ipu_config.gradient_accumulation_steps}): pass --gradient_accumulation_steps 1 "
+                            "or drop --cuda_graphs")
+        if self.world_size > 1:
+            raise UserError(f"--cuda_graphs runs in one process ({self.world_size} run): drop --cuda_graphs "
+                            "under torchrun")
 
     # --- precision ---------------------------------------------------------------------------------------------
 
@@ -138,6 +154,10 @@ class TorchBackend:
             logger.info("Training loss computed by the serialized head: full logits are never materialised")
         self.non_embedding_params = (model.num_parameters(exclude_embeddings=True) if hasattr(model, "num_parameters")
                                      else sum(p.numel() for p in model.parameters()))
+        attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if self.device.type == "cuda" and attention == "eager":
+            logger.info("Attention runs in eager PyTorch (attn_implementation='eager'): load the model with "
+                        "attn_implementation='sdpa' for fused attention kernels, where the architecture has them")
         if args.torch_compile:
             self.compile(model)
         module = model
@@ -158,6 +178,9 @@ class TorchBackend:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(cache_dir)
             os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "1"
             logger.info("torch.compile cache: %s (executable_cache_dir)", cache_dir)
+        logger.info("torch.compile: the model's forward, loss and backward (backend %s, mode %s)%s",
+                    self.args.torch_compile_backend, self.args.torch_compile_mode or "default",
+                    ", replayed as CUDA graphs" if self.cuda_graphs else "")
         model.compile(backend=self.args.torch_compile_backend, mode=self.args.torch_compile_mode)
 
     def create_optimizer(self, param_groups):
@@ -195,14 +218,21 @@ class TorchBackend:
                           generator=torch.Generator().manual_seed(seed))
 
     def to_device(self, batch):
-        non_blocking = self.device.type == "cuda"
-        return {k: v.to(self.device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
+        """On CUDA the copies are issued without waiting (they run in stream order, before the kernels that read
+        them) from pinned memory; a tensor the loader did not pin (a stream's batch) is pinned first, since a copy
+        from pageable memory would make the host wait for the device."""
+        if self.device.type != "cuda":
+            return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        pin = self.args.dataloader_pin_memory
+        return {k: _pinned(v, pin).to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in batch.items()}
 
     # --- the step ------------------------------------------------------------------------------------------------
 
     def run_group(self, batches, n_steps, on_step_begin, on_step_end):
-        """Up to `n_steps` optimizer steps on micro-batches drawn from `batches` (gradient_accumulation_steps per
-        step) with no host read of a device value; stops early when on_step_end() returns True."""
+        """Up to `n_steps` optimizer steps on micro-batches already on the device, drawn from `batches`
+        (gradient_accumulation_steps per step) with no host read of a device value; stops early when on_step_end()
+        returns True."""
         sums = torch.zeros(4, device=self.device)
         steps = samples = flops = 0
         for _ in range(n_steps):
@@ -227,10 +257,11 @@ class TorchBackend:
         PopTorch's Mean reduction), gradients all-reduced on the last one only, clipping, step, schedule."""
         module, accumulation = self.train_module, len(micro_batches)
         module.train()
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are no longer read
         step_loss = torch.zeros((), device=self.device)
         tokens = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
-            batch = self.to_device(batch)
             defer_all_reduce = self.world_size > 1 and i < accumulation - 1
             with module.no_sync() if defer_all_reduce else contextlib.nullcontext():
                 with self.autocast():
@@ -278,8 +309,13 @@ class TorchBackend:
         return per_token * ids.numel()
 
     def eval_outputs(self, model, batch):
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad(), self.autocast():
-            return model(**batch)
+            outputs = model(**batch)
+        if self.cuda_graphs:  # the next replay overwrites the graph's outputs: keep copies of what is read later
+            return _cloned(outputs)
+        return outputs
 
     def read(self, tensor):
         """The one host read: sums over replicas first (an all-reduce, itself on the device)."""
@@ -303,6 +339,21 @@ def _input_tokens(batch):
 def _batch_size(batch):
     first = next(v for v in batch.values() if torch.is_tensor(v))
     return first.shape[0]
+
+
+def _cloned(outputs):
+    if isinstance(outputs, dict):
+        for key, value in outputs.items():
+            if torch.is_tensor(value):
+                outputs[key] = value.clone()
+        return outputs
+    return tuple(v.clone() if torch.is_tensor(v) else v for v in outputs)
+
+
+def _pinned(tensor, pin):
+    if pin and tensor.device.type == "cpu" and not tensor.is_pinned():
+        return tensor.pin_memory()
+    return tensor
 
 
 def _chunks(indices, size):
