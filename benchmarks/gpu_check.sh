@@ -1,46 +1,107 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (about 6-8 minutes on an H100), every number from the same card in the same call:
-#   1. CUDA correctness of the kernels (benchmarks/cuda_check.py): chunked head = plain head in bf16, no host sync;
-#   2. our trainer against transformers.Trainer and a plain eager loop: GPT-2 124M (seq 1024, micro-batch 16) and
-#      BERT-base pretraining (seq 128, micro-batch 128), bf16 (benchmarks/throughput.py);
-#   3. the shared baseline's matmul ceiling and plain compiled loops (benchmarks/hf_baseline_gpu.py);
-#   4. while time is left: both trainers with torch_compile on GPT-2.
-# One short table last; JSON and the full log under $OUT.
+# The one prepared GPU check of issue 6 (about 8 minutes on an H100), every number from the same card in one call.
+# The most important numbers come first; a later step starts only while the call has time left for it:
+#   1. CUDA correctness of the kernels and of our step (benchmarks/cuda_check.py), and the bf16 matmul ceiling;
+#   2. our trainer (its defaults: compiled on CUDA) against transformers.Trainer (its defaults: eager), bf16:
+#      GPT-2 124M (seq 1024, micro-batch 16), then BERT-base pretraining (seq 128, micro-batch 128);
+#   3. transformers.Trainer with torch_compile=True on GPT-2;
+#   4. the real scripts on pre-tokenized synthetic data, --max_steps: run_clm.py (GPT-2) and run_pretraining.py
+#      (BERT), their train_tokens_per_second set against the benchmark's;
+#   5. the effect of compilation (ours eager) and of CUDA graphs (ours --cuda_graphs) on GPT-2;
+#   6. the shared baseline's plain compiled loops (benchmarks/hf_baseline_gpu.py).
+# One table last. $OUT gets gpu_check.log and results.json (every JSON of the run in one file).
 #
 # From the repository root, through the device tool:
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
 # .whl holds the project's pinned transformers and datasets (+ dill, multiprocess) for the GPU image's Python 3.12
 # (see benchmarks/RESULTS.md); they are installed into /tmp/site when present.
-# DRY=1 runs steps 2 and 4 with tiny models on the CPU, to check the script anywhere.
+# DRY=1 runs steps 2 to 5 with tiny models on the CPU, to check the script anywhere (about 2 minutes).
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export OUT=${OUT:-/tmp/gpu_check}
-mkdir -p "$OUT"
+WORK=${WORK:-/tmp/gpu_check_work}  # intermediate JSON and data; only gpu_check.log and results.json go to $OUT
+rm -rf "$WORK" && mkdir -p "$OUT" "$WORK"
 LOG=$OUT/gpu_check.log
+# One compile cache for every process of the call: the real scripts reuse the benchmark's compiled kernels.
+export TORCHINDUCTOR_CACHE_DIR=$WORK/inductor_cache
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
-if [ "${DRY:-0}" = 1 ]; then SIZE=tiny; STEPS="--steps 8 --warmup 3"; else SIZE=full; STEPS="--steps 40 --warmup 10"; fi
+
+DRY=${DRY:-0}
+if [ "$DRY" = 1 ]; then
+  SIZE=tiny; STEPS="--steps 8 --warmup 3"; SCRIPT_STEPS=6; SCRIPT_WARMUP=2
+  # the tiny models of throughput.py --size tiny; the scripts split 5% off for validation, hence the spare rows
+  GPT2="--config_overrides vocab_size=4096,n_layer=2,n_embd=64,n_head=2 --block_size 128 --per_device_train_batch_size 8"
+  GPT2_DATA="--seq 128 --vocab 4096 --rows 64"
+  BERT="--config_overrides vocab_size=4096,num_hidden_layers=2,hidden_size=64,num_attention_heads=2,intermediate_size=256"
+  BERT="$BERT --per_device_train_batch_size 16"
+  BERT_DATA="--seq 128 --vocab 4096 --rows 112"
+else
+  SIZE=full; STEPS="--steps 40 --warmup 10"; SCRIPT_STEPS=40; SCRIPT_WARMUP=10
+  GPT2="--config_overrides vocab_size=50257 --block_size 1024 --per_device_train_batch_size 16"
+  GPT2_DATA="--seq 1024 --vocab 50257 --rows 760"  # 40 steps x 16 sequences, 5% split off for validation
+  BERT="--config_overrides vocab_size=30522 --per_device_train_batch_size 128"
+  BERT_DATA="--seq 128 --vocab 30522 --rows 5700"  # 40 steps x 128 pairs, 5% split off for validation
+fi
 start=$SECONDS
 under() { [ $((SECONDS - start)) -lt "$1" ]; }  # true while the call has run less than $1 seconds
+THROUGHPUT="$PY benchmarks/throughput.py --size $SIZE $STEPS"
+COMMON="--do_train --max_steps $SCRIPT_STEPS --throughput_warmup_steps $SCRIPT_WARMUP --seed 0 --report_to none
+  --save_strategy no --logging_steps 1000 --disable_tqdm true --skip_memory_metrics false --overwrite_output_dir"
+
+script_clm() {  # run_clm.py on a parquet of token ids (no text column: it only groups them into blocks)
+  $PY benchmarks/make_pretokenized.py clm "$WORK/clm_data" $GPT2_DATA \
+    && $PY train_tokenizer.py --type bpe --style gpt2 --files data/corpus/train.txt --vocab_size 1000 \
+         --output_dir "$WORK/tok_bpe" >/dev/null \
+    && timeout 150 $PY run_clm.py --model_type gpt2 --tokenizer_name "$WORK/tok_bpe" --train_file "$WORK/clm_data/train.parquet" \
+         $GPT2 --ipu_config_name ipu_configs/gpt2 \
+         --ipu_config_overrides "layers_per_ipu=[-1],recompute_checkpoint_every_layer=false" \
+         --output_dir "$WORK/clm_out" $COMMON >"$WORK/clm.log" 2>&1 \
+    && cp "$WORK/clm_out/train_results.json" "$WORK/script_gpt2.json" \
+    || { echo "run_clm.py FAILED; the end of its log:"; tail -n 25 "$WORK/clm.log"; }
+}
+
+script_pretraining() {  # run_pretraining.py on saved sentence pairs, masked by the script's collator
+  $PY benchmarks/make_pretokenized.py pairs "$WORK/pairs" $BERT_DATA \
+    && $PY train_tokenizer.py --type wordpiece --files data/corpus/train.txt --vocab_size 1000 \
+         --output_dir "$WORK/tok_wordpiece" >/dev/null \
+    && timeout 130 $PY run_pretraining.py --model_type bert --tokenizer_name "$WORK/tok_wordpiece" --dataset_path "$WORK/pairs" \
+         $BERT --max_seq_length 128 --ipu_config_name ipu_configs/bert-base \
+         --ipu_config_overrides "layers_per_ipu=[-1],gradient_accumulation_steps=1,recompute_checkpoint_every_layer=false" \
+         --output_dir "$WORK/pretraining_out" $COMMON >"$WORK/pretraining.log" 2>&1 \
+    && cp "$WORK/pretraining_out/train_results.json" "$WORK/script_bert.json" \
+    || { echo "run_pretraining.py FAILED; the end of its log:"; tail -n 25 "$WORK/pretraining.log"; }
+}
 
 {
   nvidia-smi -L 2>/dev/null
   $PY -c "import torch, transformers, datasets; print('torch', torch.__version__, '| transformers', transformers.__version__, '| datasets', datasets.__version__)"
-  if [ "${DRY:-0}" != 1 ]; then
-    timeout 150 $PY benchmarks/cuda_check.py || echo "cuda_check FAILED (exit $?)"
+  if [ "$DRY" != 1 ]; then
+    timeout 120 $PY benchmarks/cuda_check.py || echo "cuda_check FAILED (exit $?)"
+    OUT=$WORK timeout 60 $PY benchmarks/hf_baseline_gpu.py peak_only  # the bf16 matmul ceiling alone
   fi
-  timeout 200 $PY benchmarks/throughput.py --model gpt2 --size $SIZE $STEPS --json "$OUT/throughput_gpt2.json"
-  timeout 160 $PY benchmarks/throughput.py --model bert --size $SIZE $STEPS --json "$OUT/throughput_bert.json"
-  [ "${DRY:-0}" != 1 ] && under 330 && timeout 200 $PY benchmarks/hf_baseline_gpu.py gpt2_loop bert_loop
-  under 380 && timeout 170 $PY benchmarks/throughput.py --model gpt2 --size $SIZE $STEPS --torch_compile \
-    --sides ours,hf --json "$OUT/throughput_gpt2_compiled.json"
+  echo "== GPT-2: ours (defaults) vs transformers.Trainer (defaults)"
+  timeout 200 $THROUGHPUT --json "$WORK/throughput_gpt2.json" --model gpt2 --sides ours,hf
+  echo "== BERT pretraining: ours (defaults) vs transformers.Trainer (defaults)"
+  under 330 && timeout 170 $THROUGHPUT --json "$WORK/throughput_bert.json" --model bert --sides ours,hf
+  echo "== GPT-2: transformers.Trainer with torch_compile=True"
+  under 330 && timeout 150 $THROUGHPUT --json "$WORK/throughput_gpt2_hf_compiled.json" --model gpt2 --sides hf --torch_compile
+  echo "== run_clm.py, pre-tokenized"
+  under 400 && script_clm
+  echo "== run_pretraining.py, pre-tokenized"
+  under 450 && script_pretraining
+  echo "== GPT-2: ours eager (--no_torch_compile), then ours with --cuda_graphs"
+  under 480 && timeout 60 $THROUGHPUT --json "$WORK/throughput_gpt2_ours_eager.json" --model gpt2 --sides ours --no_torch_compile
+  [ "$DRY" != 1 ] && under 500 && timeout 90 $THROUGHPUT --json "$WORK/throughput_gpt2_ours_graphs.json" --model gpt2 --sides ours --cuda_graphs
+  echo "== the shared baseline's plain compiled loops"
+  [ "$DRY" != 1 ] && under 470 && OUT=$WORK timeout 100 $PY benchmarks/hf_baseline_gpu.py gpt2_loop bert_loop
   echo "elapsed $((SECONDS - start)) s"
 } 2>&1 | tee "$LOG"
 
-$PY benchmarks/summarize.py "$OUT/throughput_gpt2.json" "$OUT/throughput_bert.json" \
-  "$OUT/throughput_gpt2_compiled.json" "$OUT/anchors.json" 2>&1 | tee -a "$LOG"
+$PY benchmarks/summarize.py --combined "$OUT/results.json" "$WORK"/anchors.json "$WORK"/throughput_*.json \
+  "$WORK"/script_*.json 2>&1 | tee -a "$LOG"

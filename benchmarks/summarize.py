@@ -1,21 +1,30 @@
-"""One short table from the JSON files of benchmarks/throughput.py and benchmarks/hf_baseline_gpu.py (anchors.json),
-with MFU against the bf16 matmul rate measured in the same call when anchors.json holds it.
+"""One short table from the JSON files that benchmarks/gpu_check.sh gathers, with MFU against the bf16 matmul rate
+measured in the same call when anchors.json (benchmarks/hf_baseline_gpu.py) holds it:
 
-    python benchmarks/summarize.py $OUT/throughput_*.json $OUT/anchors.json"""
+- throughput_<label>.json: benchmarks/throughput.py;
+- anchors.json: benchmarks/hf_baseline_gpu.py;
+- script_<model>.json: the train_results.json of a real script (run_clm.py, run_pretraining.py), set next to our
+  side of throughput_<model>.json, the benchmark it must come within 10% of.
+
+    python benchmarks/summarize.py [--combined results.json] FILE...
+
+--combined writes every input file's content into one JSON (so that one file carries a whole run back)."""
 import json
 import os
 import sys
 
 
-def rows_of(path):
+def load(path):
     with open(path) as handle:
-        data = json.load(handle)
-    name = os.path.basename(path)
-    if name.startswith("anchors"):  # hf_baseline_gpu.py: its own row format
-        return data.get("peak_tflops"), [
-            dict(run=f"baseline {r['name']}", tokens_per_s=r["tokens_per_s"], seq_per_s=r["seq_per_s"],
+        return json.load(handle)
+
+
+def anchor_rows(data):
+    return [dict(run=f"baseline {r['name']}", tokens_per_s=r["tokens_per_s"], seq_per_s=r["seq_per_s"],
                  tflops=r["tflops"], peak_mem_GB=r["peak_mem_GB"]) for r in data["rows"]]
-    label = name[len("throughput_"):-len(".json")]
+
+
+def throughput_rows(label, data):
     rows = []
     for r in data["rows"]:
         if "error" in r:
@@ -25,17 +34,40 @@ def rows_of(path):
                              tflops=r["tflops"], peak_mem_GB=r["peak_mem_GB"], step_ms=r["step_ms"]))
     if "ours_over_hf_tokens_per_s" in data:
         rows.append(dict(run=f"{label} ours/hf", ratio=data["ours_over_hf_tokens_per_s"]))
-    return None, rows
+    return rows
 
 
-def main(paths):
-    peak, rows = None, []
-    for path in paths:
-        if not os.path.exists(path):
-            continue
-        file_peak, file_rows = rows_of(path)
-        peak = peak or file_peak
-        rows += file_rows
+def script_rows(model, metrics, benchmarks):
+    """The script's own throughput metrics; TFLOP/s by the benchmark's FLOPs per token, for the same MFU basis."""
+    ours = next((r for r in benchmarks.get(f"throughput_{model}", {}).get("rows", [])
+                 if r.get("side") == "ours" and "error" not in r), None)
+    tokens = metrics.get("train_tokens_per_second")
+    if tokens is None:
+        return [dict(run=f"script {model}", error="no train_tokens_per_second in its train_results.json")]
+    peak_gb = metrics.get("train_mem_gpu_peaked_delta", 0) + metrics.get("train_mem_gpu_alloc_delta", 0)
+    row = dict(run=f"script {model}", tokens_per_s=tokens, seq_per_s=metrics.get("train_samples_per_second", 0),
+               tflops=round(tokens * ours["tflops"] / ours["tokens_per_s"], 3) if ours else 0,
+               peak_mem_GB=round(peak_gb / 2 ** 30, 3) if peak_gb else "-")
+    rows = [row]
+    if ours:
+        rows.append(dict(run=f"script {model} / benchmark ours", ratio=round(tokens / ours["tokens_per_s"], 3)))
+    return rows
+
+
+def main(argv):
+    combined = None
+    if argv[:1] == ["--combined"]:
+        combined, argv = argv[1], argv[2:]
+    contents = {os.path.basename(p)[:-len(".json")]: load(p) for p in argv if os.path.exists(p)}
+    peak = contents.get("anchors", {}).get("peak_tflops")
+    rows = []
+    for name, data in contents.items():
+        if name == "anchors":
+            rows += anchor_rows(data)
+        elif name.startswith("throughput_"):
+            rows += throughput_rows(name[len("throughput_"):], data)
+        elif name.startswith("script_"):
+            rows += script_rows(name[len("script_"):], data, contents)
     print(f"\nrun | tokens/s | seq/s | ms/step | TFLOP/s | MFU % (of measured {peak and round(peak)} TFLOP/s) | peak GB")
     for r in rows:
         if "error" in r:
@@ -43,9 +75,12 @@ def main(paths):
         elif "ratio" in r:
             print(f"{r['run']} | x{r['ratio']} tokens/s")
         else:
-            mfu = f"{100 * r['tflops'] / peak:.1f}" if peak else "-"
+            mfu = f"{100 * r['tflops'] / peak:.1f}" if peak and r["tflops"] else "-"
             print(f"{r['run']} | {r['tokens_per_s']:.0f} | {r['seq_per_s']:.1f} | {r.get('step_ms', '-')} | "
                   f"{r['tflops']} | {mfu} | {r['peak_mem_GB']}")
+    if combined:
+        with open(combined, "w") as handle:
+            json.dump(dict(contents, table=rows), handle, indent=1)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@
     python benchmarks/throughput.py --model bert --size full     # BERT-base pretraining, seq 128, micro-batch 128
     python benchmarks/throughput.py --model gpt2 --profile       # plus a cProfile summary of our step loop
 
+Each trainer runs with its own defaults unless told otherwise: ours compiles the step on CUDA (eager on the CPU),
+transformers.Trainer runs eagerly. --torch_compile compiles both, --no_torch_compile runs both eagerly, --cuda_graphs
+replays our compiled step as CUDA graphs.
+
 Synthetic token ids (throughput only). Each side runs in its own process, so that peak memory (CUDA: allocated;
 CPU: resident set) is its own and no compiled state carries over. Throughput is timed from the end of step
 `--warmup` to the end of step `--steps` with a device synchronisation at both ends. Prints a table; writes JSON to
@@ -52,7 +56,10 @@ def parse_args(argv=None):
     p.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of: " + ", ".join(SIDES))
     p.add_argument("--micro_batch", type=int, help="default: 16 for gpt2 full, 128 for bert full, 8/16 tiny")
     p.add_argument("--serialization_factor", type=int, help="our embedding_serialization_factor (default: shipped)")
-    p.add_argument("--torch_compile", action="store_true", help="torch_compile=True on both trainers")
+    compile_choice = p.add_mutually_exclusive_group()
+    compile_choice.add_argument("--torch_compile", action="store_true", help="torch_compile=True on both trainers")
+    compile_choice.add_argument("--no_torch_compile", action="store_true", help="both trainers eager")
+    p.add_argument("--cuda_graphs", action="store_true", help="our side with --cuda_graphs (CUDA only)")
     p.add_argument("--profile", action="store_true", help="cProfile our side; summary printed and saved")
     p.add_argument("--json", help="where to write the results (default: $OUT/throughput_<model>_<size>.json)")
     p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one side, print RESULT
@@ -62,6 +69,8 @@ def parse_args(argv=None):
     opts.micro_batch = opts.micro_batch or spec["micro_batch"]
     opts.serialization_factor = opts.serialization_factor or SHIPPED_SERIALIZATION[opts.model]
     opts.device = "cuda" if cuda else "cpu"
+    if opts.cuda_graphs and (not cuda or opts.no_torch_compile):
+        p.error("--cuda_graphs needs a CUDA device and torch.compile")
     if not 0 <= opts.warmup < opts.steps:
         p.error(f"--warmup must lie in [0, --steps): got {opts.warmup} and {opts.steps}")
     unknown = set(opts.sides.split(",")) - set(SIDES)
@@ -152,8 +161,16 @@ def training_arguments(cls, opts, **extra):
     return cls(output_dir=os.path.join(tempfile.mkdtemp(prefix="throughput_"), "out"),
                per_device_train_batch_size=opts.micro_batch, max_steps=opts.steps, learning_rate=1e-4,
                bf16=opts.device == "cuda", use_cpu=opts.device == "cpu", logging_steps=10 ** 6, report_to="none",
-               save_strategy="no", disable_tqdm=True, seed=0, torch_compile=opts.torch_compile,
+               save_strategy="no", disable_tqdm=True, seed=0,
                dataloader_num_workers=2 if opts.device == "cuda" else 0, **extra)
+
+
+def our_compile_flags(opts):
+    """Our defaults (compiled on CUDA) unless the command line says otherwise."""
+    if opts.no_torch_compile:
+        return dict(no_torch_compile=True)
+    flags = dict(torch_compile=True) if opts.torch_compile else {}
+    return dict(flags, cuda_graphs=True) if opts.cuda_graphs else flags
 
 
 # ---------------------------------------------------------------------------------------------------- sides
@@ -161,11 +178,12 @@ def run_hf(opts, model, dataset):
     from transformers import Trainer, TrainingArguments, default_data_collator
 
     timer = make_step_timer(opts.warmup, opts.steps, opts.device)
-    args = training_arguments(TrainingArguments, opts)
+    args = training_arguments(TrainingArguments, opts, torch_compile=opts.torch_compile)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
                       callbacks=[timer])
     output = trainer.train()
-    return dict(seconds=timer.seconds(), loss=output.training_loss, optimizer=getattr(args.optim, "value", str(args.optim)))
+    return dict(seconds=timer.seconds(), loss=output.training_loss, compiled=args.torch_compile,
+                optimizer=getattr(args.optim, "value", str(args.optim)))
 
 
 def run_ours(opts, model, dataset):
@@ -179,14 +197,15 @@ def run_ours(opts, model, dataset):
     if opts.model == "bert":  # the trainer would patch without a cap: give it the collator's
         enable_serialized_heads(model, ipu_config, max_predictions=masked_token_cap(opts.seq, MLM_PROBABILITY))
     timer = make_step_timer(opts.warmup, opts.steps, opts.device)
-    args = training_arguments(IPUTrainingArguments, opts, throughput_warmup_steps=opts.warmup)
+    args = training_arguments(IPUTrainingArguments, opts, throughput_warmup_steps=opts.warmup,
+                              **our_compile_flags(opts))
     trainer = IPUTrainer(model=model, ipu_config=ipu_config, args=args, train_dataset=dataset,
                          data_collator=default_data_collator, callbacks=[timer])
     profiler = cProfile.Profile() if opts.profile else None
     if profiler:
         profiler.enable()
     output = trainer.train()
-    result = dict(seconds=timer.seconds(), loss=output.training_loss,
+    result = dict(seconds=timer.seconds(), loss=output.training_loss, compiled=args.torch_compile,
                   optimizer=type(trainer.optimizer).__name__ + (" fused" if opts.device == "cuda" else " foreach"),
                   self_reported_tokens_per_s=output.metrics.get("train_tokens_per_second"))
     if profiler:
@@ -219,7 +238,7 @@ def run_loop(opts, model, dataset):
             synchronize(opts.device)
             start = time.perf_counter()
     synchronize(opts.device)
-    return dict(seconds=time.perf_counter() - start, loss=(losses / opts.steps).item(),
+    return dict(seconds=time.perf_counter() - start, loss=(losses / opts.steps).item(), compiled=False,
                 optimizer="AdamW " + ("fused" if cuda else "foreach"))
 
 
@@ -288,7 +307,7 @@ def main(argv=None):
         return worker(opts)
     precision = "bf16 autocast" if opts.device == "cuda" else "fp32"
     header = (f"{opts.model} ({opts.size}), seq {opts.seq} x micro-batch {opts.micro_batch}, {opts.steps} steps "
-              f"({opts.warmup} warm-up), {precision}, torch_compile={opts.torch_compile}, "
+              f"({opts.warmup} warm-up), {precision}, {compile_description(opts)}, "
               f"serialization factor {opts.serialization_factor}, {device_name(opts.device)}")
     print(header, flush=True)
     rows = []
@@ -316,14 +335,22 @@ def main(argv=None):
     return 1 if any("error" in r for r in rows) else 0
 
 
+def compile_description(opts):
+    if opts.no_torch_compile:
+        return "both eager"
+    ours = "compiled" if opts.torch_compile or opts.device == "cuda" else "eager"
+    ours += " + CUDA graphs" if opts.cuda_graphs else ""
+    return f"ours {ours}, transformers.Trainer {'compiled' if opts.torch_compile else 'eager'}"
+
+
 def print_table(rows, summary):
-    print("\nside | tokens/s | seq/s | ms/step | TFLOP/s | peak mem GB | mean loss | optimizer")
+    print("\nside | tokens/s | seq/s | ms/step | TFLOP/s | peak mem GB | mean loss | compiled | optimizer")
     for r in rows:
         if "error" in r:
             print(f"{r['side']} | FAILED: {r['error'].splitlines()[-1] if r['error'].strip() else r['error']}")
             continue
         print(f"{r['side']} | {r['tokens_per_s']:.0f} | {r['seq_per_s']:.1f} | {r['step_ms']:.1f} | {r['tflops']} | "
-              f"{r['peak_mem_GB']} | {r['loss']} | {r['optimizer']}")
+              f"{r['peak_mem_GB']} | {r['loss']} | {r['compiled']} | {r['optimizer']}")
     if "ours_over_hf_tokens_per_s" in summary:
         print(f"ours / transformers.Trainer tokens/s: {summary['ours_over_hf_tokens_per_s']}")
 

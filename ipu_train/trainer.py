@@ -379,7 +379,7 @@ class IPUTrainer(Trainer):
                          start_time)
             if self.control.should_training_stop:
                 break
-        return self._finish_training(start_time, meter, totals)
+        return self._finalize_training(start_time, meter, totals)
 
     def _run_group(self, batches, n_steps, epoch, done, steps_per_epoch):
         """Run one group; the callbacks see every optimizer step, and what they ask for (log, evaluate, save)
@@ -437,7 +437,9 @@ class IPUTrainer(Trainer):
         for key in _ACTIONS:
             setattr(self.control, key, False)
 
-    def _finish_training(self, start_time, meter, totals):
+    def _finalize_training(self, start_time, meter, totals):
+        # This name (transformers.Trainer's) is one that the memory tracker accepts as the caller of its
+        # stop_and_update_metrics: --skip_memory_metrics false works.
         runtime = time.time() - start_time
         train_loss = totals["loss"] / totals["finite"] if totals["finite"] else float("nan")
         counts = (totals["steps"], totals["samples"], totals["tokens"], totals["flops"])

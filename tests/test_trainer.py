@@ -273,6 +273,12 @@ def test_train_metrics_report_throughput_in_samples_and_tokens(tmp_path):
     assert trainer.state.num_input_tokens_seen == 6 * 2 * SEQ
 
 
+def test_memory_metrics_when_asked_for(tmp_path):
+    args = make_args(tmp_path, max_steps=2, skip_memory_metrics=False)
+    metrics = make_trainer(tmp_path, token_rows(8), args=args).train().metrics
+    assert {"train_mem_cpu_alloc_delta", "train_mem_cpu_peaked_delta"} <= set(metrics)
+
+
 # --- optimizers and compile -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("flags, bias_correction", [({"lamb": True}, True), ({"lamb_no_bias_correction": True}, False)])
