@@ -491,15 +491,16 @@ class IPUTrainer(Trainer):
 
     def _inference_loader(self, dataset, description):
         """This process's share of the samples, each exactly once: a contiguous block of a map-style dataset (so
-        the shares concatenate in dataset order), every world_size-th micro-batch of a stream."""
+        the shares concatenate in dataset order; their sizes differ by one at most), every world_size-th
+        micro-batch of a stream."""
         collator = self._collator(dataset, description, self.eval_data_collator)
         dataset = self._without_unused_columns(dataset, description)
         world, rank, micro = self.args.world_size, self.args.process_index, self.args.per_device_eval_batch_size
         if _is_stream(dataset):
             return (collator(rows) for i, rows in enumerate(_chunked(dataset, micro)) if i % world == rank)
-        per_process = -(-len(dataset) // world)
-        first = rank * per_process
-        return self.backend.eval_loader(dataset, collator, list(range(first, min(first + per_process, len(dataset)))))
+        base, extra = divmod(len(dataset), world)
+        first = rank * base + min(rank, extra)
+        return self.backend.eval_loader(dataset, collator, list(range(first, first + base + (rank < extra))))
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
@@ -514,7 +515,7 @@ class IPUTrainer(Trainer):
         sums = torch.zeros(3, device=self.backend.device)  # sum of batch loss x size, samples with a loss, samples
         host_preds = host_labels = None
         group_preds, group_labels = [], []
-        batch_metrics = {}
+        batch_metrics, metrics_finished = {}, False
         for inputs, last in _with_last(dataloader):
             inputs = self.backend.to_device(inputs)
             outputs = self.backend.eval_outputs(model, inputs)
@@ -533,6 +534,7 @@ class IPUTrainer(Trainer):
                 if self.compute_metrics is not None:
                     batch_metrics = self.compute_metrics(EvalPrediction(predictions=logits, label_ids=labels),
                                                          compute_result=last)
+                    metrics_finished = last
                 continue
             group_preds.append(logits)
             group_labels.append(labels)
@@ -541,6 +543,13 @@ class IPUTrainer(Trainer):
                 host_labels = _append(host_labels, group_labels)
                 group_preds, group_labels = [], []
         self.ipu_config.train()
+        if args.batch_eval_metrics and self.compute_metrics is not None and not (prediction_loss_only
+                                                                                 or metrics_finished):
+            # A process with nothing to evaluate (fewer samples than processes) still finishes the metric, which
+            # may reduce over all processes.
+            nothing = torch.zeros(0, device=self.backend.device)
+            batch_metrics = self.compute_metrics(EvalPrediction(predictions=nothing, label_ids=nothing),
+                                                 compute_result=True)
 
         loss_sum, counted, num_samples = self.backend.read(sums)
         metrics = {}
