@@ -6,6 +6,7 @@ import os
 import sys
 
 import datasets
+import torch
 import transformers
 from transformers import HfArgumentParser
 from transformers.trainer_utils import get_last_checkpoint
@@ -56,6 +57,10 @@ def main_entry(main):
         except UserError as err:
             print(f"error: {_first_line(err)}", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
+        finally:
+            # Under torchrun: leave the process group cleanly, so that no rank aborts while another exits.
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
 
     return wrapper
 

@@ -4,6 +4,8 @@ import json
 import os
 import sys
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ipu_train.arguments import IPUTrainingArguments, load_ipu_config  # noqa: E402
@@ -32,3 +34,5 @@ if __name__ == "__main__":
     result = run(output_dir, micro_batch, accumulation)
     with open(os.path.join(output_dir, f"result-{os.environ.get('RANK', '0')}.json"), "w") as handle:
         json.dump(result, handle)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # a clean shutdown: no abort while the other rank exits
