@@ -90,5 +90,7 @@ class DataArguments:
         """Rules that involve the training flags too."""
         if self.streaming and training_args.do_train and training_args.max_steps <= 0:
             raise UserError("--streaming data has no length, so the number of steps is unknown: pass --max_steps")
+        if training_args.compile_only and not training_args.do_train:
+            raise UserError("--compile_only compiles the training step: add --do_train")
         if training_args.do_train and self.training_source() is None:
             raise UserError("--do_train needs --train_file or --dataset_name")

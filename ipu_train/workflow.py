@@ -92,6 +92,9 @@ def select_splits(lm_datasets, data_args, training_args, ipu_config, unit, fix):
 def train_and_save(trainer, training_args, last_checkpoint, train_dataset):
     checkpoint = training_args.resume_from_checkpoint or last_checkpoint
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    if training_args.compile_only:  # compiled, nothing trained: no model, metrics or card to write, no evaluation
+        logger.info("--compile_only: done in %.1f s", result.metrics["compile_time"])
+        raise SystemExit(0)
     trainer.save_model()  # model, tokenizer and ipu_config.json, loadable with from_pretrained
     metrics = dict(result.metrics)
     if not isinstance(train_dataset, datasets.IterableDataset):

@@ -172,6 +172,15 @@ def test_clm_user_errors(change, phrases, text_files, bpe_tokenizer_dir, tmp_pat
     run_and_expect_user_error(run_clm.main, argv, capsys, *phrases)
 
 
+def test_compile_only_compiles_and_leaves_the_output_dir_empty(text_files, bpe_tokenizer_dir, tmp_path):
+    out = tmp_path / "compiled"
+    with pytest.raises(SystemExit) as exit_info:
+        run_clm.main(clm_args(text_files, bpe_tokenizer_dir, out, "--do_train", "--do_eval", "--compile_only",
+                              "--torch_compile_backend", "eager", "--max_steps", "4"))
+    assert exit_info.value.code == 0
+    assert not out.exists() or not any(out.iterdir())  # a real run can follow into the same directory
+
+
 def test_mlm_refuses_a_tokenizer_without_mask_token(text_files, bpe_tokenizer_dir, tmp_path, capsys):
     argv = mlm_args(text_files, bpe_tokenizer_dir, tmp_path / "out", "--do_train", "--max_steps", "2")
     run_and_expect_user_error(run_mlm.main, argv, capsys, "mask token", "--tokenizer_name")
