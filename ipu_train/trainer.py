@@ -335,7 +335,7 @@ class IPUTrainer(Trainer):
         compile_groups = (2 if args.cuda_graphs else 1) if args.torch_compile else 0
         meter = ThroughputMeter(args.throughput_warmup_steps + compile_groups * layout.device_iterations)
         totals = {"loss": 0.0, "finite": 0.0, "steps": 0, "samples": 0, "tokens": 0, "flops": 0}
-        self._since_log = {"loss": 0.0, "finite": 0.0}
+        self._since_log = {"loss": 0.0, "finite": 0.0, "steps": 0}
         self.control = self.callback_handler.on_train_begin(args, state, self.control)
         if args.eval_on_start:
             self._evaluate(trial, ignore_keys_for_eval, skip_scheduler=True)
@@ -365,6 +365,7 @@ class IPUTrainer(Trainer):
                 totals["finite"] += finite
                 self._since_log["loss"] += loss_sum
                 self._since_log["finite"] += finite
+                self._since_log["steps"] += result.steps
                 state.num_input_tokens_seen += int(tokens)
                 self.current_flos += result.flops
                 meter.group_done(state.global_step - initial_step, *counts)
@@ -418,12 +419,14 @@ class IPUTrainer(Trainer):
         """Log, evaluate and save at a group boundary, as transformers.Trainer does after a step."""
         for key, value in flags.items():
             setattr(self.control, key, value)
-        if self.control.should_log and self._since_log["finite"] > 0:
-            logs = {"loss": self._since_log["loss"] / self._since_log["finite"]}
+        if self.control.should_log and self._since_log["steps"] > 0:
+            # A window whose every loss was NaN/inf logs NaN: divergence shows, it is not filtered away.
+            finite = self._since_log["finite"]
+            logs = {"loss": self._since_log["loss"] / finite if finite else float("nan")}
             if grad_norm is not None:
                 logs["grad_norm"] = grad_norm
             logs["learning_rate"] = self.backend.last_learning_rate  # the rate of the group's last step
-            self._since_log = {"loss": 0.0, "finite": 0.0}
+            self._since_log = {"loss": 0.0, "finite": 0.0, "steps": 0}
             self.store_flos()
             self.log(logs, start_time)
         if self.control.should_evaluate:

@@ -66,7 +66,7 @@ class GroupResult:
     steps: int
     samples: int  # this replica's samples
     flops: int  # model FLOPs of this replica (forward and backward)
-    device_sums: torch.Tensor  # [sum of finite step losses, finite steps, input tokens, last gradient norm]
+    device_sums: torch.Tensor  # [sum of (finite) step losses, steps summed, input tokens, last gradient norm]
 
 
 class ReplicaBatchSampler:
@@ -239,9 +239,13 @@ class TorchBackend:
             on_step_begin()
             micro_batches = [next(batches) for _ in range(self.ipu_config.gradient_accumulation_steps)]
             step_loss, tokens, grad_norm = self.train_step(micro_batches)
-            finite = torch.isfinite(step_loss)
-            sums[0] += torch.where(finite, step_loss, torch.zeros_like(step_loss))
-            sums[1] += finite
+            if self.args.logging_nan_inf_filter:  # as transformers.Trainer: NaN/inf losses left out of the mean
+                finite = torch.isfinite(step_loss)
+                sums[0] += torch.where(finite, step_loss, torch.zeros_like(step_loss))
+                sums[1] += finite
+            else:
+                sums[0] += step_loss
+                sums[1] += 1
             sums[2] += tokens
             if grad_norm is not None:
                 sums[3] = grad_norm
