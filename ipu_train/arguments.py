@@ -115,6 +115,11 @@ class IPUTrainingArguments(TrainingArguments):
             raise UserError(f"--n_ipu must be >= 1, got {self.n_ipu}")
         if self.loss_scaling is not None and not self.loss_scaling > 0:
             raise UserError(f"--loss_scaling must be > 0, got {self.loss_scaling}")
+        for flag in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+            if getattr(self, flag) < 1:
+                raise UserError(f"--{flag} must be >= 1, got {getattr(self, flag)}")
+        if not 0 <= self.seed < 2 ** 32:
+            raise UserError(f"--seed must be between 0 and 2**32 - 1, got {self.seed}")
         if self.throughput_warmup_steps < 0:
             raise UserError(f"--throughput_warmup_steps must be >= 0, got {self.throughput_warmup_steps}")
         if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps < 1:

@@ -14,7 +14,7 @@ _DEFAULT_HEADS = {"bert": "pretraining", "xlnet": "causal-lm", "gpt2": "causal-l
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m ipu_train.plan", description=__doc__.splitlines()[0])
+    parser = _OneLineErrors(prog="python -m ipu_train.plan", description=__doc__.splitlines()[0])
     parser.add_argument("--ipu_config", "--ipu_config_name", dest="ipu_config", required=True,
                         help="a directory holding ipu_config.json, a .json file, or a hub name")
     model = parser.add_mutually_exclusive_group(required=True)
@@ -25,11 +25,28 @@ def parse_args(argv=None):
     parser.add_argument("--head", choices=("causal-lm", "masked-lm", "pretraining"),
                         help="the model head to plan for (default: the one its training script uses)")
     parser.add_argument("--ipu_config_overrides", help='e.g. "layers_per_ipu=[1 3 4 4],matmul_proportion=0.2"')
-    parser.add_argument("--pod_type", help="resolves per-pod values: pod4, pod8, pod16, pod32 or pod64")
-    parser.add_argument("--n_ipu", type=int, help="IPUs available: replication_factor = n_ipu // ipus_per_replica")
-    parser.add_argument("--per_device_train_batch_size", type=int, default=1, help="the micro-batch size")
-    parser.add_argument("--per_device_eval_batch_size", type=int, help="default: the training micro-batch size")
+    replication = parser.add_mutually_exclusive_group()  # both set the replication, as in the training scripts
+    replication.add_argument("--pod_type", help="resolves per-pod values: pod4, pod8, pod16, pod32 or pod64")
+    replication.add_argument("--n_ipu", type=_positive, help="IPUs available: replication_factor = n_ipu // "
+                                                             "ipus_per_replica")
+    parser.add_argument("--per_device_train_batch_size", type=_positive, default=1, help="the micro-batch size")
+    parser.add_argument("--per_device_eval_batch_size", type=_positive,
+                        help="default: the training micro-batch size")
     return parser.parse_args(argv)
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """A flag mistake is one `error:` line and exit code 2, like the training scripts' (no usage block)."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _positive(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: use a whole number of 1 or more")
+    return int(text)
 
 
 def load_ipu_config(args):

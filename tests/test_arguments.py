@@ -151,6 +151,9 @@ def test_contradicting_compile_flags_on_cuda_are_user_errors(given, message):
     (dict(throughput_warmup_steps=-1), "--throughput_warmup_steps must be >= 0"),
     (dict(dataloader_mode="fast"), "--dataloader_mode fast"),
     (dict(n_ipu=0), "--n_ipu must be >= 1"),
+    (dict(per_device_train_batch_size=0), "--per_device_train_batch_size must be >= 1"),
+    (dict(per_device_eval_batch_size=0), "--per_device_eval_batch_size must be >= 1"),
+    (dict(seed=-1), "--seed must be between 0 and 2"),
 ])
 def test_bad_combinations_are_one_line_user_errors(tmp_path, values, message):
     values = {"device_type": "cpu", **values}

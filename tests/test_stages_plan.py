@@ -267,3 +267,15 @@ def test_plan_module_runs_as_a_command_without_traceback():
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("error: matmul_proportion=[0.2, 0.2] has 2 entries")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size: '0': use a whole number of 1 or more"),
+    (["--n_ipu", "8", "--pod_type", "pod16"], "--pod_type: not allowed with argument --n_ipu"),
+])
+def test_plan_flag_mistakes_are_one_line_and_exit_2(extra, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--ipu_config", "ipu_configs/gpt2", "--model_type", "gpt2", *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
