@@ -6,6 +6,10 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
+# Without an NVIDIA GPU, the CPU build of torch: PyPI's Linux wheel carries the CUDA libraries (several GB).
+TORCH_SOURCE := $(if $(shell command -v nvidia-smi 2>/dev/null),,--retries 1 \
+	--index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple)
+
 .PHONY: setup demo test
 setup: $(VENV)/.installed
 
@@ -13,7 +17,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q torch==2.13.0 $(TORCH_SOURCE)
 	$(BIN)/python -m pip install -q -r requirements.txt
 	touch $@
 
