@@ -12,6 +12,7 @@ import copy
 import difflib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -504,7 +505,8 @@ class IPUConfig:
                     )
         for name in ("matmul_proportion", "inference_matmul_proportion"):
             for value in _alternatives(self._values[name]):
-                if value is not None and min(value if isinstance(value, list) else [value]) < 0:
+                entries = value if isinstance(value, list) else [value]
+                if value is not None and not all(math.isfinite(v) and v >= 0 for v in entries):
                     raise IPUConfigError(f"{name}={value} must be >= 0 (a fraction of each IPU's memory)")
         for value in _alternatives(self._values["output_mode"]):
             if value not in OUTPUT_MODES:

@@ -370,7 +370,8 @@ class IPUTrainer(Trainer):
                 self.current_flos += result.flops
                 meter.group_done(state.global_step - initial_step, *counts)
                 paused = time.perf_counter()
-                self._act_on(flags, grad_norm / world if self.args.max_grad_norm else None, trial,
+                reported = self.args.max_grad_norm and self.backend.reports_grad_norm
+                self._act_on(flags, grad_norm / world if reported else None, trial,
                              ignore_keys_for_eval, start_time)
                 meter.pause(time.perf_counter() - paused)
                 if self.control.should_epoch_stop or self.control.should_training_stop:

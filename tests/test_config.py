@@ -584,3 +584,9 @@ def test_shipped_configuration_values_and_layer_maps(name):
             resolved = source.for_pod_type(pod)
             assert resolved.replication_factor * resolved.ipus_per_replica == int(pod[3:])
             assert resolved.inference_replication_factor * resolved.inference_ipus_per_replica == int(pod[3:])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), [0.2, float("nan")]])
+def test_matmul_proportion_must_be_a_finite_fraction(value):
+    with pytest.raises(IPUConfigError, match="matmul_proportion"):
+        IPUConfig(layers_per_ipu=[-1, -1], matmul_proportion=value)

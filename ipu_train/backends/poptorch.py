@@ -78,6 +78,8 @@ def _checkpoint_output(module, inputs, output):
 class PopTorchBackend:
     """The trainer's backend interface (see TorchBackend) over poptorch.trainingModel / inferenceModel."""
 
+    reports_grad_norm = False  # PopTorch clips inside the device program and does not return the norm
+
     def __init__(self, args, ipu_config):
         self.args, self.ipu_config = args, ipu_config
         self.device = torch.device("cpu")  # the host: PopTorch moves the data itself

@@ -91,8 +91,18 @@ class ReplicaBatchSampler:
                 yield self.order[first + k * self.micro_batch: first + (k + 1) * self.micro_batch]
 
 
+def allow_half_partials(ipu_config, device):
+    """`enable_half_partials` (fp16 partials on IPU): on CUDA, whether fp16/bf16 matmuls may accumulate partial sums
+    in reduced precision (cuBLAS's faster path); no effect on the CPU."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = ipu_config.enable_half_partials
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = ipu_config.enable_half_partials
+
+
 class TorchBackend:
     """Owns the training module (the model, compiled and wrapped in DDP as asked), optimizer, scheduler and scaler."""
+
+    reports_grad_norm = True
 
     def __init__(self, args, ipu_config):
         self.args, self.ipu_config = args, ipu_config
@@ -101,6 +111,7 @@ class TorchBackend:
         self.precision = args.precision
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.scaler = self._loss_scaler()
+        allow_half_partials(ipu_config, self.device)
         self.cuda_graphs = bool(getattr(args, "cuda_graphs", False))
         if self.cuda_graphs:
             self._check_cuda_graphs()
