@@ -35,7 +35,7 @@ def main(argv=None):
     raw_datasets = load_raw_datasets(data_args, model_args)
     config = load_config(model_args)
     tokenizer = load_tokenizer(model_args)
-    model = build_model(model_args, config, tokenizer, AutoModelForCausalLM)
+    model = build_model(model_args, config, tokenizer, AutoModelForCausalLM, ipu_config)
 
     first_split = raw_datasets["train" if training_args.do_train else "validation"]
     text, columns = text_column(first_split), column_names(first_split)

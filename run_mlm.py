@@ -55,7 +55,7 @@ def main(argv=None):
     if tokenizer.mask_token is None:
         raise UserError("this tokenizer has no mask token, so it cannot be used for masked LM: pass a --tokenizer_name "
                         "made for BERT/RoBERTa (train_tokenizer.py --type wordpiece, or --type bpe --style roberta)")
-    model = build_model(model_args, config, tokenizer, AutoModelForMaskedLM)
+    model = build_model(model_args, config, tokenizer, AutoModelForMaskedLM, ipu_config)
 
     first_split = raw_datasets["train" if training_args.do_train else "validation"]
     text, columns = text_column(first_split), column_names(first_split)

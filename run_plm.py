@@ -55,7 +55,7 @@ def main(argv=None):
     if tokenizer.mask_token is None or tokenizer.pad_token is None:
         raise UserError("permutation LM needs a tokenizer with mask and padding tokens: pass a --tokenizer_name made "
                         "for XLNet (train_tokenizer.py --type unigram)")
-    model = build_model(model_args, config, tokenizer, XLNetLMHeadModel)
+    model = build_model(model_args, config, tokenizer, XLNetLMHeadModel, ipu_config)
 
     first_split = raw_datasets["train" if training_args.do_train else "validation"]
     text, columns = text_column(first_split), column_names(first_split)

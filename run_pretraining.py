@@ -138,7 +138,7 @@ def main(argv=None):
 
     config = load_config(model_args)
     tokenizer = load_tokenizer(model_args)
-    model = build_model(model_args, config, tokenizer, AutoModelForPreTraining)
+    model = build_model(model_args, config, tokenizer, AutoModelForPreTraining, ipu_config)
     max_seq_length = sequence_length(data_args.max_seq_length, "--max_seq_length", tokenizer, config)
 
     pairs = keep_pair_columns(load_pairs(data_args, model_args, training_args, tokenizer, max_seq_length), data_args)

@@ -11,6 +11,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer
 
 from .errors import UserError
+from .pipeline.stages import transformer_layers
 
 logger = logging.getLogger("ipu_train")
 
@@ -157,12 +158,16 @@ def load_model(model_args, config, auto_class):
     return model
 
 
-def build_model(model_args, config, tokenizer, auto_class):
+def build_model(model_args, config, tokenizer, auto_class, ipu_config):
     """The model for this tokenizer: a new one sized to it, or pretrained weights with the embedding table grown
-    to fit tokens the tokenizer added."""
+    to fit tokens the tokenizer added. A layer layout that does not fit the model stops here, before any data is
+    processed."""
     fit_config_to_tokenizer(config, tokenizer, model_args)
     model = load_model(model_args, config, auto_class)
     fit_embeddings_to_tokenizer(model, tokenizer)
+    num_layers = len(transformer_layers(model))
+    ipu_config.eval().layer_stages(num_layers)
+    ipu_config.train().layer_stages(num_layers)
     return model
 
 

@@ -225,3 +225,10 @@ def test_clm_on_pre_tokenized_data_only_groups(bpe_tokenizer_dir, tmp_path):
                   "--max_steps", "4", "--output_dir", str(out), "--report_to", "none", "--disable_tqdm", "true"])
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
     assert results(out, "eval")["eval_samples"] == 8 * 40 // 32  # 8 rows of 40 ids, concatenated into 32-id blocks
+
+
+def test_a_layout_that_does_not_fit_the_model_stops_before_the_data_is_processed(text_files, bpe_tokenizer_dir,
+                                                                                   tmp_path, capsys):
+    argv = clm_args(text_files, bpe_tokenizer_dir, tmp_path / "out", "--do_train", "--max_steps", "2",
+                    "--ipu_config_overrides", "layers_per_ipu=[1 2]")
+    run_and_expect_user_error(run_clm.main, argv, capsys, "layers_per_ipu=[1, 2]", "the model has 2")
