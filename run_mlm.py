@@ -16,12 +16,11 @@ from ipu_train import IPUTrainer
 from ipu_train.cli import main_entry
 from ipu_train.data import DataCollatorForCappedMLM, masked_token_cap
 from ipu_train.errors import UserError
-from ipu_train.loading import (build_model, column_names, load_config, load_raw_datasets, load_tokenizer,
-                               sequence_length, text_column)
+from ipu_train.loading import build_model, load_config, load_raw_datasets, load_tokenizer, sequence_length
 from ipu_train.metrics import RunningAccuracy, argmax_predictions
 from ipu_train.script_args import DataArguments
-from ipu_train.workflow import (evaluate_and_report, publish, select_splits, start, tokenize_and_group,
-                                train_and_save)
+from ipu_train.workflow import (columns_to_tokenize, evaluate_and_report, publish, select_splits, start,
+                                tokenize_and_group, train_and_save)
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +56,7 @@ def main(argv=None):
                         "made for BERT/RoBERTa (train_tokenizer.py --type wordpiece, or --type bpe --style roberta)")
     model = build_model(model_args, config, tokenizer, AutoModelForMaskedLM, ipu_config)
 
-    first_split = raw_datasets["train" if training_args.do_train else "validation"]
-    text, columns = text_column(first_split), column_names(first_split)
+    text, columns = columns_to_tokenize(raw_datasets, training_args)
     max_seq_length = sequence_length(data_args.max_seq_length, "--max_seq_length", tokenizer, config)
     word_ids = data_args.whole_word_masking  # whole-word masking needs each token's word index
 

@@ -12,10 +12,10 @@ from ipu_train import IPUTrainer
 from ipu_train.cli import main_entry
 from ipu_train.data import DataCollatorForPLM
 from ipu_train.errors import UserError
-from ipu_train.loading import build_model, column_names, load_config, load_raw_datasets, load_tokenizer, text_column
+from ipu_train.loading import build_model, load_config, load_raw_datasets, load_tokenizer
 from ipu_train.script_args import DataArguments
-from ipu_train.workflow import (evaluate_and_report, publish, select_splits, start, tokenize_and_group,
-                                train_and_save)
+from ipu_train.workflow import (columns_to_tokenize, evaluate_and_report, publish, select_splits, start,
+                                tokenize_and_group, train_and_save)
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,8 @@ class DataTrainingArguments(DataArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.max_seq_length < 2:
+            raise UserError(f"--max_seq_length {self.max_seq_length}: use an even length of 2 or more, e.g. 512")
         if self.max_seq_length % 2:
             raise UserError(f"--max_seq_length {self.max_seq_length} is odd: permutation LM needs an even length, "
                             f"e.g. {self.max_seq_length + 1}")
@@ -57,8 +59,7 @@ def main(argv=None):
                         "for XLNet (train_tokenizer.py --type unigram)")
     model = build_model(model_args, config, tokenizer, XLNetLMHeadModel, ipu_config)
 
-    first_split = raw_datasets["train" if training_args.do_train else "validation"]
-    text, columns = text_column(first_split), column_names(first_split)
+    text, columns = columns_to_tokenize(raw_datasets, training_args)
     max_seq_length = data_args.max_seq_length
 
     if data_args.line_by_line:

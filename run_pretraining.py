@@ -9,13 +9,14 @@ Data comes in three forms:
   or from disk (--dataset_path, a dataset saved with `save_to_disk`, e.g. by --save_preprocessed_dataset).
 In training the MLM predictions are computed only at the (capped) masked positions."""
 import dataclasses
+import inspect
 import logging
 import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 import datasets
-from transformers import AutoModelForPreTraining, default_data_collator
+from transformers import AutoModelForPreTraining, DataCollatorForTokenClassification
 
 from ipu_train import IPUTrainer
 from ipu_train.cli import main_entry
@@ -30,6 +31,7 @@ from ipu_train.workflow import evaluate_and_report, publish, select_splits, star
 logger = logging.getLogger(__name__)
 
 PAIR_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "next_sentence_label")
+MIN_PAIR_LENGTH = 5
 
 
 @dataclass
@@ -69,9 +71,14 @@ class DataTrainingArguments(DataArguments):
         if self.streaming and not self.is_already_preprocessed:
             raise UserError("--streaming needs --is_already_preprocessed data: building next-sentence pairs from raw "
                             "text draws random segments from the whole corpus")
-        for flag in ("mlm_probability", "short_seq_probability", "nsp_probability"):
+        if not 0 < self.mlm_probability < 1:
+            raise UserError(f"--mlm_probability {self.mlm_probability}: use a value between 0 and 1, e.g. 0.15")
+        for flag in ("short_seq_probability", "nsp_probability"):
             if not 0 <= getattr(self, flag) <= 1:
                 raise UserError(f"--{flag} {getattr(self, flag)}: use a probability between 0 and 1")
+        if self.max_seq_length < MIN_PAIR_LENGTH:
+            raise UserError(f"--max_seq_length {self.max_seq_length}: a sentence pair needs at least "
+                            f"{MIN_PAIR_LENGTH} tokens ([CLS] A [SEP] B [SEP]); 128 is usual")
 
 
 def load_documents(data_args, model_args):
@@ -113,6 +120,9 @@ def load_pairs(data_args, model_args, training_args, tokenizer, max_seq_length):
                 build, batched=True, with_indices=True, remove_columns=column_names(split_documents),
                 num_proc=data_args.preprocessing_num_workers, load_from_cache_file=not data_args.overwrite_cache,
                 desc=f"next-sentence pairs ({split})")
+            if len(pairs[split]) == 0:
+                raise UserError(f"no sentence pair could be built from the {split} text ({len(split_documents)} "
+                                "documents): a pair needs a document of two sentences or more; add text")
     if data_args.save_preprocessed_dataset and training_args.should_save:
         pairs.save_to_disk(data_args.save_preprocessed_dataset)
         logger.info("Saved the tokenized pairs to %s: pass --dataset_path %s next time.",
@@ -139,6 +149,9 @@ def main(argv=None):
     config = load_config(model_args)
     tokenizer = load_tokenizer(model_args)
     model = build_model(model_args, config, tokenizer, AutoModelForPreTraining, ipu_config)
+    if "next_sentence_label" not in inspect.signature(model.forward).parameters:
+        raise UserError(f"pretraining needs a model with a next-sentence head; {type(model).__name__} has none: pass "
+                        "--model_type bert, or a BERT --model_name_or_path (run_mlm.py trains masked LM alone)")
     max_seq_length = sequence_length(data_args.max_seq_length, "--max_seq_length", tokenizer, config)
 
     pairs = keep_pair_columns(load_pairs(data_args, model_args, training_args, tokenizer, max_seq_length), data_args)
@@ -146,8 +159,9 @@ def main(argv=None):
                                                 f"sentence pairs of at most {max_seq_length} tokens",
                                                 "lower --max_seq_length")
 
-    if data_args.is_already_masked:
-        train_collator = eval_collator = default_data_collator
+    if data_args.is_already_masked:  # pad the pairs, and their labels with -100
+        train_collator = eval_collator = DataCollatorForTokenClassification(
+            tokenizer, pad_to_multiple_of=max_seq_length if data_args.pad_to_max_length else 8)
     else:
         train_collator = DataCollatorForCappedMLM(
             tokenizer, mlm_probability=data_args.mlm_probability,
@@ -172,7 +186,8 @@ def main(argv=None):
     if training_args.do_train:
         train_and_save(trainer, training_args, last_checkpoint, train_dataset)
     if training_args.do_eval:
-        evaluate_and_report(trainer, eval_dataset, loss_key="eval_mlm_loss" if with_accuracy else "eval_loss")
+        # Perplexity is the MLM loss's; --prediction_loss_only leaves the MLM loss (and so perplexity) out.
+        evaluate_and_report(trainer, eval_dataset, loss_key="eval_mlm_loss" if with_accuracy else None)
     publish(trainer, training_args, model_args, data_args, tasks="fill-mask")
 
 

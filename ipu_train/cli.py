@@ -8,6 +8,7 @@ import sys
 import datasets
 import torch
 import transformers
+import yaml
 from transformers import HfArgumentParser
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -35,6 +36,8 @@ class ScriptArgumentParser(HfArgumentParser):
             return self.parse_args_into_dataclasses(args=argv)
         except ValueError as err:  # dataclass __post_init__ checks (transformers' and ours) raise ValueError
             raise UserError(_first_line(err)) from None
+        except yaml.YAMLError as err:
+            raise UserError(f"{argv[0]} is not valid YAML: {' '.join(str(err).split())}") from None
 
 
 def _existing(path):

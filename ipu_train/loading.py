@@ -35,63 +35,80 @@ def _hub_offline():
 
 
 def load_raw_datasets(data_args, model_args):
-    """A DatasetDict (or IterableDatasetDict with --streaming) with "train" and, when available, "validation"."""
+    """A DatasetDict (or IterableDatasetDict with --streaming) with "train" and, when available, "validation":
+    without a validation split, the first --validation_split_percentage of "train" (a stream has none)."""
     common = dict(cache_dir=model_args.cache_dir, token=model_args.token, streaming=data_args.streaming)
     if data_args.dataset_name is not None:
         with _named("dataset_name", data_args.dataset_name):
             raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, **common)
-        if "validation" not in raw and "train" in raw:
-            raw = _hold_out_validation(raw, data_args, lambda split: datasets.load_dataset(
-                data_args.dataset_name, data_args.dataset_config_name, split=split, **common))
-        return raw
-    data_files = local_data_files(data_args)
-    extension = next(iter(data_files.values())).rsplit(".", 1)[-1]
-    builder = {"txt": "text", "jsonl": "json"}.get(extension, extension)
-    options = dict(keep_linebreaks=data_args.keep_linebreaks) if builder == "text" else {}
-    raw = datasets.load_dataset(builder, data_files=data_files, **common, **options)
-    if "validation" not in raw:
-        raw = _hold_out_validation(raw, data_args, lambda split: datasets.load_dataset(
-            builder, data_files=data_files, split=split, **common, **options))
+    else:
+        data_files = local_data_files(data_args)
+        builder = {"txt": "text", "jsonl": "json"}.get(_extension(next(iter(data_files.values()))))
+        builder = builder or _extension(next(iter(data_files.values())))
+        options = dict(keep_linebreaks=data_args.keep_linebreaks) if builder == "text" else {}
+        with _named("train_file" if "train" in data_files else "validation_file", ", ".join(data_files.values())):
+            raw = datasets.load_dataset(builder, data_files=data_files, **common, **options)
+    if "validation" not in raw and "train" in raw and not data_args.streaming:
+        raw = split_off_validation(raw["train"], data_args.validation_split_percentage)
     return raw
 
 
 def local_data_files(data_args):
-    """{"train": --train_file, "validation": --validation_file}, for the ones given; a missing file is an error."""
+    """{"train": --train_file, "validation": --validation_file}, for the ones given: files that exist, hold
+    something, and share one format."""
     files = {}
     for split, flag in (("train", "train_file"), ("validation", "validation_file")):
         path = getattr(data_args, flag)
-        if path is not None and not os.path.isfile(path):
+        if path is None:
+            continue
+        if not os.path.isfile(path):
             raise UserError(f"--{flag} {path} does not exist")
-        if path is not None:
-            files[split] = path
+        if os.path.getsize(path) == 0:
+            raise UserError(f"--{flag} {path} is empty")
+        files[split] = path
+    if len({_extension(path) for path in files.values()}) > 1:
+        raise UserError(f"--train_file {files['train']} and --validation_file {files['validation']} differ in format: "
+                        "give both in the same one")
     return files
 
 
+def _extension(path):
+    return path.rsplit(".", 1)[-1]
+
+
 def split_off_validation(dataset, percentage):
-    """The first `percentage`% of a dataset as "validation", the rest as "train" (as `train[:5%]` does)."""
+    """The first `percentage`% of a dataset as "validation", the rest as "train" (as `train[:5%]` does, but never
+    an empty validation split)."""
     held_out = max(1, len(dataset) * percentage // 100)
     return datasets.DatasetDict(train=dataset.select(range(held_out, len(dataset))),
                                 validation=dataset.select(range(held_out)))
 
 
-def _hold_out_validation(raw, data_args, load_split):
-    pct = data_args.validation_split_percentage
-    if data_args.streaming:
-        raise UserError("--streaming data has no validation split and a stream cannot be sliced by percentage: "
-                        "pass --validation_file (or a dataset with a validation split), or leave out --do_eval")
-    raw["validation"] = load_split(f"train[:{pct}%]")
-    raw["train"] = load_split(f"train[{pct}%:]")
-    return raw
-
-
 def column_names(dataset):
     names = list(dataset.column_names or [])
-    return names or list(next(iter(dataset)).keys())  # a stream whose features are unknown until read
+    if names:
+        return names
+    first = next(iter(dataset), None)  # a stream whose features are unknown until read
+    if first is None:
+        raise UserError("the data holds no records: check --train_file / --validation_file / --dataset_name")
+    return list(first.keys())
 
 
 def text_column(dataset):
+    """"text" if there is one, else the first column of strings."""
     names = column_names(dataset)
-    return "text" if "text" in names else names[0]
+    if "text" in names:
+        return "text"
+    features = dataset.features or {}
+    if features:
+        strings = [name for name in names if getattr(features[name], "dtype", None) in ("string", "large_string")]
+    else:
+        first = next(iter(dataset))
+        strings = [name for name in names if isinstance(first[name], str)]
+    if not strings:
+        raise UserError(f"the data has no text column (its columns: {', '.join(names)}): name the text column "
+                        "'text'")
+    return strings[0]
 
 
 def _config_source(model_args):
@@ -151,7 +168,8 @@ def load_model(model_args, config, auto_class):
                                               token=model_args.token, trust_remote_code=model_args.trust_remote_code,
                                               dtype=dtype)
     if hasattr(auto_class, "from_config"):  # an Auto class
-        model = auto_class.from_config(config, trust_remote_code=model_args.trust_remote_code)
+        with _named("model_type" if model_args.model_type else "config_name", config.model_type):
+            model = auto_class.from_config(config, trust_remote_code=model_args.trust_remote_code)
     else:  # a concrete model class, such as XLNetLMHeadModel
         model = auto_class(config)
     logger.info("New model from scratch: %.1fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
@@ -204,6 +222,8 @@ def max_positions(config):
 def sequence_length(requested, flag, tokenizer, config, default=1024):
     """The block / sequence length: the request, else the tokenizer's limit (capped at `default`), never more than
     the model's positions (a larger request warns and is clamped)."""
+    if requested is not None and requested < 1:
+        raise UserError(f"{flag} {requested}: use a length of 1 or more tokens")
     limits = [n for n in (max_positions(config), tokenizer.model_max_length) if n and n < _UNBOUNDED]
     limit = min(limits) if limits else None
     if requested is None:

@@ -9,7 +9,7 @@ from transformers import set_seed
 from .arguments import IPUTrainingArguments, load_ipu_config
 from .cli import ScriptArgumentParser, last_checkpoint_or_refuse, setup_logging
 from .data import group_texts
-from .loading import perplexity, require_samples
+from .loading import column_names, perplexity, require_samples, text_column
 from .errors import UserError
 from .script_args import ModelArguments
 
@@ -40,6 +40,19 @@ def take(dataset, limit):
     if isinstance(dataset, datasets.IterableDataset):
         return dataset.take(limit)
     return dataset.select(range(min(limit, len(dataset))))
+
+
+def columns_to_tokenize(raw_datasets, training_args):
+    """(text column, all columns) of the split the preprocessing follows, after checking that the splits the flags
+    need are there. The text column is None for data that is already tokenized (an `input_ids` column)."""
+    if training_args.do_train and "train" not in raw_datasets:
+        raise UserError("--do_train: the data has no train split: pass --train_file, or a dataset with one")
+    if training_args.do_eval and "validation" not in raw_datasets:
+        raise UserError("--do_eval: the data has no validation split, and a stream cannot be split by "
+                        "--validation_split_percentage: pass --validation_file, or a dataset with one")
+    split = raw_datasets["train" if training_args.do_train else "validation"]
+    columns = column_names(split)
+    return (None if "input_ids" in columns else text_column(split)), columns
 
 
 def tokenize_and_group(raw_datasets, tokenize, columns, data_args, training_args, block_size=None, labels=False):
@@ -106,11 +119,13 @@ def train_and_save(trainer, training_args, last_checkpoint, train_dataset):
 
 
 def evaluate_and_report(trainer, eval_dataset, loss_key="eval_loss"):
-    """Evaluate; `perplexity` is exp of `loss_key` (the MLM loss for pretraining), inf on overflow."""
+    """Evaluate; `perplexity` is exp of `loss_key` (the MLM loss for pretraining; None: no perplexity), inf on
+    overflow."""
     metrics = trainer.evaluate()
     if not isinstance(eval_dataset, datasets.IterableDataset):
         metrics["eval_samples"] = len(eval_dataset)
-    metrics["perplexity"] = perplexity(metrics[loss_key])
+    if loss_key is not None:
+        metrics["perplexity"] = perplexity(metrics[loss_key])
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
     return metrics

@@ -165,6 +165,8 @@ def run_and_expect_user_error(main, argv, capsys, *phrases):
     (["--model_name_or_path", "no-such-model"], ["--model_name_or_path no-such-model", "offline"]),
     (["--tokenizer_name", "no-such-tokenizer"], ["--tokenizer_name no-such-tokenizer", "offline"]),
     (["--dataset_name", "no-such-dataset"], ["--dataset_name no-such-dataset", "offline"]),
+    (["--block_size", "0"], ["--block_size 0", "1 or more"]),
+    (["--validation_file", "v.jsonl"], ["--validation_file v.jsonl", "does not exist"]),
 ])
 def test_clm_user_errors(change, phrases, text_files, bpe_tokenizer_dir, tmp_path, capsys):
     argv = clm_args(text_files, bpe_tokenizer_dir, tmp_path / "out", "--do_train", "--num_train_epochs", "1")
@@ -232,3 +234,50 @@ def test_a_layout_that_does_not_fit_the_model_stops_before_the_data_is_processed
     argv = clm_args(text_files, bpe_tokenizer_dir, tmp_path / "out", "--do_train", "--max_steps", "2",
                     "--ipu_config_overrides", "layers_per_ipu=[1 2]")
     run_and_expect_user_error(run_clm.main, argv, capsys, "layers_per_ipu=[1, 2]", "the model has 2")
+
+
+def test_data_mistakes_are_user_errors(text_files, bpe_tokenizer_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"id": i, "score": 0.5}) + "\n" for i in range(20)))
+    yaml_file = tmp_path / "args.yaml"
+    yaml_file.write_text("model_type: gpt2\n  bad: [indentation\n")
+    base = clm_args(text_files, bpe_tokenizer_dir, tmp_path / "out", "--do_train", "--max_steps", "2")
+    cases = [
+        (base + ["--train_file", str(empty)], ["--train_file", "is empty"]),
+        (base + ["--validation_file", str(rows)], ["differ in format"]),
+        (base + ["--train_file", str(rows), "--validation_file", str(rows)], ["no text column", "id, score"]),
+        ([str(yaml_file)], ["args.yaml is not valid YAML"]),
+    ]
+    for argv, phrases in cases:
+        run_and_expect_user_error(run_clm.main, argv, capsys, *phrases)
+
+
+def test_masked_lm_refuses_a_model_without_a_masked_lm_head(text_files, wordpiece_tokenizer_dir, tmp_path, capsys):
+    argv = mlm_args(text_files, wordpiece_tokenizer_dir, tmp_path / "out", "--do_train", "--max_steps", "2",
+                    "--model_type", "gpt2", "--config_overrides", TINY_GPT2)
+    run_and_expect_user_error(run_mlm.main, argv, capsys, "--model_type gpt2", "AutoModelForMaskedLM")
+
+
+def test_streaming_training_needs_no_validation_split(text_files, bpe_tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "stream"
+    argv = clm_args(text_files, bpe_tokenizer_dir, out, "--do_train", "--streaming", "--max_steps", "2")
+    at = argv.index("--validation_file")
+    argv = argv[:at] + argv[at + 2:]  # a stream cannot be split: no validation data at all
+    run_clm.main(argv)
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    capsys.readouterr()
+    run_and_expect_user_error(run_clm.main, argv + ["--do_eval", "--output_dir", str(tmp_path / "eval")], capsys,
+                              "--do_eval", "no validation split", "--validation_file")
+
+
+def test_a_tiny_file_still_holds_out_one_validation_line(tmp_path, bpe_tokenizer_dir, corpus_dir):
+    small = tmp_path / "small.txt"
+    small.write_text("".join((corpus_dir / "train.txt").read_text().splitlines(keepends=True)[:12]))
+    out = tmp_path / "out"
+    run_clm.main(["--model_type", "gpt2", "--config_overrides", TINY_GPT2, "--tokenizer_name", str(bpe_tokenizer_dir),
+                  "--train_file", str(small), "--block_size", "16", "--do_train", "--do_eval", "--max_steps", "2",
+                  "--per_device_train_batch_size", "2", "--output_dir", str(out), "--report_to", "none",
+                  "--disable_tqdm", "true"])
+    assert results(out, "eval")["eval_samples"] >= 1
