@@ -1,5 +1,11 @@
 """Shared fixtures: the bundled corpus and tiny tokenizers of every kind, trained once per test session."""
+import os
 from pathlib import Path
+
+# The tests run on local files only, also when pytest is called directly on a machine that is online: these must
+# be set before transformers, datasets and huggingface_hub are imported (they read them once).
+for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_name, "1")
 
 import pytest
 
