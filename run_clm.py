@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, default_data_collator
 
 from ipu_train import IPUTrainer
 from ipu_train.cli import main_entry
-from ipu_train.loading import build_model, load_config, load_raw_datasets, load_tokenizer, sequence_length
+from ipu_train.loading import (build_model, load_config, load_raw_datasets, load_tokenizer, sequence_length,
+                               texts)
 from ipu_train.metrics import RunningAccuracy, argmax_predictions
 from ipu_train.script_args import DataArguments
 from ipu_train.workflow import (columns_to_tokenize, evaluate_and_report, publish, select_splits, start,
@@ -41,7 +42,7 @@ def main(argv=None):
 
     def tokenize(examples):
         # Documents are longer than a block until grouped: verbose=False silences the over-length warning.
-        return tokenizer(examples[text], verbose=False)
+        return tokenizer(texts(examples, text), verbose=False)
 
     lm_datasets = tokenize_and_group(raw_datasets, tokenize, columns, data_args, training_args, block_size,
                                      labels=True)

@@ -16,7 +16,8 @@ from ipu_train import IPUTrainer
 from ipu_train.cli import main_entry
 from ipu_train.data import DataCollatorForCappedMLM, masked_token_cap
 from ipu_train.errors import UserError
-from ipu_train.loading import build_model, load_config, load_raw_datasets, load_tokenizer, sequence_length
+from ipu_train.loading import (build_model, load_config, load_raw_datasets, load_tokenizer, sequence_length,
+                               texts)
 from ipu_train.metrics import RunningAccuracy, argmax_predictions
 from ipu_train.script_args import DataArguments
 from ipu_train.workflow import (columns_to_tokenize, evaluate_and_report, publish, select_splits, start,
@@ -73,9 +74,10 @@ def main(argv=None):
     else:
         def tokenize(examples):
             # Documents are longer than a block until grouped: verbose=False silences the over-length warning.
-            encoded = tokenizer(examples[text], return_special_tokens_mask=True, verbose=False)
+            documents = texts(examples, text)
+            encoded = tokenizer(documents, return_special_tokens_mask=True, verbose=False)
             if word_ids:
-                encoded["word_ids"] = [encoded.word_ids(i) for i in range(len(examples[text]))]
+                encoded["word_ids"] = [encoded.word_ids(i) for i in range(len(documents))]
             return encoded
 
     lm_datasets = tokenize_and_group(raw_datasets, tokenize, columns, data_args, training_args,

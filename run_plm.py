@@ -12,7 +12,7 @@ from ipu_train import IPUTrainer
 from ipu_train.cli import main_entry
 from ipu_train.data import DataCollatorForPLM
 from ipu_train.errors import UserError
-from ipu_train.loading import build_model, load_config, load_raw_datasets, load_tokenizer
+from ipu_train.loading import build_model, load_config, load_raw_datasets, load_tokenizer, texts
 from ipu_train.script_args import DataArguments
 from ipu_train.workflow import (columns_to_tokenize, evaluate_and_report, publish, select_splits, start,
                                 tokenize_and_group, train_and_save)
@@ -69,7 +69,7 @@ def main(argv=None):
     else:
         def tokenize(examples):
             # Documents are longer than a block until grouped: verbose=False silences the over-length warning.
-            return tokenizer(examples[text], verbose=False)
+            return tokenizer(texts(examples, text), verbose=False)
 
     lm_datasets = tokenize_and_group(raw_datasets, tokenize, columns, data_args, training_args,
                                      block_size=None if data_args.line_by_line else max_seq_length)

@@ -111,6 +111,11 @@ def text_column(dataset):
     return strings[0]
 
 
+def texts(examples, column):
+    """The batch's texts, a missing value (an empty CSV field, a JSON null) read as an empty text."""
+    return [text if text is not None else "" for text in examples[column]]
+
+
 def _config_source(model_args):
     return model_args.config_name or model_args.model_name_or_path
 

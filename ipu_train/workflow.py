@@ -59,8 +59,11 @@ def tokenize_and_group(raw_datasets, tokenize, columns, data_args, training_args
     """Tokenize, then concatenate and cut into `block_size` blocks (none: keep one sequence per record), with
     `labels` a copy of the inputs when asked. Data that is already tokenized (an `input_ids` column) is only
     grouped. Runs on the main process first so the others read its cache."""
-    options = {} if data_args.streaming else dict(
-        num_proc=data_args.preprocessing_num_workers, load_from_cache_file=not data_args.overwrite_cache)
+    # Streams are processed as they are read; maps are cached by `datasets`. Grouping runs in one process: each
+    # worker would drop its own shard's remainder, making the blocks depend on --preprocessing_num_workers.
+    group_options = {} if data_args.streaming else dict(load_from_cache_file=not data_args.overwrite_cache)
+    tokenize_options = group_options if data_args.streaming else dict(
+        group_options, num_proc=data_args.preprocessing_num_workers)
     pretokenized = "input_ids" in columns
     if pretokenized and block_size is None:
         raise UserError("the data is already tokenized (it has an input_ids column), so it is grouped into blocks: "
@@ -77,9 +80,9 @@ def tokenize_and_group(raw_datasets, tokenize, columns, data_args, training_args
             logger.info("The data is already tokenized (input_ids column): grouping it into blocks only.")
             processed = raw_datasets.remove_columns([name for name in columns if name not in TOKEN_COLUMNS])
         else:
-            processed = raw_datasets.map(tokenize, batched=True, remove_columns=columns, **options)
+            processed = raw_datasets.map(tokenize, batched=True, remove_columns=columns, **tokenize_options)
         if block_size is not None:
-            processed = processed.map(make_blocks, batched=True, **options)
+            processed = processed.map(make_blocks, batched=True, **group_options)
     return processed
 
 

@@ -231,3 +231,18 @@ def test_pretraining_on_pre_tokenized_pairs_in_json_lines(text_files, wordpiece_
     metrics = results(out, "eval")
     assert metrics["eval_samples"] == min(32, len(pairs["validation"]))
     assert metrics["eval_mlm_loss"] > 0 and 0 <= metrics["eval_nsp_accuracy"] <= 1
+
+
+def test_empty_cells_read_as_empty_texts(corpus_dir, bpe_tokenizer_dir, tmp_path):
+    """A CSV written from lines with blank ones holds empty fields, which datasets reads as None."""
+    lines = (corpus_dir / "validation.txt").read_text(encoding="utf-8").splitlines()[:60]
+    assert "" in lines
+    for name in ("train.csv", "validation.csv"):
+        datasets.Dataset.from_dict({"text": lines}).to_csv(str(tmp_path / name), index=False)
+    out = tmp_path / "out"
+    run_clm.main(["--model_type", "gpt2", "--config_overrides", "n_layer=2,n_embd=32,n_head=2,n_positions=64",
+                  "--tokenizer_name", str(bpe_tokenizer_dir), "--train_file", str(tmp_path / "train.csv"),
+                  "--validation_file", str(tmp_path / "validation.csv"), "--block_size", "32", "--do_train",
+                  "--do_eval", "--max_steps", "2", "--output_dir", str(out), "--report_to", "none",
+                  "--disable_tqdm", "true"])
+    assert global_step(out) == 2 and results(out, "eval")["eval_samples"] > 0
