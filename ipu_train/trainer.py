@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import datasets
 import torch
 import torch.distributed as dist
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from transformers import Trainer
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_pt_utils import nested_concat, nested_numpify
@@ -590,6 +591,13 @@ class IPUTrainer(Trainer):
         super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save:
             self.ipu_config.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        # A sharded optimizer (replicated_tensor_sharding) gathers its state on the main process first, with every
+        # process taking part; the checkpoint then holds the whole state and loads into any number of replicas.
+        if isinstance(self.optimizer, ZeroRedundancyOptimizer):
+            self.optimizer.consolidate_state_dict(to=0)
+        super()._save_optimizer_and_scheduler(output_dir)
 
     def _save_scaler(self, output_dir):
         if self.backend.scaler is not None and self.args.should_save:

@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -118,10 +119,13 @@ class TorchBackend:
         self.model = self.train_module = self.optimizer = self.lr_scheduler = None
         self.last_learning_rate = None
         self.non_embedding_params = 0
-        not_applied = [k for k in ("replicated_tensor_sharding", "optimizer_state_offchip") if getattr(ipu_config, k)]
-        if not_applied:
-            logger.info("%s: not applied on PyTorch yet; each replica keeps its whole optimizer state on its device",
-                        " and ".join(not_applied))
+        # replicated_tensor_sharding: each replica keeps the optimizer state of its share of the parameters (ZeRO-1).
+        self.shard_optimizer_state = ipu_config.replicated_tensor_sharding and self.world_size > 1
+        if self.shard_optimizer_state:
+            logger.info("Optimizer state sharded over the %d replicas (replicated_tensor_sharding)", self.world_size)
+        if ipu_config.optimizer_state_offchip:
+            logger.info("optimizer_state_offchip: not applied on PyTorch yet; the optimizer state stays on %s",
+                        self.device.type)
 
     def _check_cuda_graphs(self):
         """CUDA graph trees (torch.compile's reduce-overhead mode) hand out gradients that live in the graph's memory
@@ -195,14 +199,19 @@ class TorchBackend:
         model.compile(backend=self.args.torch_compile_backend, mode=self.args.torch_compile_mode)
 
     def create_optimizer(self, param_groups):
-        """AdamW with bias correction (fused on CUDA, foreach on CPU), or LAMB with --lamb."""
+        """AdamW with bias correction (fused on CUDA, foreach on CPU), or LAMB with --lamb; sharded over the
+        replicas with replicated_tensor_sharding."""
         args = self.args
         kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
         if args.use_lamb:
-            return LAMB(param_groups, bias_correction=not args.lamb_no_bias_correction, **kwargs)
-        if self.device.type == "cuda":
-            return torch.optim.AdamW(param_groups, fused=True, **kwargs)
-        return torch.optim.AdamW(param_groups, foreach=True, **kwargs)
+            optimizer_class = LAMB
+            kwargs["bias_correction"] = not args.lamb_no_bias_correction
+        else:
+            optimizer_class = torch.optim.AdamW
+            kwargs["fused" if self.device.type == "cuda" else "foreach"] = True
+        if self.shard_optimizer_state:
+            return ZeroRedundancyOptimizer(param_groups, optimizer_class=optimizer_class, **kwargs)
+        return optimizer_class(param_groups, **kwargs)
 
     def attach(self, optimizer, lr_scheduler):
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
