@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import datasets
 import torch
 import torch.distributed as dist
-from torch.distributed.optim import ZeroRedundancyOptimizer
 from transformers import Trainer
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_pt_utils import nested_concat, nested_numpify
@@ -595,7 +594,7 @@ class IPUTrainer(Trainer):
     def _save_optimizer_and_scheduler(self, output_dir):
         # A sharded optimizer (replicated_tensor_sharding) gathers its state on the main process first, with every
         # process taking part; the checkpoint then holds the whole state and loads into any number of replicas.
-        if isinstance(self.optimizer, ZeroRedundancyOptimizer):
+        if hasattr(self.optimizer, "consolidate_state_dict"):  # torch's ZeroRedundancyOptimizer
             self.optimizer.consolidate_state_dict(to=0)
         super()._save_optimizer_and_scheduler(output_dir)
 

@@ -9,7 +9,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -210,6 +209,9 @@ class TorchBackend:
             optimizer_class = torch.optim.AdamW
             kwargs["fused" if self.device.type == "cuda" else "foreach"] = True
         if self.shard_optimizer_state:
+            # Imported here: torch.distributed.optim scripts functions with the deprecated torch.jit on import.
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
             return ZeroRedundancyOptimizer(param_groups, optimizer_class=optimizer_class, **kwargs)
         return optimizer_class(param_groups, **kwargs)
 
