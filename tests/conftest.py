@@ -58,3 +58,13 @@ def wordpiece_tokenizer_dir(tmp_path_factory, corpus_slice):
 def unigram_tokenizer_dir(tmp_path_factory, corpus_slice):
     """XLNet Unigram: <unk> <s> </s> <cls> <sep> <pad> <mask> (ids 0-6), `A <sep> <cls>`, left padding."""
     return _trained(tmp_path_factory, corpus_slice, "tok_unigram", "unigram")
+
+
+@pytest.fixture(scope="session")
+def text_files(corpus_dir, tmp_path_factory):
+    """A few hundred paragraphs of the corpus for training, fewer for validation: seconds per script run."""
+    folder = tmp_path_factory.mktemp("text")
+    for name, lines in (("train.txt", 240), ("validation.txt", 60)):
+        text = (corpus_dir / name).read_text(encoding="utf-8").splitlines(keepends=True)[:lines]
+        (folder / name).write_text("".join(text), encoding="utf-8")
+    return folder

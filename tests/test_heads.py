@@ -366,7 +366,7 @@ def test_a_deep_copy_of_a_patched_model_uses_its_own_weights():
 
 
 def test_patching_twice_patches_once():
-    model, batch = tiny_gpt2(), causal_batch()
+    model = tiny_gpt2()
     assert enable_serialized_heads(model, ipu_config(embedding=2))
     patched = model.forward
     assert enable_serialized_heads(model, ipu_config(embedding=2))

@@ -6,7 +6,7 @@ from transformers import XLNetLMHeadModel
 
 import run_plm
 
-from .test_scripts_clm_mlm import logged_losses, results, run_and_expect_user_error, text_files  # noqa: F401
+from .test_scripts_clm_mlm import logged_losses, results, run_and_expect_user_error
 
 TINY_XLNET = "n_layer=2,d_model=32,n_head=2,d_head=16,d_inner=64"
 

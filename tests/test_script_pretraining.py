@@ -7,8 +7,7 @@ from transformers import BertForPreTraining
 
 import run_pretraining
 
-from .test_scripts_clm_mlm import (TINY_BERT, logged_losses, results, run_and_expect_user_error,  # noqa: F401
-                                   text_files)
+from .test_scripts_clm_mlm import TINY_BERT, logged_losses, results, run_and_expect_user_error
 
 
 def pretraining_args(text_files, tokenizer_dir, output_dir, *extra):

@@ -22,16 +22,6 @@ OUTPUT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer
                 "trainer_state.json", "README.md")
 
 
-@pytest.fixture(scope="module")
-def text_files(corpus_dir, tmp_path_factory):
-    """A few hundred paragraphs for training, fewer for validation: seconds per run."""
-    folder = tmp_path_factory.mktemp("text")
-    for name, lines in (("train.txt", 240), ("validation.txt", 60)):
-        text = (corpus_dir / name).read_text(encoding="utf-8").splitlines(keepends=True)[:lines]
-        (folder / name).write_text("".join(text), encoding="utf-8")
-    return folder
-
-
 def clm_args(text_files, tokenizer_dir, output_dir, *extra):
     return ["--model_type", "gpt2", "--config_overrides", TINY_GPT2, "--tokenizer_name", str(tokenizer_dir),
             "--train_file", str(text_files / "train.txt"), "--validation_file", str(text_files / "validation.txt"),
@@ -222,7 +212,8 @@ def test_clm_on_pre_tokenized_data_only_groups(bpe_tokenizer_dir, tmp_path):
                                              for i, row in enumerate(rows)))
     out = tmp_path / "out"
     run_clm.main(["--model_type", "gpt2", "--config_overrides", TINY_GPT2, "--tokenizer_name", str(bpe_tokenizer_dir),
-                  "--train_file", str(tmp_path / "train.jsonl"), "--validation_file", str(tmp_path / "validation.jsonl"),
+                  "--train_file", str(tmp_path / "train.jsonl"),
+                  "--validation_file", str(tmp_path / "validation.jsonl"),
                   "--block_size", "32", "--per_device_train_batch_size", "4", "--do_train", "--do_eval",
                   "--max_steps", "4", "--output_dir", str(out), "--report_to", "none", "--disable_tqdm", "true"])
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4

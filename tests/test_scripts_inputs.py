@@ -13,7 +13,7 @@ import run_clm
 import run_pretraining
 
 from .test_script_pretraining import pretraining_args
-from .test_scripts_clm_mlm import clm_args, logged_losses, results, text_files  # noqa: F401
+from .test_scripts_clm_mlm import clm_args, logged_losses, results
 
 ALL_BLOCKS = "100000"  # a --max_eval_samples that keeps every block
 
@@ -33,7 +33,7 @@ def paragraphs(path):
 
 
 @pytest.fixture(scope="module")
-def record_files(text_files, tmp_path_factory):  # noqa: F811
+def record_files(text_files, tmp_path_factory):
     """The paragraphs of train.txt / validation.txt as records {"id", "text"} in every record format; "id" comes
     first, so the script must pick the column named "text" rather than the first one."""
     folder = tmp_path_factory.mktemp("records")
@@ -53,7 +53,7 @@ def token_count(tokenizer_dir, lines):
 
 
 @pytest.mark.parametrize("extension", ["csv", "json", "jsonl", "parquet"])
-def test_clm_trains_from_record_files(extension, record_files, text_files, bpe_tokenizer_dir,  # noqa: F811
+def test_clm_trains_from_record_files(extension, record_files, text_files, bpe_tokenizer_dir,
                                       tmp_path):
     out = tmp_path / "out"
     argv = clm_args(text_files, bpe_tokenizer_dir, out, "--do_train", "--do_eval", "--max_steps", "2",
@@ -67,7 +67,7 @@ def test_clm_trains_from_record_files(extension, record_files, text_files, bpe_t
     assert metrics["eval_samples"] == token_count(bpe_tokenizer_dir, paragraphs(text_files / "validation.txt")) // 32
 
 
-def test_validation_split_percentage_holds_out_part_of_the_train_file(text_files, bpe_tokenizer_dir,  # noqa: F811
+def test_validation_split_percentage_holds_out_part_of_the_train_file(text_files, bpe_tokenizer_dir,
                                                                       tmp_path):
     whole = tmp_path / "whole"
     run_clm.main(clm_args(text_files, bpe_tokenizer_dir, whole, "--do_train", "--max_steps", "1"))
@@ -83,7 +83,7 @@ def test_validation_split_percentage_holds_out_part_of_the_train_file(text_files
     assert 0.05 * all_blocks < held_out < 0.15 * all_blocks  # about 10% (lines, not tokens, are split)
 
 
-def test_max_train_and_eval_samples_cut_the_splits(text_files, bpe_tokenizer_dir, tmp_path):  # noqa: F811
+def test_max_train_and_eval_samples_cut_the_splits(text_files, bpe_tokenizer_dir, tmp_path):
     out = tmp_path / "out"
     run_clm.main(clm_args(text_files, bpe_tokenizer_dir, out, "--do_train", "--do_eval", "--max_steps", "2",
                           "--max_train_samples", "40", "--max_eval_samples", "7"))
@@ -91,7 +91,7 @@ def test_max_train_and_eval_samples_cut_the_splits(text_files, bpe_tokenizer_dir
     assert results(out, "eval")["eval_samples"] == 7
 
 
-def test_preprocessing_workers_do_not_change_the_data(text_files, bpe_tokenizer_dir, tmp_path,  # noqa: F811
+def test_preprocessing_workers_do_not_change_the_data(text_files, bpe_tokenizer_dir, tmp_path,
                                                       caplog):
     """Eval-only runs of the same fresh model. Each run reads its own copy of the files: the datasets cache of a
     1-worker run would otherwise be reused by a 2-worker run (datasets keeps the shard count it cached with)."""
@@ -124,7 +124,7 @@ def pretrained_gpt2(bpe_tokenizer_dir, tmp_path_factory):
     return folder
 
 
-def pretrained_args(text_files, pretrained, output_dir, *extra):  # noqa: F811
+def pretrained_args(text_files, pretrained, output_dir, *extra):
     argv = clm_args(text_files, pretrained, output_dir, "--do_train", "--max_steps", "2", *extra)
     for flag in ("--model_type", "--config_overrides", "--tokenizer_name"):
         argv = without(argv, flag)
@@ -136,7 +136,7 @@ def saved_dtypes(output_dir):
         return {weights.get_tensor(name).dtype for name in weights.keys()}
 
 
-def test_config_overrides_apply_on_top_of_a_pretrained_model(text_files, pretrained_gpt2, tmp_path,  # noqa: F811
+def test_config_overrides_apply_on_top_of_a_pretrained_model(text_files, pretrained_gpt2, tmp_path,
                                                              caplog):
     out = tmp_path / "gelu"
     caplog.set_level("INFO")
@@ -148,7 +148,7 @@ def test_config_overrides_apply_on_top_of_a_pretrained_model(text_files, pretrai
     assert saved_dtypes(out) == {torch.float32}  # the bfloat16 checkpoint was loaded as --dtype float32
 
 
-def test_pretrained_model_keeps_its_config_and_dtype_without_flags(text_files, pretrained_gpt2,  # noqa: F811
+def test_pretrained_model_keeps_its_config_and_dtype_without_flags(text_files, pretrained_gpt2,
                                                                    tmp_path):
     """The counterpart of the test above: without the flags the run keeps gelu_new and bfloat16 weights."""
     out = tmp_path / "as_saved"
@@ -157,7 +157,7 @@ def test_pretrained_model_keeps_its_config_and_dtype_without_flags(text_files, p
     assert saved_dtypes(out) == {torch.bfloat16}
 
 
-def test_block_size_longer_than_the_model_is_clamped_with_a_warning(text_files, bpe_tokenizer_dir,  # noqa: F811
+def test_block_size_longer_than_the_model_is_clamped_with_a_warning(text_files, bpe_tokenizer_dir,
                                                                      tmp_path, caplog):
     runs = {}
     for block_size in ("1000", "64"):
@@ -177,7 +177,7 @@ def test_block_size_longer_than_the_model_is_clamped_with_a_warning(text_files, 
     assert clamped[1] == explicit[1]
 
 
-def test_resume_from_the_output_dir_and_overwrite_it(text_files, bpe_tokenizer_dir, tmp_path, caplog):  # noqa: F811
+def test_resume_from_the_output_dir_and_overwrite_it(text_files, bpe_tokenizer_dir, tmp_path, caplog):
     out = tmp_path / "out"
     run_clm.main(clm_args(text_files, bpe_tokenizer_dir, out, "--do_train", "--max_steps", "4", "--save_steps", "2"))
     assert (out / "checkpoint-4").is_dir()
@@ -198,7 +198,7 @@ def test_resume_from_the_output_dir_and_overwrite_it(text_files, bpe_tokenizer_d
     assert logged_losses(out) == first_losses[:1]  # afresh: same seed, same first step as the first run
 
 
-def test_keep_linebreaks_false_drops_the_newline_tokens(text_files, bpe_tokenizer_dir, tmp_path):  # noqa: F811
+def test_keep_linebreaks_false_drops_the_newline_tokens(text_files, bpe_tokenizer_dir, tmp_path):
     counts = {}
     for keep in ("true", "false"):
         out = tmp_path / keep
@@ -212,7 +212,7 @@ def test_keep_linebreaks_false_drops_the_newline_tokens(text_files, bpe_tokenize
     assert counts["false"] < counts["true"]
 
 
-def test_pretraining_on_pre_tokenized_pairs_in_json_lines(text_files, wordpiece_tokenizer_dir,  # noqa: F811
+def test_pretraining_on_pre_tokenized_pairs_in_json_lines(text_files, wordpiece_tokenizer_dir,
                                                           tmp_path):
     saved = tmp_path / "pairs"
     run_pretraining.main(pretraining_args(text_files, wordpiece_tokenizer_dir, tmp_path / "build", "--do_eval",

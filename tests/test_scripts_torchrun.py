@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from .conftest import REPO
-from .test_scripts_clm_mlm import clm_args, results, text_files  # noqa: F401
+from .test_scripts_clm_mlm import clm_args, results
 
 
 def test_two_replicas_report_the_metrics_of_one_process(text_files, bpe_tokenizer_dir, tmp_path):
@@ -15,7 +15,8 @@ def test_two_replicas_report_the_metrics_of_one_process(text_files, bpe_tokenize
     single, double = tmp_path / "one", tmp_path / "two"
     # Evaluation only: the same seed builds the same new model in every process.
     argv = clm_args(text_files, bpe_tokenizer_dir, single, "--do_eval", "--per_device_eval_batch_size", "4")
-    subprocess.run([sys.executable, str(REPO / "run_clm.py"), *argv], check=True, capture_output=True, cwd=REPO, env=env)
+    subprocess.run([sys.executable, str(REPO / "run_clm.py"), *argv], check=True, capture_output=True, cwd=REPO,
+                   env=env)
     argv = clm_args(text_files, bpe_tokenizer_dir, double, "--do_eval", "--per_device_eval_batch_size", "4")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            "29531", str(REPO / "run_clm.py"), *argv], capture_output=True, text=True, cwd=REPO, env=env)

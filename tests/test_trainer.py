@@ -89,7 +89,8 @@ def test_replicas_split_each_combined_batch_without_overlap(micro, accumulation,
     steps = len(order) // layout.step_samples
     for step in range(steps):
         per_replica = [sum(shard[step * accumulation:(step + 1) * accumulation], []) for shard in shards]
-        assert sorted(sum(per_replica, [])) == sorted(order[step * layout.step_samples:(step + 1) * layout.step_samples])
+        step_samples = order[step * layout.step_samples:(step + 1) * layout.step_samples]
+        assert sorted(sum(per_replica, [])) == sorted(step_samples)
         assert all(len(part) == micro * accumulation for part in per_replica)
 
 
