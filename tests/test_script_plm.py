@@ -6,17 +6,14 @@ from transformers import XLNetLMHeadModel
 
 import run_plm
 
-from .test_scripts_clm_mlm import logged_losses, results, run_and_expect_user_error
+from .test_scripts_clm_mlm import logged_losses, results, run_and_expect_user_error, script_args
 
 TINY_XLNET = "n_layer=2,d_model=32,n_head=2,d_head=16,d_inner=64"
 
 
 def plm_args(text_files, tokenizer_dir, output_dir, *extra):
-    return ["--model_type", "xlnet", "--config_overrides", TINY_XLNET, "--tokenizer_name", str(tokenizer_dir),
-            "--train_file", str(text_files / "train.txt"), "--validation_file", str(text_files / "validation.txt"),
-            "--max_seq_length", "32", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
-            "--learning_rate", "3e-3", "--output_dir", str(output_dir), "--report_to", "none", "--seed", "0",
-            "--logging_steps", "2", "--disable_tqdm", "true", "--max_eval_samples", "16", *extra]
+    return script_args(text_files, tokenizer_dir, output_dir, "xlnet", TINY_XLNET, "--max_seq_length", 32,
+                       eval_samples=16) + list(extra)
 
 
 def test_xlnet_trains_evaluates_and_reloads(text_files, unigram_tokenizer_dir, tmp_path):

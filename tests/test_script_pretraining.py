@@ -7,15 +7,11 @@ from transformers import BertForPreTraining
 
 import run_pretraining
 
-from .test_scripts_clm_mlm import TINY_BERT, logged_losses, results, run_and_expect_user_error
+from .test_scripts_clm_mlm import TINY_BERT, logged_losses, results, run_and_expect_user_error, script_args
 
 
 def pretraining_args(text_files, tokenizer_dir, output_dir, *extra):
-    return ["--model_type", "bert", "--config_overrides", TINY_BERT, "--tokenizer_name", str(tokenizer_dir),
-            "--train_file", str(text_files / "train.txt"), "--validation_file", str(text_files / "validation.txt"),
-            "--max_seq_length", "64", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
-            "--learning_rate", "3e-3", "--output_dir", str(output_dir), "--report_to", "none", "--seed", "0",
-            "--logging_steps", "2", "--disable_tqdm", "true", "--max_eval_samples", "32", *extra]
+    return script_args(text_files, tokenizer_dir, output_dir, "bert", TINY_BERT, "--max_seq_length", 64) + list(extra)
 
 
 def test_pretraining_from_raw_text_then_from_the_saved_pairs(text_files, wordpiece_tokenizer_dir, tmp_path):

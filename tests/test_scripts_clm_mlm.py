@@ -22,20 +22,24 @@ OUTPUT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer
                 "trainer_state.json", "README.md")
 
 
-def clm_args(text_files, tokenizer_dir, output_dir, *extra):
-    return ["--model_type", "gpt2", "--config_overrides", TINY_GPT2, "--tokenizer_name", str(tokenizer_dir),
+def script_args(text_files, tokenizer_dir, output_dir, model_type, config_overrides, length_flag, length,
+                train_batch=8, eval_samples=32):
+    """The flags every end-to-end test shares: a tiny model from scratch on `text_files`, quick logging."""
+    return ["--model_type", model_type, "--config_overrides", config_overrides, "--tokenizer_name", str(tokenizer_dir),
             "--train_file", str(text_files / "train.txt"), "--validation_file", str(text_files / "validation.txt"),
-            "--block_size", "32", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
-            "--learning_rate", "3e-3", "--output_dir", str(output_dir), "--report_to", "none", "--seed", "0",
-            "--logging_steps", "2", "--disable_tqdm", "true", "--max_eval_samples", "32", *extra]
+            length_flag, str(length), "--per_device_train_batch_size", str(train_batch),
+            "--per_device_eval_batch_size", "8", "--learning_rate", "3e-3", "--output_dir", str(output_dir),
+            "--report_to", "none", "--seed", "0", "--logging_steps", "2", "--disable_tqdm", "true",
+            "--max_eval_samples", str(eval_samples)]
+
+
+def clm_args(text_files, tokenizer_dir, output_dir, *extra):
+    return script_args(text_files, tokenizer_dir, output_dir, "gpt2", TINY_GPT2, "--block_size", 32,
+                       train_batch=4) + list(extra)
 
 
 def mlm_args(text_files, tokenizer_dir, output_dir, *extra):
-    return ["--model_type", "bert", "--config_overrides", TINY_BERT, "--tokenizer_name", str(tokenizer_dir),
-            "--train_file", str(text_files / "train.txt"), "--validation_file", str(text_files / "validation.txt"),
-            "--max_seq_length", "32", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
-            "--learning_rate", "3e-3", "--output_dir", str(output_dir), "--report_to", "none", "--seed", "0",
-            "--logging_steps", "2", "--disable_tqdm", "true", "--max_eval_samples", "32", *extra]
+    return script_args(text_files, tokenizer_dir, output_dir, "bert", TINY_BERT, "--max_seq_length", 32) + list(extra)
 
 
 def logged_losses(output_dir):
