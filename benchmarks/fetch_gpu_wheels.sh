@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Fetch, on this (networked) machine, the wheels the GPU image lacks for Python 3.12 into .whl/ (git-ignored);
+# benchmarks/gpu_check.sh installs them there when the device call carries ".whl". About 14 MB.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+grep -qx '/.whl/' .git/info/exclude 2>/dev/null || grep -qx '/.whl/' .gitignore || echo '/.whl/' >> .git/info/exclude
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform any -d .whl \
+    transformers==5.24.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+ls -la .whl
