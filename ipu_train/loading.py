@@ -43,8 +43,8 @@ def load_raw_datasets(data_args, model_args):
             raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, **common)
     else:
         data_files = local_data_files(data_args)
-        builder = {"txt": "text", "jsonl": "json"}.get(_extension(next(iter(data_files.values()))))
-        builder = builder or _extension(next(iter(data_files.values())))
+        extension = _extension(next(iter(data_files.values())))
+        builder = {"txt": "text", "jsonl": "json"}.get(extension, extension)
         options = dict(keep_linebreaks=data_args.keep_linebreaks) if builder == "text" else {}
         with _named("train_file" if "train" in data_files else "validation_file", ", ".join(data_files.values())):
             raw = datasets.load_dataset(builder, data_files=data_files, **common, **options)
@@ -139,16 +139,25 @@ def load_config(model_args):
     return config
 
 
-def apply_config_overrides(config, overrides):
-    """'k=v,k=v' with each value parsed as the type of the existing attribute; an unknown key names the flag."""
-    for item in filter(None, (part.strip() for part in overrides.split(","))):
+def parse_config_overrides(overrides):
+    """--config_overrides 'k=v,k=v' as {key: value text}, whitespace stripped; an item without '=' names the flag."""
+    parsed = {}
+    for item in filter(None, (part.strip() for part in (overrides or "").split(","))):
         key, sep, value = (s.strip() for s in item.partition("="))
         if not sep or not key:
             raise UserError(f"--config_overrides: '{item}' is not key=value")
+        parsed[key] = value
+    return parsed
+
+
+def apply_config_overrides(config, overrides):
+    """Each value parsed as the type of the existing attribute; an unknown key names the flag."""
+    parsed = parse_config_overrides(overrides)
+    for key in parsed:
         if not hasattr(config, key):
             raise UserError(f"--config_overrides: {type(config).__name__} has no attribute '{key}'")
     try:
-        config.update_from_string(",".join(s.strip() for s in overrides.split(",") if s.strip()))
+        config.update_from_string(",".join(f"{key}={value}" for key, value in parsed.items()))
         config.validate()  # values that contradict each other (e.g. XLNet's d_head vs d_model // n_head)
     except (ValueError, TypeError, StrictDataclassError) as err:
         raise UserError(f"--config_overrides {overrides}: {' '.join(str(err).split())}") from None
@@ -199,7 +208,7 @@ def fit_config_to_tokenizer(config, tokenizer, model_args):
     defaults describe the original tokenizer, e.g. GPT-2's 50257 tokens), unless --config_overrides set them."""
     if model_args.model_name_or_path:
         return
-    overridden = {item.split("=", 1)[0].strip() for item in (model_args.config_overrides or "").split(",")}
+    overridden = parse_config_overrides(model_args.config_overrides)
     if "vocab_size" not in overridden:
         config.vocab_size = len(tokenizer)
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
