@@ -5,6 +5,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (BertConfig, BertForMaskedLM, BertForPreTraining, BertForSequenceClassification,
                           GPT2Config, GPT2LMHeadModel, RobertaConfig, RobertaForMaskedLM)
 
@@ -60,6 +61,38 @@ def test_chunked_loss_and_grads_equal_plain_head(n_chunks, with_bias):
         else:
             assert g.dtype == e.dtype and g.shape == e.shape
             torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("alignment", [1, 8, 64, 128])
+def test_padding_the_vocabulary_changes_nothing_but_the_matmul_shapes(alignment):
+    hidden, weight, bias, labels = head_problem(seed=5)  # VOCAB = 101 rows
+    expected, expected_grads = loss_and_grads(lambda h, w, b: plain_loss(h, w, labels, b), hidden, weight, bias)
+    with RecordMatmulShapes() as shapes:
+        got, got_grads = loss_and_grads(
+            lambda h, w, b: chunked_lm_loss(h, w, labels, 2, bias=b, vocab_alignment=alignment), hidden, weight, bias)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    for g, e in zip(got_grads, expected_grads):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    padded = -(-VOCAB // alignment) * alignment
+    # logits, grad of hidden and grad of weight in each of the 2 chunks: every one spans the padded vocabulary
+    assert len(shapes) == 6 and all(padded in dims for dims in shapes)
+    assert alignment == 1 or not any(VOCAB in dims for dims in shapes)
+
+
+class RecordMatmulShapes(TorchDispatchMode):
+    """The (m, k, n) of every matrix product run inside the block."""
+
+    def __enter__(self):
+        self.shapes = []
+        super().__enter__()
+        return self.shapes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            a, b = args[-2:]
+            self.shapes.append((a.shape[0], a.shape[1], b.shape[1]))
+        return func(*args, **(kwargs or {}))
 
 
 def test_chunked_loss_divides_by_num_items_in_batch():

@@ -6,6 +6,10 @@ are computed in: per chunk the logits, the softmax and the gradients of the hidd
 are computed at once, and only the gradients (sizes of hidden, weight and bias) are kept for backward. That does
 the three matmuls of a plain head (logits, grad hidden, grad weight) with no recompute, and no logits tensor is
 ever saved; per-chunk checkpointing would have to recompute each chunk's logits in backward (a fourth matmul).
+The projection's vocabulary rows are padded to a multiple of 64 inside the head (GPT-2's 50257 becomes 50304): with
+an odd vocabulary every logits row is misaligned and the three matmuls miss the fast tensor-core kernels. The padded
+rows are zero and their logits are -inf, so they take no probability and get no gradient; the model's weights,
+tied or not, keep their size.
 
 For masked LM the prediction head (transform + decoder) runs only at the masked positions, as on IPU; a static cap
 on masked tokens per sequence keeps the shapes static (for compiled graphs and no host read of the mask count).
@@ -21,16 +25,19 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+VOCAB_ALIGNMENT = 64
 
 
 # ---------------------------------------------------------------------------------------------------- chunked loss
-def chunked_lm_loss(hidden, weight, labels, n_chunks, bias=None, ignore_index=IGNORE_INDEX, num_items_in_batch=None):
+def chunked_lm_loss(hidden, weight, labels, n_chunks, bias=None, ignore_index=IGNORE_INDEX, num_items_in_batch=None,
+                    vocab_alignment=VOCAB_ALIGNMENT):
     """Cross-entropy of `hidden @ weight.T (+ bias)` against `labels`, computed in `n_chunks` chunks of tokens.
 
     hidden (..., H), labels (...), weight (V, H), bias (V,). The loss is the mean over tokens whose label is not
     `ignore_index`, or their sum divided by `num_items_in_batch` when given (as transformers' loss functions do
     under gradient accumulation). Logits are at least float32 for the softmax; the matmuls run in the autocast
-    dtype when autocast is on, as `nn.Linear` would. With no valid token the loss is NaN, as `F.cross_entropy` gives."""
+    dtype when autocast is on, as `nn.Linear` would. With no valid token the loss is NaN, as `F.cross_entropy` gives.
+    The vocabulary is padded to a multiple of `vocab_alignment` for the matmuls (1: no padding)."""
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     labels_1d = labels.reshape(-1).to(hidden.device)
     if num_items_in_batch is None:
@@ -43,10 +50,10 @@ def chunked_lm_loss(hidden, weight, labels, n_chunks, bias=None, ignore_index=IG
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not wants_grad:
         loss_sum, *_ = _chunk_loop(hidden_2d, weight, bias, labels_1d, n_chunks, ignore_index, dtype,
-                                   needs=(False, False, False))
+                                   vocab_alignment, needs=(False, False, False))
         return loss_sum / denominator
     return _ChunkedLinearCrossEntropy.apply(hidden_2d, weight, bias, labels_1d, n_chunks, ignore_index,
-                                            denominator, dtype)
+                                            denominator, dtype, vocab_alignment)
 
 
 def _matmul_dtype(hidden, weight):
@@ -56,18 +63,20 @@ def _matmul_dtype(hidden, weight):
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def _chunk_loop(hidden, weight, bias, labels, n_chunks, ignore_index, dtype, needs):
+def _chunk_loop(hidden, weight, bias, labels, n_chunks, ignore_index, dtype, vocab_alignment, needs):
     """Sum of the token losses and, for the inputs flagged in `needs` (hidden, weight, bias), the gradients of
     that sum. Returns (loss_sum, grad_hidden, grad_weight, grad_bias), the gradients None where not needed."""
     need_hidden, need_weight, need_bias = needs
     softmax_dtype = torch.promote_types(dtype, torch.float32)
+    vocab = weight.shape[0]
+    pad = -vocab % vocab_alignment
     with torch.autocast(hidden.device.type, enabled=False):
-        w = weight.to(dtype)
-        b = None if bias is None else bias.to(softmax_dtype)
+        w = F.pad(weight.to(dtype), (0, 0, 0, pad))
+        b = _padded_bias(bias, vocab, pad, softmax_dtype, hidden.device)
         loss_sum = torch.zeros((), dtype=softmax_dtype, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=softmax_dtype) if need_weight else None
-        grad_bias = torch.zeros_like(bias, dtype=softmax_dtype) if need_bias else None
+        grad_weight = w.new_zeros(w.shape, dtype=softmax_dtype) if need_weight else None
+        grad_bias = w.new_zeros(vocab + pad, dtype=softmax_dtype) if need_bias else None
         n_tokens = hidden.shape[0]
         for i in range(n_chunks):
             start, end = n_tokens * i // n_chunks, n_tokens * (i + 1) // n_chunks
@@ -94,7 +103,16 @@ def _chunk_loop(hidden, weight, bias, labels, n_chunks, ignore_index, dtype, nee
                 grad_hidden[start:end] = grad_logits @ w
             if need_weight:
                 grad_weight += grad_logits.t() @ h
-    return loss_sum, grad_hidden, grad_weight, grad_bias
+    return (loss_sum, grad_hidden, None if grad_weight is None else grad_weight[:vocab],
+            None if grad_bias is None else grad_bias[:vocab])
+
+
+def _padded_bias(bias, vocab, pad, dtype, device):
+    """The bias in `dtype` (zeros when there is none but rows are padded) with `pad` entries of -inf."""
+    if pad == 0:
+        return None if bias is None else bias.to(dtype)
+    real = torch.zeros(vocab, dtype=dtype, device=device) if bias is None else bias.to(dtype)
+    return F.pad(real, (0, pad), value=float("-inf"))
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -102,10 +120,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     scaled by grad_output / denominator in backward, so loss scaling works as with any other loss."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, n_chunks, ignore_index, denominator, dtype):
+    def forward(ctx, hidden, weight, bias, labels, n_chunks, ignore_index, denominator, dtype, vocab_alignment):
         needs = tuple(ctx.needs_input_grad[:3])
         loss_sum, grad_hidden, grad_weight, grad_bias = _chunk_loop(
-            hidden, weight, bias, labels, n_chunks, ignore_index, dtype, needs)
+            hidden, weight, bias, labels, n_chunks, ignore_index, dtype, vocab_alignment, needs)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, denominator)
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -119,7 +137,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return (None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
                 None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype),
                 None if grad_bias is None else (grad_bias * scale).to(ctx.bias_dtype),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 # ------------------------------------------------------------------------------------------------ sparse MLM loss
