@@ -5,7 +5,8 @@ the IPU configuration's batch semantics and its own step loop.
   samples; `global_step` counts optimizer steps.
 - `device_iterations` optimizer steps form a group that runs with no host read of a device value; losses and
   counters are read once per group, and logging, evaluation and saving happen at group boundaries (so at the first
-  boundary at or after the step that asked for them).
+  boundary at or after the step that asked for them). A group that ends with nothing to do is read only once the
+  next group is launched, so that the device never waits for the host between groups.
 - An epoch is a whole number of groups: an incomplete last group of an epoch is dropped, or completed with samples
   from the start of the epoch's order with --pad_on_batch_axis (real samples, so no batch is empty and no loss NaN).
 - Evaluation keeps every sample and follows the inference factors (inference_device_iterations batches per read).
@@ -168,6 +169,8 @@ class IPUTrainer(Trainer):
         self.backend = self._make_backend()
         # Read the next group's first step ahead of each group's host read (see _prefetch_allowed).
         self.read_ahead = args.device_type == "cuda"
+        # Read a quiet group's sums after launching the next group (see _training_loop).
+        self.defer_quiet_reads = True
         unused = ipu_config.unused_on_pytorch() if args.device_type != "ipu" else []
         if unused:
             logger.info("IPU configuration fields with no effect on %s: %s", args.device_type, ", ".join(unused))
@@ -329,7 +332,6 @@ class IPUTrainer(Trainer):
     def _training_loop(self, dataset, layout, steps_per_epoch, checkpoint, trial, ignore_keys_for_eval):
         args, state = self.args, self.state
         start_time = time.time()
-        initial_step = state.global_step
         self._initial_num_input_tokens_seen = state.num_input_tokens_seen
         # Compilation happens in the first group; CUDA graphs are recorded in the second (the first runs warm-up).
         compile_groups = (2 if args.cuda_graphs else 1) if args.torch_compile else 0
@@ -350,29 +352,23 @@ class IPUTrainer(Trainer):
                 self._load_rng_state(rng_pending)  # after the loader exists: dropout and masking resume exactly
                 rng_pending = None
             self.control = self.callback_handler.on_epoch_begin(args, state, self.control)
+            unread = None  # a quiet group whose sums are read once the next group is launched
             while done < steps_per_epoch and state.global_step < state.max_steps:
                 n_steps = min(layout.device_iterations, steps_per_epoch - done, state.max_steps - state.global_step)
                 result, flags = self._run_group(batches, n_steps, epoch, done, steps_per_epoch)
                 done += result.steps
-                if self._prefetch_allowed(flags, done, steps_per_epoch):
+                goes_on = self._group_follows(done, steps_per_epoch)
+                if self._prefetch_allowed(flags, goes_on):
                     batches.prefetch(layout.accumulation)
-                loss_sum, finite, tokens, grad_norm = self.backend.read(result.device_sums)  # the one host read
-                world = args.world_size
-                counts = (result.steps, result.samples * world, int(tokens), result.flops * world)
-                for key, value in zip(("steps", "samples", "tokens", "flops"), counts):
-                    totals[key] += value
-                totals["loss"] += loss_sum
-                totals["finite"] += finite
-                self._since_log["loss"] += loss_sum
-                self._since_log["finite"] += finite
-                self._since_log["steps"] += result.steps
-                state.num_input_tokens_seen += int(tokens)
-                self.current_flos += result.flops
-                meter.group_done(state.global_step - initial_step, *counts)
+                if unread is not None:
+                    self._read_group(unread, totals, meter)
+                    unread = None
+                if self.defer_quiet_reads and goes_on and not any(flags.values()):
+                    unread = result  # nothing to log, evaluate or save: the next group need not wait for this read
+                    continue
+                grad_norm = self._read_group(result, totals, meter)
                 paused = time.perf_counter()
-                reported = self.args.max_grad_norm and self.backend.reports_grad_norm
-                self._act_on(flags, grad_norm / world if reported else None, trial,
-                             ignore_keys_for_eval, start_time)
+                self._act_on(flags, grad_norm, trial, ignore_keys_for_eval, start_time)
                 meter.pause(time.perf_counter() - paused)
                 if self.control.should_epoch_stop or self.control.should_training_stop:
                     break
@@ -404,17 +400,39 @@ class IPUTrainer(Trainer):
 
         return self.backend.run_group(batches, n_steps, step_begin, step_end), flags
 
-    def _prefetch_allowed(self, flags, done, steps_per_epoch):
+    def _read_group(self, result, totals, meter):
+        """The group's one host read: its sums join the run's totals, the logging window and the throughput meter.
+        Returns the gradient norm to log, or None."""
+        loss_sum, finite, tokens, grad_norm = self.backend.read(result.device_sums)
+        world = self.args.world_size
+        counts = (result.steps, result.samples * world, int(tokens), result.flops * world)
+        for key, value in zip(("steps", "samples", "tokens", "flops"), counts):
+            totals[key] += value
+        totals["loss"] += loss_sum
+        totals["finite"] += finite
+        self._since_log["loss"] += loss_sum
+        self._since_log["finite"] += finite
+        self._since_log["steps"] += result.steps
+        self.state.num_input_tokens_seen += int(tokens)
+        self.current_flos += result.flops
+        meter.group_done(totals["steps"], *counts)
+        reported = self.args.max_grad_norm and self.backend.reports_grad_norm
+        return grad_norm / world if reported else None
+
+    def _group_follows(self, done, steps_per_epoch):
+        """Whether another group of this epoch follows the one just run."""
+        control = self.control
+        return (done < steps_per_epoch and self.state.global_step < self.state.max_steps
+                and not (control.should_epoch_stop or control.should_training_stop))
+
+    def _prefetch_allowed(self, flags, group_follows):
         """The next group's first step may be read ahead when this group ends with nothing but logging: the host
         random state that a checkpoint saves, or that an evaluation's collator draws from, is then the one of a run
         without read-ahead, so a resumed run stays exact. It is on with CUDA only (`read_ahead`): there the host
         random state serves the collator alone (dropout draws on the device) and the copies are asynchronous; on the
         CPU every copy is synchronous anyway, and dropout shares that state with the collator."""
-        control = self.control
-        return (self.read_ahead and done < steps_per_epoch
-                and self.state.global_step < self.state.max_steps
-                and not (flags["should_save"] or flags["should_evaluate"]
-                         or control.should_epoch_stop or control.should_training_stop))
+        return (self.read_ahead and group_follows
+                and not (flags["should_save"] or flags["should_evaluate"]))
 
     def _act_on(self, flags, grad_norm, trial, ignore_keys_for_eval, start_time):
         """Log, evaluate and save at a group boundary, as transformers.Trainer does after a step."""

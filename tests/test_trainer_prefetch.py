@@ -1,10 +1,13 @@
 """The CUDA data path, checked on the CPU: micro-batches read ahead come in the same order, the read-ahead happens
-before a group's host read and never before a save (so a resumed run stays exact), and --cuda_graphs refuses the
-set-ups where CUDA graph trees would lose gradients."""
+before a group's host read and never before a save (so a resumed run stays exact), a quiet group's host read waits
+until the next group is launched and changes nothing that is logged, an attention mask of ones is dropped before
+the model sees it (same losses), and --cuda_graphs refuses the set-ups where
+CUDA graph trees would lose gradients."""
 import types
 
 import pytest
 import torch
+from transformers import BertConfig, BertForMaskedLM, TrainerCallback
 
 from ipu_train.backends.torch import TorchBackend
 from ipu_train.config import IPUConfig
@@ -98,6 +101,94 @@ def test_read_ahead_trains_and_resumes_exactly_as_without(tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "ahead" / "checkpoint-4"))
     after_resume = [e["loss"] for e in resumed.state.log_history if "loss" in e and e["step"] > 4]
     assert after_resume == losses(plain.state.log_history)[2:]
+
+
+# --- deferred reads of quiet groups ----------------------------------------------------------------------------
+
+class RecordSteps(TrainerCallback):
+    def __init__(self, events):
+        self.events = events
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.events.append(f"step{state.global_step + 1}")
+
+
+def _recorded_run(tmp_path, defer, output, **arg_overrides):
+    events = []
+    values = dict(max_steps=8, logging_steps=4, output_dir=str(tmp_path / output))
+    values.update(arg_overrides)
+    trainer = make_trainer(tmp_path, token_rows(24, seed=3), IPUConfig(device_iterations=2), model=tiny_gpt2(),
+                           args=make_args(tmp_path, **values), callbacks=[RecordSteps(events)])
+    trainer.defer_quiet_reads = defer
+    read = trainer.backend.read
+
+    def recording_read(tensor):
+        events.append("read")
+        return read(tensor)
+    trainer.backend.read = recording_read
+    trainer.train()
+    return trainer, " ".join(events)
+
+
+def test_a_quiet_groups_read_waits_until_the_next_group_is_launched(tmp_path):
+    _, deferred = _recorded_run(tmp_path, defer=True, output="deferred")
+    _, in_place = _recorded_run(tmp_path, defer=False, output="in_place")
+    # groups of 2 steps, a log at step 4 and the end at step 8: the groups ending at steps 2 and 6 are quiet
+    assert in_place == "step1 step2 read step3 step4 read step5 step6 read step7 step8 read"
+    assert deferred == "step1 step2 step3 step4 read read step5 step6 step7 step8 read read"
+
+
+@pytest.mark.parametrize("logging_steps", [3, 5])
+def test_deferred_reads_log_and_count_what_in_place_reads_do(tmp_path, logging_steps):
+    runs = [_recorded_run(tmp_path, defer, output=f"defer_{defer}", max_steps=12, logging_steps=logging_steps,
+                          save_strategy="steps", save_steps=6)[0] for defer in (True, False)]
+    deferred, in_place = [[{k: v for k, v in entry.items() if k != "train_runtime" and "per_second"
+                            not in k} for entry in trainer.state.log_history] for trainer in runs]
+    assert deferred == in_place and len(losses(deferred)) >= 2
+    assert runs[0].state.num_input_tokens_seen == runs[1].state.num_input_tokens_seen > 0
+
+
+# --- attention masks of ones -------------------------------------------------------------------------------
+
+def _cpu_backend():
+    args = types.SimpleNamespace(device=torch.device("cpu"), world_size=1, process_index=0, precision="fp32",
+                                 loss_scaling=None, cuda_graphs=False)
+    return TorchBackend(args, IPUConfig())
+
+
+def test_an_attention_mask_of_ones_is_dropped_and_a_padding_mask_kept():
+    backend = _cpu_backend()
+    ids = torch.arange(12).reshape(2, 6)
+    full = backend.to_device({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    assert sorted(full) == ["input_ids", "labels"]
+    padded_mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    padded = backend.to_device({"input_ids": ids, "attention_mask": padded_mask})
+    assert torch.equal(padded["attention_mask"], padded_mask)
+    assert sorted(backend.to_device({"input_ids": ids})) == ["input_ids"]
+
+
+@pytest.mark.parametrize("model", [
+    lambda: tiny_gpt2(),
+    lambda: BertForMaskedLM(BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=64, hidden_dropout_prob=0.0,
+                                       attention_probs_dropout_prob=0.0)),
+], ids=["causal", "bidirectional"])
+def test_a_model_without_the_mask_of_ones_computes_the_same_loss(model):
+    torch.manual_seed(0)
+    net = model()
+    ids = torch.randint(0, 128, (2, 16))
+    with_mask = net(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+    without = net(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(without, with_mask, rtol=1e-6, atol=1e-6)
+
+
+def test_training_on_full_blocks_passes_no_attention_mask(tmp_path):
+    seen = []
+    model = tiny_gpt2()
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append("attention_mask" in kwargs),
+                                    with_kwargs=True)
+    make_trainer(tmp_path, token_rows(8), model=model, args=make_args(tmp_path, max_steps=2)).train()
+    assert seen and not any(seen)  # the fixtures' collator adds a mask of ones to every batch
 
 
 # --- --cuda_graphs -------------------------------------------------------------------------------------------

@@ -242,7 +242,8 @@ class TorchBackend:
     def to_device(self, batch):
         """On CUDA the copies are issued without waiting (they run in stream order, before the kernels that read
         them) from pinned memory; a tensor the loader did not pin (a stream's batch) is pinned first, since a copy
-        from pageable memory would make the host wait for the device."""
+        from pageable memory would make the host wait for the device. An attention mask of ones is dropped first."""
+        batch = _without_full_attention_mask(batch)
         if self.device.type != "cuda":
             return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         pin = self.args.dataloader_pin_memory
@@ -348,6 +349,18 @@ class TorchBackend:
         if self.world_size > 1:
             dist.all_reduce(tensor)
         return tensor.tolist()
+
+
+def _without_full_attention_mask(batch):
+    """The batch without its attention mask when that is all ones (blocks of grouped text always are): a model
+    given no mask attends to every position just the same, but SDPA can then run its mask-free kernels (flash
+    attention, causal when the model is causal), and transformers does not read the mask's values on the device to
+    find out whether it may skip it (a host synchronisation in every eager forward; never skipped when compiled)."""
+    mask = batch.get("attention_mask")
+    # numpy: a test of host memory, which no device tensor could reach by mistake
+    if torch.is_tensor(mask) and mask.device.type == "cpu" and mask.numpy().all():
+        return {key: value for key, value in batch.items() if key != "attention_mask"}
+    return batch
 
 
 def _loss_of(outputs):
