@@ -3,7 +3,8 @@
     python benchmarks/make_pretokenized.py clm DIR --rows 512 --seq 1024 --vocab 50257    # DIR/train.parquet
     python benchmarks/make_pretokenized.py pairs DIR --rows 4096 --seq 128 --vocab 30522  # DIR, a DatasetDict
 
-clm: one `input_ids` column of --seq random ids per row, which run_clm.py only groups into blocks.
+clm: `input_ids` (--seq random ids per row) and `attention_mask` (ones), as a tokenizer gives them; run_clm.py only
+groups them into blocks (and the trainer drops the mask of ones, as it does for text the script tokenizes).
 pairs: the columns of BERT pretraining pairs (input_ids, attention_mask, token_type_ids, next_sentence_label), saved
 with `DatasetDict.save_to_disk` for run_pretraining.py --dataset_path; the script masks them itself."""
 import argparse
@@ -13,7 +14,8 @@ import numpy as np
 
 
 def clm_rows(rows, seq, vocab, rng):
-    return {"input_ids": rng.integers(0, vocab, (rows, seq)).tolist()}
+    return {"input_ids": rng.integers(0, vocab, (rows, seq)).tolist(),
+            "attention_mask": np.ones((rows, seq), np.int64).tolist()}
 
 
 def pair_rows(rows, seq, vocab, rng):
