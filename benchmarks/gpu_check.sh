@@ -28,7 +28,13 @@ LOG=$OUT/gpu_check.log
 # One compile cache for every process of the call: the real scripts reuse the benchmark's compiled kernels.
 export TORCHINDUCTOR_CACHE_DIR=$WORK/inductor_cache
 if ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  wheels=(.whl/*.whl)
+  # datasets 5.2 (the project's pin) needs pyarrow >= 24; with an older pyarrow on the image, datasets 5.0.
+  if ! $PY -c "import pyarrow, sys; sys.exit(int(pyarrow.__version__.split('.')[0]) < 24)" 2>/dev/null \
+      && ls .whl/older/datasets-*.whl >/dev/null 2>&1; then
+    wheels=($(ls .whl/*.whl | grep -v /datasets-) .whl/older/datasets-*.whl)
+  fi
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}" \
     && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
