@@ -73,15 +73,19 @@ def _trainer(tmp_path, read_ahead, output="out", events=None, **arg_overrides):
     return trainer
 
 
-def test_read_ahead_collates_the_next_step_before_the_host_read_except_before_a_save(tmp_path):
-    events = []
-    trainer = _trainer(tmp_path, read_ahead=True, events=events, save_steps=4)
+def record_reads(trainer, events):
     read = trainer.backend.read
 
     def recording_read(tensor):
         events.append("read")
         return read(tensor)
     trainer.backend.read = recording_read
+
+
+def test_read_ahead_collates_the_next_step_before_the_host_read_except_before_a_save(tmp_path):
+    events = []
+    trainer = _trainer(tmp_path, read_ahead=True, events=events, save_steps=4)
+    record_reads(trainer, events)
     trainer.train()
     # groups of 2 steps; the boundary at step 4 saves, the one at step 8 ends the run: no read-ahead there
     assert " ".join(events) == ("collate collate collate read "   # step 2: step 3's batch read ahead
@@ -120,12 +124,7 @@ def _recorded_run(tmp_path, defer, output, **arg_overrides):
     trainer = make_trainer(tmp_path, token_rows(24, seed=3), IPUConfig(device_iterations=2), model=tiny_gpt2(),
                            args=make_args(tmp_path, **values), callbacks=[RecordSteps(events)])
     trainer.defer_quiet_reads = defer
-    read = trainer.backend.read
-
-    def recording_read(tensor):
-        events.append("read")
-        return read(tensor)
-    trainer.backend.read = recording_read
+    record_reads(trainer, events)
     trainer.train()
     return trainer, " ".join(events)
 
