@@ -55,14 +55,18 @@ def main_entry(main):
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        distributed = torch.distributed.is_available()
         try:
-            return main(*args, **kwargs)
+            result = main(*args, **kwargs)
+            if distributed and torch.distributed.is_initialized():
+                torch.distributed.barrier()  # every rank is done with the group before any leaves it
+            return result
         except UserError as err:
             print(f"error: {_first_line(err)}", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
         finally:
             # Under torchrun: leave the process group cleanly, so that no rank aborts while another exits.
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if distributed and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
 
     return wrapper

@@ -40,4 +40,5 @@ if __name__ == "__main__":
     with open(os.path.join(output_dir, f"result-{os.environ.get('RANK', '0')}.json"), "w") as handle:
         json.dump(result, handle)
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # both ranks done with the group before either leaves it
         torch.distributed.destroy_process_group()  # a clean shutdown: no abort while the other rank exits

@@ -18,8 +18,8 @@ def test_two_replicas_report_the_metrics_of_one_process(text_files, bpe_tokenize
     subprocess.run([sys.executable, str(REPO / "run_clm.py"), *argv], check=True, capture_output=True, cwd=REPO,
                    env=env)
     argv = clm_args(text_files, bpe_tokenizer_dir, double, "--do_eval", "--per_device_eval_batch_size", "4")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29531", str(REPO / "run_clm.py"), *argv], capture_output=True, text=True, cwd=REPO, env=env)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO / "run_clm.py"), *argv], capture_output=True, text=True, cwd=REPO, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     one, two = results(single, "eval"), results(double, "eval")
     assert two["eval_samples"] == one["eval_samples"] == 32
@@ -33,8 +33,8 @@ def test_a_replica_without_evaluation_samples_still_reports(text_files, bpe_toke
     """One evaluation sample for two replicas: the second has none, yet takes part in the metrics' reduction."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     argv = clm_args(text_files, bpe_tokenizer_dir, tmp_path / "out", "--do_eval", "--max_eval_samples", "1")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29532", str(REPO / "run_clm.py"), *argv], capture_output=True, text=True, cwd=REPO, env=env)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO / "run_clm.py"), *argv], capture_output=True, text=True, cwd=REPO, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = results(tmp_path / "out", "eval")
     assert metrics["eval_samples"] == 1 and 0 <= metrics["eval_accuracy"] <= 1
