@@ -353,9 +353,10 @@ class TorchBackend:
 
 def _without_full_attention_mask(batch):
     """The batch without its attention mask when that is all ones (blocks of grouped text always are): a model
-    given no mask attends to every position just the same, but SDPA can then run its mask-free kernels (flash
-    attention, causal when the model is causal), and transformers does not read the mask's values on the device to
-    find out whether it may skip it (a host synchronisation in every eager forward; never skipped when compiled)."""
+    given no mask attends to every position just the same. Under torch.compile transformers never skips a mask it
+    is given, so SDPA would run its masked kernel; without one it runs flash attention (causal where the model is).
+    In eager mode transformers reads a given mask on the device to decide whether to skip it, a host
+    synchronisation that a model given none (BERT; GPT-2 while it keeps a cache) does not make."""
     mask = batch.get("attention_mask")
     # numpy: a test of host memory, which no device tensor could reach by mistake
     if torch.is_tensor(mask) and mask.device.type == "cpu" and mask.numpy().all():
