@@ -7,7 +7,8 @@
 #   3. transformers.Trainer with torch_compile=True on GPT-2;
 #   4. the real scripts on pre-tokenized synthetic data, --max_steps: run_clm.py (GPT-2) and run_pretraining.py
 #      (BERT), their train_tokens_per_second set against the benchmark's;
-#   5. the effect of compilation (ours eager) and of CUDA graphs (ours --cuda_graphs) on GPT-2;
+#   5. a kernel profile of our GPT-2 step, the effect of compilation (ours eager) and of CUDA graphs (ours
+#      --cuda_graphs) on GPT-2, of host overlap on BERT, and a kernel profile of our BERT step;
 #   6. the shared baseline's plain compiled loops (benchmarks/hf_baseline_gpu.py).
 # One table last. $OUT gets gpu_check.log and results.json (every JSON of the run in one file).
 #
@@ -41,7 +42,7 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 
 DRY=${DRY:-0}
 if [ "$DRY" = 1 ]; then
-  SIZE=tiny; STEPS="--steps 12 --warmup 4"; SCRIPT_STEPS=12; SCRIPT_WARMUP=4
+  SIZE=tiny; WARMUP=4; STEPS="--steps 12 --warmup $WARMUP"; SCRIPT_STEPS=12
   # the tiny models of throughput.py --size tiny; the scripts split 5% off for validation, hence the spare rows
   GPT2="--config_overrides vocab_size=4096,n_layer=2,n_embd=64,n_head=2 --block_size 128 --per_device_train_batch_size 8"
   GPT2_DATA="--seq 128 --vocab 4096 --rows 104"
@@ -49,7 +50,7 @@ if [ "$DRY" = 1 ]; then
   BERT="$BERT --per_device_train_batch_size 16"
   BERT_DATA="--seq 128 --vocab 4096 --rows 208"
 else
-  SIZE=full; STEPS="--steps 40 --warmup 10"; SCRIPT_STEPS=40; SCRIPT_WARMUP=10
+  SIZE=full; WARMUP=10; STEPS="--steps 40 --warmup $WARMUP"; SCRIPT_STEPS=40
   GPT2="--config_overrides vocab_size=50257 --block_size 1024 --per_device_train_batch_size 16"
   GPT2_DATA="--seq 1024 --vocab 50257 --rows 760"  # 40 steps x 16 sequences, 5% split off for validation
   BERT="--config_overrides vocab_size=30522 --per_device_train_batch_size 128"
@@ -57,7 +58,7 @@ else
 fi
 under() { [ $((SECONDS - start)) -lt "$1" ]; }  # true while the call has run less than $1 seconds
 THROUGHPUT="$PY benchmarks/throughput.py --size $SIZE $STEPS"
-COMMON="--do_train --max_steps $SCRIPT_STEPS --throughput_warmup_steps $SCRIPT_WARMUP --seed 0 --report_to none
+COMMON="--do_train --max_steps $SCRIPT_STEPS --throughput_warmup_steps $WARMUP --seed 0 --report_to none
   --save_strategy no --logging_steps 1000 --disable_tqdm true --skip_memory_metrics false --overwrite_output_dir"
 
 script_clm() {  # run_clm.py on a parquet of token ids (no text column: it only groups them into blocks)
@@ -101,11 +102,17 @@ script_pretraining() {  # run_pretraining.py on saved sentence pairs, masked by 
   under 400 && script_clm
   echo "== run_pretraining.py, pre-tokenized"
   under 450 && script_pretraining
+  echo "== where our GPT-2 step's device time goes (torch.profiler, 3 steps after the warm-up)"
+  under 460 && timeout 60 $THROUGHPUT --json "$WORK/kernels_gpt2.json" --model gpt2 --sides ours --kernel_profile \
+    --steps $((WARMUP + 3)) --warmup $WARMUP
   echo "== GPT-2: ours eager (--no_torch_compile), then ours with --cuda_graphs"
   under 480 && timeout 60 $THROUGHPUT --json "$WORK/throughput_gpt2_ours_eager.json" --model gpt2 --sides ours --no_torch_compile
   [ "$DRY" != 1 ] && under 460 && timeout 90 $THROUGHPUT --json "$WORK/throughput_gpt2_ours_graphs.json" --model gpt2 --sides ours --cuda_graphs
   echo "== BERT pretraining: ours without host overlap (no read-ahead, every group's read in place)"
   under 480 && timeout 60 $THROUGHPUT --json "$WORK/throughput_bert_no_host_overlap.json" --model bert --sides ours --no_host_overlap
+  echo "== where our BERT step's device time goes"
+  under 500 && timeout 50 $THROUGHPUT --json "$WORK/kernels_bert.json" --model bert --sides ours --kernel_profile \
+    --steps $((WARMUP + 3)) --warmup $WARMUP
   echo "== the shared baseline's plain compiled loops"
   [ "$DRY" != 1 ] && under 440 && OUT=$WORK timeout 100 $PY benchmarks/hf_baseline_gpu.py gpt2_loop bert_loop
   echo "elapsed $((SECONDS - start)) s"

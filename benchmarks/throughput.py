@@ -4,6 +4,7 @@
     python benchmarks/throughput.py --model gpt2                 # tiny model on the CPU: host overhead per step
     python benchmarks/throughput.py --model bert --size full     # BERT-base pretraining, seq 128, micro-batch 128
     python benchmarks/throughput.py --model gpt2 --profile       # plus a cProfile summary of our step loop
+    python benchmarks/throughput.py --sides ours --kernel_profile  # where our step's device time goes
 
 Each trainer runs with its own defaults unless told otherwise: ours compiles the step on CUDA (eager on the CPU),
 transformers.Trainer runs eagerly. --torch_compile compiles both, --no_torch_compile runs both eagerly, --cuda_graphs
@@ -44,6 +45,7 @@ SIZES = {
 SHIPPED_SERIALIZATION = {"gpt2": 4, "bert": 1}
 MLM_PROBABILITY = 0.15
 SIDES = ("ours", "hf", "loop")
+KERNEL_PROFILE_STEPS = 3
 
 
 def parse_args(argv=None):
@@ -64,6 +66,10 @@ def parse_args(argv=None):
                    help="our side with each group's host read in place and no read-ahead of the next group's first "
                         "step (both overlap host work with the device by default; the read-ahead on CUDA only)")
     p.add_argument("--profile", action="store_true", help="cProfile our side; summary printed and saved")
+    p.add_argument("--kernel_profile", action="store_true",
+                   help=f"torch.profiler over our side's {KERNEL_PROFILE_STEPS} steps after the warm-up: the kernels "
+                        "(CPU: operators) by their own time, printed and saved; that side's timing includes the "
+                        "profiler's cost")
     p.add_argument("--json", help="where to write the results (default: $OUT/throughput_<model>_<size>.json)")
     p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one side, print RESULT
     opts = p.parse_args(argv)
@@ -76,6 +82,8 @@ def parse_args(argv=None):
         p.error("--cuda_graphs needs a CUDA device and torch.compile")
     if not 0 <= opts.warmup < opts.steps:
         p.error(f"--warmup must lie in [0, --steps): got {opts.warmup} and {opts.steps}")
+    if opts.kernel_profile and opts.steps < opts.warmup + KERNEL_PROFILE_STEPS:
+        p.error(f"--kernel_profile profiles {KERNEL_PROFILE_STEPS} steps after the warm-up: raise --steps")
     unknown = set(opts.sides.split(",")) - set(SIDES)
     if unknown:
         p.error(f"--sides: unknown {', '.join(sorted(unknown))}; choose from {', '.join(SIDES)}")
@@ -200,10 +208,11 @@ def run_ours(opts, model, dataset):
     if opts.model == "bert":  # the trainer would patch without a cap: give it the collator's
         enable_serialized_heads(model, ipu_config, max_predictions=masked_token_cap(opts.seq, MLM_PROBABILITY))
     timer = make_step_timer(opts.warmup, opts.steps, opts.device)
+    kernels = make_kernel_profiler(opts.warmup, opts.device) if opts.kernel_profile else None
     args = training_arguments(IPUTrainingArguments, opts, throughput_warmup_steps=opts.warmup,
                               **our_compile_flags(opts))
     trainer = IPUTrainer(model=model, ipu_config=ipu_config, args=args, train_dataset=dataset,
-                         data_collator=default_data_collator, callbacks=[timer])
+                         data_collator=default_data_collator, callbacks=[timer] + ([kernels] if kernels else []))
     if opts.no_host_overlap:
         trainer.read_ahead = trainer.defer_quiet_reads = False
     profiler = cProfile.Profile() if opts.profile else None
@@ -217,6 +226,8 @@ def run_ours(opts, model, dataset):
     if profiler:
         profiler.disable()
         result["profile"] = save_profile(profiler, opts)
+    if kernels:
+        result["kernel_profile"] = save_text(kernels.table(), f"kernels_ours_{opts.model}_{opts.size}.txt")
     return result
 
 
@@ -251,10 +262,45 @@ def run_loop(opts, model, dataset):
 def save_profile(profiler, opts, top=30):
     stream = io.StringIO()
     pstats.Stats(profiler, stream=stream).sort_stats("cumulative").print_stats(top)
-    path = os.path.join(output_dir(), f"profile_ours_{opts.model}_{opts.size}.txt")
+    return save_text(stream.getvalue(), f"profile_ours_{opts.model}_{opts.size}.txt")
+
+
+def save_text(text, name):
+    path = os.path.join(output_dir(), name)
     with open(path, "w") as handle:
-        handle.write(stream.getvalue())
+        handle.write(text)
     return path
+
+
+def make_kernel_profiler(warmup, device):
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    cuda = device == "cuda"
+
+    class KernelProfile(TrainerCallback):
+        """torch.profiler from the start of step `warmup + 1` to the end of step `warmup + KERNEL_PROFILE_STEPS`."""
+
+        def __init__(self):
+            self.profiler = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+            self.steps = 0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == warmup:
+                self.profiler.start()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == warmup + KERNEL_PROFILE_STEPS:
+                synchronize(device)  # the kernels launched in the window have run
+                self.profiler.stop()
+                self.steps = KERNEL_PROFILE_STEPS
+
+        def table(self, rows=25):
+            sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+            header = f"{self.steps} optimizer steps, sorted by {sort_by}\n"
+            return header + self.profiler.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60)
+
+    return KernelProfile()
 
 
 def worker(opts):
@@ -338,6 +384,10 @@ def main(argv=None):
         print(f"cProfile of our run (top 30 by cumulative time): {by_side['ours']['profile']}")
         with open(by_side["ours"]["profile"]) as handle:
             print("\n".join(handle.read().splitlines()[:45]))
+    if "kernel_profile" in by_side.get("ours", {}):
+        print(f"Kernel profile of our run: {by_side['ours']['kernel_profile']}")
+        with open(by_side["ours"]["kernel_profile"]) as handle:
+            print(handle.read())
     return 1 if any("error" in r for r in rows) else 0
 
 
