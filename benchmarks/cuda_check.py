@@ -4,7 +4,8 @@
   smaller peak memory;
 - the chunked loss, the capped sparse MLM head and a LAMB step make no host synchronisation
   (torch.cuda.set_sync_debug_mode("error") turns any into an exception);
-- a GPT-2 patched with the serialized head gives the unpatched model's loss and gradients on the GPU.
+- a GPT-2 patched with the serialized head gives the unpatched model's loss and gradients on the GPU;
+- a group's sums on their way to the host (`HostBound`) are read without waiting for kernels launched after them.
 Prints one line per check and exits non-zero on the first failure. Then one measurement: forward and backward of the
 GPT-2 head at the benchmark's size, plain (logits + cross-entropy), chunked, and chunked with the vocabulary padded
 to a multiple of 64 (the default), to show what the aligned matmuls are worth on this card."""
@@ -14,6 +15,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+from ipu_train.backends.torch import HostBound
 from ipu_train.optim import LAMB
 from ipu_train.pipeline.heads import chunked_lm_loss, enable_serialized_heads, sparse_mlm_loss
 
@@ -85,9 +87,25 @@ def check_no_host_sync():
         sparse_mlm_loss(hidden, mlm_labels, transform, weight, max_predictions=32, n_chunks=2).backward()
         optimizer.step()
         optimizer.step()
+        HostBound(torch.ones(4, device=DEVICE))
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    report("no host synchronisation", True, "chunked loss, capped sparse MLM loss, LAMB steps")
+    report("no host synchronisation", True, "chunked loss, capped sparse MLM loss, LAMB steps, a HostBound copy")
+
+
+def check_deferred_read_waits_for_its_own_kernels():
+    import time
+
+    sums = torch.arange(4.0, device=DEVICE)
+    torch.cuda.synchronize()
+    pending = HostBound(sums * 2)
+    torch.cuda._sleep(4 * 10 ** 9)  # about two seconds of device work launched after the copy
+    started = time.perf_counter()
+    values = pending.values()
+    waited = time.perf_counter() - started
+    torch.cuda.synchronize()
+    report("a HostBound read waits for its own kernels only", values == [0.0, 2.0, 4.0, 6.0] and waited < 0.5,
+           f"read {values} after {waited * 1e3:.1f} ms while about 2 s of later device work ran")
 
 
 def check_gpt2_patched():
@@ -146,4 +164,5 @@ if __name__ == "__main__":
     check_chunked_head_bf16()
     check_no_host_sync()
     check_gpt2_patched()
+    check_deferred_read_waits_for_its_own_kernels()
     time_gpt2_head()

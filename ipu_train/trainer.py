@@ -117,6 +117,10 @@ class ThroughputMeter:
         self.tokens += tokens
         self.flops += flops
 
+    @property
+    def started(self):
+        return self.start is not None
+
     def pause(self, seconds):
         if self.start is not None:
             self.paused += seconds
@@ -363,8 +367,10 @@ class IPUTrainer(Trainer):
                 if unread is not None:
                     self._read_group(unread, totals, meter)
                     unread = None
-                if self.defer_quiet_reads and goes_on and not any(flags.values()):
-                    unread = result  # nothing to log, evaluate or save: the next group need not wait for this read
+                # Nothing to log, evaluate or save: the next group need not wait for this read. Not before the
+                # throughput clock starts, which it does when the group that ends the warm-up is read.
+                if self.defer_quiet_reads and meter.started and goes_on and not any(flags.values()):
+                    unread = result
                     continue
                 grad_norm = self._read_group(result, totals, meter)
                 paused = time.perf_counter()
@@ -403,7 +409,7 @@ class IPUTrainer(Trainer):
     def _read_group(self, result, totals, meter):
         """The group's one host read: its sums join the run's totals, the logging window and the throughput meter.
         Returns the gradient norm to log, or None."""
-        loss_sum, finite, tokens, grad_norm = self.backend.read(result.device_sums)
+        loss_sum, finite, tokens, grad_norm = self.backend.read(result.sums)
         world = self.args.world_size
         counts = (result.steps, result.samples * world, int(tokens), result.flops * world)
         for key, value in zip(("steps", "samples", "tokens", "flops"), counts):
@@ -573,7 +579,7 @@ class IPUTrainer(Trainer):
             batch_metrics = self.compute_metrics(EvalPrediction(predictions=nothing, label_ids=nothing),
                                                  compute_result=True)
 
-        loss_sum, counted, num_samples = self.backend.read(sums)
+        loss_sum, counted, num_samples = self.backend.read(self.backend.to_host(sums))
         metrics = {}
         if not prediction_loss_only and not args.batch_eval_metrics:
             host_preds, host_labels = self._gather(host_preds), self._gather(host_labels)

@@ -132,9 +132,40 @@ def _recorded_run(tmp_path, defer, output, **arg_overrides):
 def test_a_quiet_groups_read_waits_until_the_next_group_is_launched(tmp_path):
     _, deferred = _recorded_run(tmp_path, defer=True, output="deferred")
     _, in_place = _recorded_run(tmp_path, defer=False, output="in_place")
-    # groups of 2 steps, a log at step 4 and the end at step 8: the groups ending at steps 2 and 6 are quiet
+    # groups of 2 steps, a log at step 4 and the end at step 8: the groups ending at steps 2 and 6 are quiet, but
+    # the first is read at once, since its read starts the throughput clock (no warm-up steps here)
     assert in_place == "step1 step2 read step3 step4 read step5 step6 read step7 step8 read"
-    assert deferred == "step1 step2 step3 step4 read read step5 step6 step7 step8 read read"
+    assert deferred == "step1 step2 read step3 step4 read step5 step6 step7 step8 read read"
+
+
+class Clock:
+    """A stand-in for time.perf_counter that moves one second per optimizer step, and only then."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class Tick(TrainerCallback):
+    def __init__(self, clock):
+        self.clock = clock
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.clock.now += 1.0
+
+
+@pytest.mark.parametrize("defer", [True, False])
+def test_throughput_counts_the_steps_of_the_time_it_measures(tmp_path, monkeypatch, defer):
+    clock = Clock()
+    monkeypatch.setattr("ipu_train.trainer.time.perf_counter", clock)
+    args = make_args(tmp_path, max_steps=12, logging_steps=100, throughput_warmup_steps=2)
+    trainer = make_trainer(tmp_path, token_rows(24), IPUConfig(device_iterations=2), args=args,
+                           callbacks=[Tick(clock)])
+    trainer.defer_quiet_reads = defer
+    metrics = trainer.train().metrics
+    assert metrics["train_steps_per_second"] == 1.0  # 10 steps after the warm-up, 10 seconds
 
 
 @pytest.mark.parametrize("logging_steps", [3, 5])

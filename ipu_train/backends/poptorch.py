@@ -10,7 +10,7 @@ import poptorch
 import torch
 
 from ..pipeline.stages import transformer_layers
-from .torch import GroupResult
+from .torch import GroupResult, HostBound
 
 logger = logging.getLogger("ipu_train")
 
@@ -156,7 +156,7 @@ class PopTorchBackend:
         samples = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
         sums = torch.stack([loss * steps, torch.tensor(float(steps)), torch.as_tensor(tokens, dtype=torch.float32),
                             torch.tensor(0.0)])
-        return GroupResult(steps, samples, 0, sums)
+        return GroupResult(steps, samples, 0, HostBound(sums))
 
     def compile_step(self, micro_batches):
         self.training_model.compile(**micro_batches[0])
@@ -172,8 +172,11 @@ class PopTorchBackend:
             outputs["loss"] = outputs["loss"].float().mean()  # one loss per replica and iteration
         return outputs
 
-    def read(self, tensor):
-        return tensor.tolist()
+    def to_host(self, tensor):
+        return HostBound(tensor)  # PopTorch returns host tensors, already summed over the replicas
+
+    def read(self, pending):
+        return pending.values()
 
 
 def _loss_of(outputs):

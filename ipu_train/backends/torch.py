@@ -60,13 +60,35 @@ class StaticLossScale:
         self.loss_scale = state["scale"]
 
 
+class HostBound:
+    """Values on their way to the host. On CUDA they are copied into pinned memory without waiting, behind an event
+    recorded where they are final in stream order, so that `values()` waits for the kernels before that point only,
+    not for the ones launched after it (a group's sums read once the next group is launched). Elsewhere the tensor
+    is read as it is."""
+
+    def __init__(self, tensor):
+        self._ready = None
+        if tensor.device.type == "cuda":
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            host.copy_(tensor, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+            tensor = host
+        self._tensor = tensor
+
+    def values(self):
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._tensor.tolist()
+
+
 @dataclass
 class GroupResult:
-    """One group of optimizer steps: counts known on the host, sums still on the device."""
+    """One group of optimizer steps: counts known on the host, sums on their way to it."""
     steps: int
     samples: int  # this replica's samples
     flops: int  # model FLOPs of this replica (forward and backward)
-    device_sums: torch.Tensor  # [sum of (finite) step losses, steps summed, input tokens, last gradient norm]
+    sums: HostBound  # [sum of (finite) step losses, steps summed, input tokens, last gradient norm], all replicas
 
 
 class ReplicaBatchSampler:
@@ -277,7 +299,7 @@ class TorchBackend:
             flops += sum(self.batch_flops(b) for b in micro_batches)
             if on_step_end():
                 break
-        return GroupResult(steps, samples, flops, sums)
+        return GroupResult(steps, samples, flops, self.to_host(sums))
 
     def train_step(self, micro_batches):
         """One optimizer step: the loss of each micro-batch divided by their number (mean over micro-batches, as
@@ -344,11 +366,16 @@ class TorchBackend:
             return _cloned(outputs)
         return outputs
 
-    def read(self, tensor):
-        """The one host read: sums over replicas first (an all-reduce, itself on the device)."""
+    def to_host(self, tensor):
+        """Start the host read of `tensor` where it is final: summed over the replicas (an all-reduce, itself on the
+        device), then on its way to the host (`HostBound`)."""
         if self.world_size > 1:
             dist.all_reduce(tensor)
-        return tensor.tolist()
+        return HostBound(tensor)
+
+    def read(self, pending):
+        """The one host read: the values of a `to_host` result."""
+        return pending.values()
 
 
 def _without_full_attention_mask(batch):
