@@ -6,9 +6,10 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-# Without an NVIDIA GPU, the CPU build of torch: PyPI's Linux wheel carries the CUDA libraries (several GB).
-TORCH_SOURCE := $(if $(shell command -v nvidia-smi 2>/dev/null),,--retries 1 \
-	--index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple)
+# Where to take torch from: the indexes pip is set up with, unless TORCH_INDEX_URL names one (on a machine without
+# an NVIDIA GPU, the CPU wheel index from PyTorch's install page avoids PyPI's multi-GB CUDA build).
+TORCH_INDEX_URL ?=
+TORCH_SOURCE := $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL),)
 
 .PHONY: setup demo test
 setup: $(VENV)/.installed
