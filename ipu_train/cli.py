@@ -3,6 +3,7 @@ output directory that would be clobbered, and turn a user mistake into one line 
 import functools
 import logging
 import os
+import signal
 import sys
 
 import datasets
@@ -12,11 +13,9 @@ import yaml
 from transformers import HfArgumentParser
 from transformers.trainer_utils import get_last_checkpoint
 
-from .errors import UserError
+from .errors import RunFailed, UserError
 
 logger = logging.getLogger("ipu_train")
-
-EXIT_USER_ERROR = 2
 
 
 class ScriptArgumentParser(HfArgumentParser):
@@ -51,7 +50,9 @@ def _first_line(err):
 
 
 def main_entry(main):
-    """Decorate a script's main(): a UserError becomes `error: ...` on stderr and exit code 2, no traceback."""
+    """Decorate a script's main(): a UserError becomes `error: ...` on stderr and exit code 2, a RunFailed (a full
+    disk, a diverged run) the same with exit code 1, Ctrl-C outside training (which stops with a checkpoint) exit
+    code 130; no traceback."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -61,9 +62,12 @@ def main_entry(main):
             if distributed and torch.distributed.is_initialized():
                 torch.distributed.barrier()  # every rank is done with the group before any leaves it
             return result
-        except UserError as err:
+        except (UserError, RunFailed) as err:
             print(f"error: {_first_line(err)}", file=sys.stderr)
-            sys.exit(EXIT_USER_ERROR)
+            sys.exit(err.exit_code)
+        except KeyboardInterrupt:
+            print("error: interrupted before training started; nothing was trained", file=sys.stderr)
+            sys.exit(128 + signal.SIGINT)
         finally:
             # Under torchrun: leave the process group cleanly, so that no rank aborts while another exits.
             if distributed and torch.distributed.is_initialized():

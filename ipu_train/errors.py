@@ -1,5 +1,13 @@
-"""The one exception type for user mistakes: the scripts turn it into one line on stderr and exit code 2."""
+"""The exceptions the scripts turn into one line on stderr, with no traceback: `error: ...` and the exit code."""
 
 
 class UserError(Exception):
     """A mistake the user can fix (a flag, a key, a file). The message names it and says what to change."""
+
+    exit_code = 2
+
+
+class RunFailed(Exception):
+    """The run could not go on (a full disk, a diverged loss). What was saved before stays as it was."""
+
+    exit_code = 1

@@ -12,10 +12,12 @@ the IPU configuration's batch semantics and its own step loop.
 - Evaluation keeps every sample and follows the inference factors (inference_device_iterations batches per read).
 """
 import collections
+import contextlib
 import itertools
 import logging
 import math
 import os
+import pickle
 import time
 from dataclasses import dataclass
 
@@ -25,12 +27,14 @@ import torch.distributed as dist
 from transformers import Trainer
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_pt_utils import nested_concat, nested_numpify
-from transformers.trainer_utils import (EvalLoopOutput, EvalPrediction, TrainOutput, denumpify_detensorize,
-                                        get_last_checkpoint)
+from transformers.trainer_utils import (PREFIX_CHECKPOINT_DIR, EvalLoopOutput, EvalPrediction, SaveStrategy,
+                                        TrainOutput, denumpify_detensorize, rotate_checkpoints)
 
 from .arguments import IPUTrainingArguments, fit_replication_to_world, load_ipu_config
-from .backends.torch import TorchBackend, peak_flops_per_second
-from .errors import UserError
+from . import checkpoint as ckpt
+from .backends.torch import TorchBackend, group_sums, peak_flops_per_second
+from .errors import RunFailed, UserError
+from .signals import StopRequest
 from .pipeline.stages import build_stage_plan, describe_batch
 
 logger = logging.getLogger("ipu_train")
@@ -224,8 +228,17 @@ class IPUTrainer(Trainer):
         max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
         num_epochs = math.ceil(max_steps / steps_per_epoch)
 
+        geometry = self._geometry(layout)
+        self._model_signature = ckpt.model_signature(getattr(self.model, "config", None))  # before any patch
+        manifest = None
         if checkpoint is not None:
-            self._load_from_checkpoint(checkpoint)  # weights, before compilation and DDP wrap the model
+            manifest = ckpt.check_resumable(checkpoint, self._model_signature, geometry)
+            if manifest["step"] >= max_steps:
+                raise UserError(f"{checkpoint} is at step {manifest['step']}, and this run ends at step {max_steps}: "
+                                "nothing is left to train. Raise --max_steps (or --num_train_epochs), or pass "
+                                "--overwrite_output_dir to start afresh")
+            with _loading(checkpoint):
+                self._load_from_checkpoint(checkpoint)  # weights, before compilation and DDP wrap the model
         # A collator that caps masked tokens at a fixed count lets the sparse MLM head gather with static shapes.
         cap = getattr(self.data_collator, "max_masked_tokens", None)
         self.model_wrapped = self.backend.prepare_model(self.model,
@@ -234,8 +247,12 @@ class IPUTrainer(Trainer):
         self.create_scheduler(num_training_steps=max_steps, optimizer=self.optimizer)
         self._init_state(max_steps, num_epochs, layout, trial, checkpoint)
         if checkpoint is not None:
-            self._load_optimizer_and_scheduler(checkpoint)
-            self._load_scaler(checkpoint)
+            with _loading(checkpoint):
+                self._load_optimizer_and_scheduler(checkpoint)
+                self._load_scaler(checkpoint)
+        self._geometry_saved, self._resumed_from = geometry, checkpoint
+        # The run's training loss covers the steps before a resume too.
+        self._loss_totals = dict(manifest["train_loss_totals"]) if manifest else {"loss": 0.0, "finite": 0.0}
         self.backend.attach(self.optimizer, self.lr_scheduler)
         for attr in ("model", "optimizer", "lr_scheduler"):
             setattr(self.callback_handler, attr, getattr(self, attr))
@@ -243,21 +260,29 @@ class IPUTrainer(Trainer):
 
         if args.compile_only:
             return self._compile_only(dataset, layout)
-        return self._training_loop(dataset, layout, steps_per_epoch, checkpoint, trial, ignore_keys_for_eval)
+        self.stopped_by_signal = None
+        with StopRequest() as stop:
+            output = self._training_loop(dataset, layout, steps_per_epoch, checkpoint, trial, ignore_keys_for_eval,
+                                         stop)
+        self.stopped_by_signal = stop.signal_number
+        return output
 
     def _resolve_checkpoint(self, resume_from_checkpoint):
+        """A checkpoint named by the caller must be complete; True: the newest complete one in output_dir."""
         if resume_from_checkpoint is True:
-            last = get_last_checkpoint(self.args.output_dir)
+            last, _ = ckpt.newest_complete(self.args.output_dir)
             if last is None:
-                raise UserError(f"--resume_from_checkpoint: no checkpoint-N in {self.args.output_dir}: pass a "
-                                "checkpoint directory or train from the start")
-            return last
+                raise UserError(f"--resume_from_checkpoint: no complete checkpoint-N in {self.args.output_dir}: pass "
+                                "a checkpoint directory or train from the start")
+            return ckpt.agree(last)
         if resume_from_checkpoint in (None, False):
             return None
-        if not os.path.isdir(resume_from_checkpoint):
-            raise UserError(f"--resume_from_checkpoint {resume_from_checkpoint} is not a directory: pass a "
-                            "checkpoint-N directory")
-        return resume_from_checkpoint
+        return ckpt.require_complete(resume_from_checkpoint)
+
+    def _geometry(self, layout):
+        """What a checkpoint's data position is counted in: a resume must have the same."""
+        return {"micro_batch": layout.micro_batch, "accumulation": layout.accumulation, "replicas": layout.replicas,
+                "device_iterations": layout.device_iterations, "processes": self.args.world_size}
 
     def _training_dataset(self):
         if self.train_dataset is None:
@@ -333,15 +358,18 @@ class IPUTrainer(Trainer):
             logger.info("  The %d pipeline stages of each replica all run on its one device (%s)",
                         cfg.ipus_per_replica, self.backend.device)
 
-    def _training_loop(self, dataset, layout, steps_per_epoch, checkpoint, trial, ignore_keys_for_eval):
+    def _training_loop(self, dataset, layout, steps_per_epoch, checkpoint, trial, ignore_keys_for_eval, stop):
         args, state = self.args, self.state
         start_time = time.time()
         self._initial_num_input_tokens_seen = state.num_input_tokens_seen
         # Compilation happens in the first group; CUDA graphs are recorded in the second (the first runs warm-up).
         compile_groups = (2 if args.cuda_graphs else 1) if args.torch_compile else 0
         meter = ThroughputMeter(args.throughput_warmup_steps + compile_groups * layout.device_iterations)
-        totals = {"loss": 0.0, "finite": 0.0, "steps": 0, "samples": 0, "tokens": 0, "flops": 0}
+        totals = {**self._loss_totals, "steps": 0, "samples": 0, "tokens": 0, "flops": 0}
+        self._loss_totals = totals  # what a checkpoint saves, so that a resumed run's train_loss covers the whole run
+        self._status = {"stop_requested": False, "diverged": False, "ends_nonfinite": False}
         self._since_log = {"loss": 0.0, "finite": 0.0, "steps": 0}
+        self._earlier_runs_cleared = False
         self.control = self.callback_handler.on_train_begin(args, state, self.control)
         if args.eval_on_start:
             self._evaluate(trial, ignore_keys_for_eval, skip_scheduler=True)
@@ -359,20 +387,25 @@ class IPUTrainer(Trainer):
             unread = None  # a quiet group whose sums are read once the next group is launched
             while done < steps_per_epoch and state.global_step < state.max_steps:
                 n_steps = min(layout.device_iterations, steps_per_epoch - done, state.max_steps - state.global_step)
-                result, flags = self._run_group(batches, n_steps, epoch, done, steps_per_epoch)
+                result, flags = self._run_group(batches, n_steps, epoch, done, steps_per_epoch, stop)
                 done += result.steps
                 goes_on = self._group_follows(done, steps_per_epoch)
                 if self._prefetch_allowed(flags, goes_on):
                     batches.prefetch(layout.accumulation)
                 if unread is not None:
                     self._read_group(unread, totals, meter)
+                    self._stop_if_diverged()
                     unread = None
                 # Nothing to log, evaluate or save: the next group need not wait for this read. Not before the
                 # throughput clock starts, which it does when the group that ends the warm-up is read.
-                if self.defer_quiet_reads and meter.started and goes_on and not any(flags.values()):
+                if (self.defer_quiet_reads and meter.started and goes_on and not any(flags.values())
+                        and not self._status["stop_requested"]):
                     unread = result
                     continue
                 grad_norm = self._read_group(result, totals, meter)
+                self._stop_if_diverged()
+                if self._status["stop_requested"]:  # a signal: save here and stop (every replica at this group)
+                    flags["should_save"] = self.control.should_training_stop = True
                 paused = time.perf_counter()
                 self._act_on(flags, grad_norm, trial, ignore_keys_for_eval, start_time)
                 meter.pause(time.perf_counter() - paused)
@@ -383,9 +416,11 @@ class IPUTrainer(Trainer):
                          start_time)
             if self.control.should_training_stop:
                 break
+        if not self._earlier_runs_cleared:  # this run saved no checkpoint: those of an earlier run still go
+            self._clear_earlier_runs(self._get_output_dir(trial=trial))
         return self._finalize_training(start_time, meter, totals)
 
-    def _run_group(self, batches, n_steps, epoch, done, steps_per_epoch):
+    def _run_group(self, batches, n_steps, epoch, done, steps_per_epoch, stop):
         """Run one group; the callbacks see every optimizer step, and what they ask for (log, evaluate, save)
         is gathered and acted on at the group's end."""
         args, state = self.args, self.state
@@ -404,12 +439,17 @@ class IPUTrainer(Trainer):
                 flags[key] = flags[key] or getattr(self.control, key)
             return self.control.should_epoch_stop or self.control.should_training_stop
 
-        return self.backend.run_group(batches, n_steps, step_begin, step_end), flags
+        return self.backend.run_group(batches, n_steps, step_begin, step_end, lambda: stop.requested), flags
 
     def _read_group(self, result, totals, meter):
         """The group's one host read: its sums join the run's totals, the logging window and the throughput meter.
         Returns the gradient norm to log, or None."""
-        loss_sum, finite, tokens, grad_norm = self.backend.read(result.sums)
+        sums = group_sums(self.backend.read(result.sums))
+        loss_sum, finite, tokens, grad_norm = (sums[key] for key in ("loss", "finite_steps", "tokens", "grad_norm"))
+        # Flags raised by any replica; a stop, once asked for, stays asked for.
+        self._status["stop_requested"] |= sums["stop_requested"] > 0
+        self._status["diverged"] = sums["diverged"] > 0
+        self._status["ends_nonfinite"] = sums["ends_nonfinite"] > 0
         world = self.args.world_size
         counts = (result.steps, result.samples * world, int(tokens), result.flops * world)
         for key, value in zip(("steps", "samples", "tokens", "flops"), counts):
@@ -424,6 +464,18 @@ class IPUTrainer(Trainer):
         meter.group_done(totals["steps"], *counts)
         reported = self.args.max_grad_norm and self.backend.reports_grad_norm
         return grad_norm / world if reported else None
+
+    def _stop_if_diverged(self):
+        """Too many non-finite losses in a row: stop with one line, before any NaN weights are saved."""
+        if not self._status["diverged"]:
+            return
+        last, _ = ckpt.newest_complete(self.args.output_dir)
+        kept = f"the last finite checkpoint, {last}, is kept" if last else "no checkpoint was saved"
+        raise RunFailed(
+            f"training diverged: the loss was NaN or inf for {self.args.max_consecutive_nonfinite_steps} optimizer "
+            f"steps in a row, by step {self.state.global_step} (learning rate {self.backend.last_learning_rate:.3g}); "
+            f"{kept} and no final model is written. Lower --learning_rate (or raise --warmup_steps, set "
+            "--max_grad_norm), then rerun; --max_consecutive_nonfinite_steps 0 never stops")
 
     def _group_follows(self, done, steps_per_epoch):
         """Whether another group of this epoch follows the one just run."""
@@ -615,6 +667,103 @@ class IPUTrainer(Trainer):
         if self.args.should_save:
             self.ipu_config.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
 
+    def _save_checkpoint(self, model, trial):
+        """`checkpoint-N`, complete or not at all (see checkpoint.py): written into a staging folder, flushed, given
+        its manifest and renamed into place. A failed write (a full disk) removes the staging folder, leaves every
+        earlier checkpoint as it was, and stops the run (exit code 1). Weights that follow a non-finite loss are not
+        saved: the last finite checkpoint stays the newest."""
+        args, step = self.args, self.state.global_step
+        if self._status["ends_nonfinite"]:
+            logger.warning("Not saving checkpoint-%d: the loss of its last step was NaN or inf, so its weights may be "
+                           "too; the last finite checkpoint stays the newest", step)
+            return
+        run_dir = self._get_output_dir(trial=trial)
+        final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        staging = ckpt.staging_path(final)
+        if args.should_save:
+            self._clear_earlier_runs(run_dir)
+        self._earlier_runs_cleared = True
+        self._barrier()
+        failure = None
+        try:
+            self._write_checkpoint(staging, run_dir, step)
+            if args.should_save:
+                ckpt.write_manifest(staging, step, self._model_signature, self._geometry_saved,
+                                    {key: self._loss_totals[key] for key in ("loss", "finite")},
+                                    resumable=not args.save_only_model)
+        except OSError as err:
+            failure = err
+        if self._any_process(failure is not None):
+            if args.should_save:
+                ckpt.remove(staging)
+            previous, _ = ckpt.newest_complete(run_dir)
+            reason = f"{failure.strerror or failure}" if failure is not None else "another process failed to write"
+            raise RunFailed(f"saving checkpoint-{step} in {run_dir} failed ({reason}); the partial checkpoint was "
+                            f"removed and {previous or 'no earlier checkpoint'} is untouched. Free space (or fix the "
+                            "folder), then rerun the same command to resume")
+        if args.should_save:
+            ckpt.publish(staging, final)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        self._barrier()
+        if args.push_to_hub:
+            self._push_from_checkpoint(final)
+
+    def _write_checkpoint(self, folder, run_dir, step):
+        """Every file of a checkpoint but its manifest: the model, optimizer, scheduler, scaler, each process's RNG
+        state and the trainer state, as transformers.Trainer writes them."""
+        args = self.args
+        self.store_flos()
+        self.save_model(folder, _internal_call=True)
+        if args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) and \
+                self.state.best_global_step:
+            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+            if self.state.best_global_step == step or os.path.exists(best):
+                self.state.best_model_checkpoint = best
+        if not args.save_only_model:
+            self._save_optimizer_and_scheduler(folder)
+            self._save_scaler(folder)
+            self._save_rng_state(folder)
+        if args.should_save:
+            for callback in self.callback_handler.callbacks + [self.control]:
+                if isinstance(callback, ExportableState):
+                    name = callback.__class__.__name__
+                    if isinstance(self.state.stateful_callbacks[name], list):
+                        self.state.stateful_callbacks[name].append(callback.state())
+                    else:
+                        self.state.stateful_callbacks[name] = callback.state()
+            self.state.save_to_json(os.path.join(folder, "trainer_state.json"))
+
+    def _clear_earlier_runs(self, run_dir):
+        """Once per run, before its first checkpoint: staging folders of saves that never finished go, and with
+        --overwrite_output_dir the checkpoints of earlier runs too (the one resumed from stays), so that a later
+        resume can never pick up another run's work."""
+        if self._earlier_runs_cleared:
+            return
+        for folder in ckpt.leftover_staging(run_dir):
+            ckpt.remove(folder)
+        if getattr(self.args, "overwrite_output_dir", False) and self.args.should_save:
+            resumed = os.path.abspath(self._resumed_from) if self._resumed_from else None
+            earlier = [f for f in ckpt.checkpoints_in(run_dir) if os.path.abspath(f) != resumed]
+            if earlier:
+                logger.info("--overwrite_output_dir: removing %d checkpoint(s) of an earlier run from %s: %s",
+                            len(earlier), run_dir, ", ".join(os.path.basename(f) for f in earlier))
+            for folder in earlier:
+                ckpt.remove(folder)
+        self._earlier_runs_cleared = True
+
+    def _barrier(self):
+        if self.args.world_size > 1:
+            dist.barrier()
+
+    def _any_process(self, flag):
+        """Whether `flag` holds on any process (a host read; only around a save)."""
+        if self.args.world_size == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.args.device)
+        dist.all_reduce(value)
+        return value.item() > 0
+
     def _save_optimizer_and_scheduler(self, output_dir):
         # A sharded optimizer (replicated_tensor_sharding) gathers its state on the main process first, with every
         # process taking part; the checkpoint then holds the whole state and loads into any number of replicas.
@@ -633,6 +782,16 @@ class IPUTrainer(Trainer):
 
 
 _ACTIONS = ("should_log", "should_evaluate", "should_save")
+
+
+@contextlib.contextmanager
+def _loading(checkpoint):
+    """A checkpoint whose files cannot be read (corrupt, or of another kind) is named in one line."""
+    try:
+        yield
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as err:
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
+        raise UserError(f"checkpoint {checkpoint} cannot be loaded: {reason}") from None
 
 
 def _is_stream(dataset):

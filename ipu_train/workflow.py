@@ -7,10 +7,12 @@ import datasets
 from transformers import set_seed
 
 from .arguments import IPUTrainingArguments, load_ipu_config
-from .cli import ScriptArgumentParser, last_checkpoint_or_refuse, setup_logging
+from .checkpoint import resume_checkpoint
+from .cli import ScriptArgumentParser, setup_logging
 from .data import group_texts
 from .loading import column_names, perplexity, require_samples, text_column
 from .errors import UserError
+from .output_dir import check_writable
 from .script_args import ModelArguments
 
 logger = logging.getLogger("ipu_train")
@@ -20,14 +22,16 @@ TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "special_token
 
 
 def start(data_arguments_class, argv=None):
-    """Parse the flags (or one .json/.yaml file) into model, data and training arguments; set up logging; find the
-    checkpoint to resume from (or refuse a non-empty --output_dir); load the IPU configuration; seed everything.
+    """Parse the flags (or one .json/.yaml file) into model, data and training arguments; set up logging; check that
+    --output_dir can be written; find the checkpoint to resume from (or refuse a non-empty --output_dir); load the
+    IPU configuration; seed everything. Nothing is processed, and nothing written, before these checks.
     Returns (model_args, data_args, training_args, ipu_config, last_checkpoint)."""
     parser = ScriptArgumentParser((ModelArguments, data_arguments_class, IPUTrainingArguments))
     model_args, data_args, training_args = parser.parse_script_args(argv)
     setup_logging(training_args)
     data_args.check_with(training_args)
-    last_checkpoint = last_checkpoint_or_refuse(training_args)
+    check_writable(training_args.output_dir)
+    last_checkpoint = resume_checkpoint(training_args)
     ipu_config = load_ipu_config(training_args, model_args.model_name_or_path)
     set_seed(training_args.seed)
     return model_args, data_args, training_args, ipu_config, last_checkpoint
@@ -106,11 +110,17 @@ def select_splits(lm_datasets, data_args, training_args, ipu_config, unit, fix):
 
 
 def train_and_save(trainer, training_args, last_checkpoint, train_dataset):
-    checkpoint = training_args.resume_from_checkpoint or last_checkpoint
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    """Train and save the model with its metrics and state. A run stopped by a signal keeps its last checkpoint and
+    state, writes no final model, and exits with 128 + the signal's number."""
+    result = trainer.train(resume_from_checkpoint=last_checkpoint)
     if training_args.compile_only:  # compiled, nothing trained: no model, metrics or card to write, no evaluation
         logger.info("--compile_only: done in %.1f s", result.metrics["compile_time"])
         raise SystemExit(0)
+    if trainer.stopped_by_signal is not None:
+        trainer.save_state()
+        logger.warning("Stopped by signal %d at step %d: rerun the same command to resume from its checkpoint",
+                       trainer.stopped_by_signal, trainer.state.global_step)
+        raise SystemExit(128 + trainer.stopped_by_signal)
     trainer.save_model()  # model, tokenizer and ipu_config.json, loadable with from_pretrained
     metrics = dict(result.metrics)
     if not isinstance(train_dataset, datasets.IterableDataset):

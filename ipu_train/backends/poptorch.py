@@ -10,7 +10,7 @@ import poptorch
 import torch
 
 from ..pipeline.stages import transformer_layers
-from .torch import GroupResult, HostBound
+from .torch import GROUP_SUMS, GroupResult, HostBound
 
 logger = logging.getLogger("ipu_train")
 
@@ -88,6 +88,7 @@ class PopTorchBackend:
         self.model = self.training_model = self.inference_model = None
         self.optimizer = self.lr_scheduler = None
         self.last_learning_rate = None
+        self.nonfinite_run = 0  # steps in a row with a non-finite loss
 
     def prepare_model(self, model, max_predictions=None):
         """Stages and recompute marked for PopTorch. The serialized heads (and so `max_predictions`) are not applied
@@ -138,8 +139,9 @@ class PopTorchBackend:
     def to_device(self, batch):
         return batch
 
-    def run_group(self, batches, n_steps, on_step_begin, on_step_end):
-        """One device call runs the group's device_iterations steps; the callbacks then see each step."""
+    def run_group(self, batches, n_steps, on_step_begin, on_step_end, stop_requested):
+        """One device call runs the group's device_iterations steps; the callbacks then see each step. PopTorch
+        returns the group's mean loss, so a non-finite one counts every step of the group as non-finite."""
         batch = next(batches)
         outputs = self.training_model(**batch)
         loss = _loss_of(outputs).float().mean()
@@ -154,8 +156,14 @@ class PopTorchBackend:
         self.training_model.setOptimizer(self.optimizer)  # the new learning rate, for the next group
         tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
         samples = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
-        sums = torch.stack([loss * steps, torch.tensor(float(steps)), torch.as_tensor(tokens, dtype=torch.float32),
-                            torch.tensor(0.0)])
+        finite = bool(torch.isfinite(loss))
+        self.nonfinite_run = 0 if finite else self.nonfinite_run + steps
+        limit = self.args.max_consecutive_nonfinite_steps
+        values = {"loss": loss * steps if finite else 0.0, "finite_steps": steps if finite else 0, "tokens": tokens,
+                  "grad_norm": 0.0, "stop_requested": float(stop_requested()),
+                  "diverged": float(bool(limit) and self.nonfinite_run >= limit),
+                  "ends_nonfinite": float(not finite)}
+        sums = torch.stack([torch.as_tensor(values[name], dtype=torch.float32) for name in GROUP_SUMS])
         return GroupResult(steps, samples, 0, HostBound(sums))
 
     def compile_step(self, micro_batches):

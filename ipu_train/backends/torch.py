@@ -82,13 +82,25 @@ class HostBound:
         return self._tensor.tolist()
 
 
+# What a group sends to the host, summed over the replicas, in this order: the sum of its (finite) step losses, the
+# steps summed, input tokens, the last gradient norm; then three flags, each > 0 when some replica raised it: a stop
+# was requested (a signal), the loss was non-finite for max_consecutive_nonfinite_steps steps in a row, the group's
+# last step had a non-finite loss (its weights may be NaN: no checkpoint is saved from them).
+GROUP_SUMS = ("loss", "finite_steps", "tokens", "grad_norm", "stop_requested", "diverged", "ends_nonfinite")
+
+
+def group_sums(values):
+    """The host values of a group's sums, by name."""
+    return dict(zip(GROUP_SUMS, values))
+
+
 @dataclass
 class GroupResult:
     """One group of optimizer steps: counts known on the host, sums on their way to it."""
     steps: int
     samples: int  # this replica's samples
     flops: int  # model FLOPs of this replica (forward and backward)
-    sums: HostBound  # [sum of (finite) step losses, steps summed, input tokens, last gradient norm], all replicas
+    sums: HostBound  # GROUP_SUMS, summed over the replicas
 
 
 class ReplicaBatchSampler:
@@ -139,6 +151,7 @@ class TorchBackend:
             self._check_cuda_graphs()
         self.model = self.train_module = self.optimizer = self.lr_scheduler = None
         self.last_learning_rate = None
+        self.nonfinite_run = torch.zeros((), dtype=torch.int64, device=self.device)
         self.non_embedding_params = 0
         # replicated_tensor_sharding: each replica keeps the optimizer state of its share of the parameters (ZeRO-1).
         self.shard_optimizer_state = ipu_config.replicated_tensor_sharding and self.world_size > 1
@@ -274,18 +287,19 @@ class TorchBackend:
 
     # --- the step ------------------------------------------------------------------------------------------------
 
-    def run_group(self, batches, n_steps, on_step_begin, on_step_end):
+    def run_group(self, batches, n_steps, on_step_begin, on_step_end, stop_requested):
         """Up to `n_steps` optimizer steps on micro-batches already on the device, drawn from `batches`
         (gradient_accumulation_steps per step) with no host read of a device value; stops early when on_step_end()
-        returns True."""
-        sums = torch.zeros(4, device=self.device)
+        returns True. `stop_requested()` (a host flag) travels with the group's sums, so that every replica learns of
+        a stop asked of any of them at the same group boundary."""
+        sums = torch.zeros(len(GROUP_SUMS), device=self.device)
         steps = samples = flops = 0
         for _ in range(n_steps):
             on_step_begin()
             micro_batches = [next(batches) for _ in range(self.ipu_config.gradient_accumulation_steps)]
             step_loss, tokens, grad_norm = self.train_step(micro_batches)
+            finite = torch.isfinite(step_loss)
             if self.args.logging_nan_inf_filter:  # as transformers.Trainer: NaN/inf losses left out of the mean
-                finite = torch.isfinite(step_loss)
                 sums[0] += torch.where(finite, step_loss, torch.zeros_like(step_loss))
                 sums[1] += finite
             else:
@@ -294,12 +308,22 @@ class TorchBackend:
             sums[2] += tokens
             if grad_norm is not None:
                 sums[3] = grad_norm
+            self._count_nonfinite(finite, sums)
             steps += 1
             samples += sum(_batch_size(b) for b in micro_batches)
             flops += sum(self.batch_flops(b) for b in micro_batches)
             if on_step_end():
                 break
+        sums[4] = float(stop_requested())
+        sums[6] = self.nonfinite_run > 0
         return GroupResult(steps, samples, flops, self.to_host(sums))
+
+    def _count_nonfinite(self, finite, sums):
+        """The run of consecutive non-finite losses, on the device; `diverged` is raised when it reaches the limit."""
+        self.nonfinite_run = torch.where(finite, torch.zeros_like(self.nonfinite_run), self.nonfinite_run + 1)
+        limit = self.args.max_consecutive_nonfinite_steps
+        if limit:
+            sums[5] = torch.maximum(sums[5], (self.nonfinite_run >= limit).float())
 
     def train_step(self, micro_batches):
         """One optimizer step: the loss of each micro-batch divided by their number (mean over micro-batches, as
