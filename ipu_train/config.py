@@ -2,7 +2,9 @@
 
 The attribute set, defaults and behaviour follow optimum-graphcore's IPUConfig (see
 `shared/reference/ipu-semantics.md`), with its known gaps fixed: deprecated keys are accepted with a warning,
-string overrides use the declared field types, and every change is validated.
+string overrides use the declared field types, and every change is validated: a field alone when it is assigned,
+the relations between fields by `update()`, `validate()` and every method the runtime calls, so that fields can be
+assigned one at a time through inconsistent states (as optimum-graphcore code does).
 
 Stored values are what the user wrote: `None` in an `inference_*` field (or in `ipus_per_replica`) means "derive
 it", so that overriding `layers_per_ipu` also moves an inference layout that was never set. Reading an attribute
@@ -223,6 +225,19 @@ def _unknown_key_error(key: str, where: str) -> IPUConfigError:
     )
 
 
+def _is_field(key: str, where: str) -> bool:
+    """Whether `key` names a field to set: metadata keys are dropped, deprecated keys dropped with one warning,
+    unknown keys refused with the nearest valid key."""
+    if key in METADATA_KEYS:
+        return False
+    if key in DEPRECATED_KEYS:
+        logger.warning("ipu_config key '%s' is deprecated and ignored (%s): remove it", key, DEPRECATED_KEYS[key])
+        return False
+    if key not in FIELDS:
+        raise _unknown_key_error(key, where)
+    return True
+
+
 def _checked(field: _Field, value: Any) -> Any:
     """The value normalised to the field's declared type; per-pod dictionaries are checked entry by entry."""
     if value is None and field.null_is_default:
@@ -241,8 +256,8 @@ def _checked(field: _Field, value: Any) -> Any:
 
 
 class _Attribute:
-    """Descriptor: reads the derived value of a field (the inference variant in inference mode for layout fields)
-    and validates the whole configuration after every assignment."""
+    """Descriptor: reads the derived value of a field (the inference variant in inference mode for layout fields);
+    an assignment checks that field alone, its type and range (see IPUConfig.validate for the relations)."""
 
     def __init__(self, field: _Field):
         self.field = field
@@ -258,7 +273,10 @@ class _Attribute:
         return copy.deepcopy(obj._derived(self._target(obj)))
 
     def __set__(self, obj, value):
-        obj.update(**{self._target(obj): value})
+        name = self._target(obj)
+        value = _checked(FIELDS[name], value)
+        _check_field(name, value)
+        obj._values[name] = value
 
 
 class IPUConfig:
@@ -288,7 +306,9 @@ class IPUConfig:
             raise IPUConfigError(f"{path}: {error}") from None
 
     def save_pretrained(self, save_directory) -> str:
-        """Write `save_directory/ipu_config.json` and return its path."""
+        """Write `save_directory/ipu_config.json` and return its path; an inconsistent configuration is refused, as
+        loading the file would refuse it."""
+        self.validate()
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(str(save_directory), IPU_CONFIG_NAME)
         with open(path, "w", encoding="utf-8") as handle:
@@ -304,6 +324,11 @@ class IPUConfig:
         lines = [f"  {json.dumps(key)}: {json.dumps(value)}" for key, value in self.to_dict().items()]
         return "{\n" + ",\n".join(lines) + "\n}\n"
 
+    def __setattr__(self, name, value):
+        # A typo such as `layer_per_ipu` would otherwise add an attribute that nothing reads.
+        if name.startswith("_") or hasattr(type(self), name) or _is_field(name, "IPUConfig attribute"):
+            super().__setattr__(name, value)
+
     def __eq__(self, other):
         return isinstance(other, IPUConfig) and self._values == other._values
 
@@ -317,19 +342,13 @@ class IPUConfig:
         deprecated keys dropped with one warning each, unknown keys refused."""
         checked = {}
         for key, value in values.items():
-            if key in METADATA_KEYS:
-                continue
-            if key in DEPRECATED_KEYS:
-                reason = DEPRECATED_KEYS[key]
-                logger.warning("ipu_config key '%s' is deprecated and ignored (%s): remove it", key, reason)
-                continue
-            if key not in FIELDS:
-                raise _unknown_key_error(key, "IPU configuration")
-            checked[key] = _checked(FIELDS[key], value)
+            if _is_field(key, "IPU configuration"):
+                checked[key] = _checked(FIELDS[key], value)
+                _check_field(key, checked[key])
         previous = self._values
         self._values = {**previous, **checked}
         try:
-            self._validate()
+            self.validate()
         except IPUConfigError:
             self._values = previous
             raise
@@ -376,7 +395,7 @@ class IPUConfig:
 
     def apply_n_ipu(self, n_ipu: int) -> "IPUConfig":
         """`--n_ipu`: replication_factor = n_ipu // ipus_per_replica, and likewise for inference."""
-        self._require_resolved()
+        self._ready()
         if isinstance(n_ipu, bool) or not isinstance(n_ipu, int) or n_ipu < 1:
             raise IPUConfigError(f"--n_ipu must be a positive integer, not {n_ipu!r}")
         replicas = {}
@@ -397,10 +416,14 @@ class IPUConfig:
         return self._mode
 
     def train(self) -> "IPUConfig":
+        """Training layout; validated, as the trainer and the plan switch mode before they read it."""
+        self.validate()
         self._mode = "training"
         return self
 
     def eval(self) -> "IPUConfig":
+        """Inference layout; validated, as the trainer and the plan switch mode before they read it."""
+        self.validate()
         self._mode = "inference"
         return self
 
@@ -408,7 +431,7 @@ class IPUConfig:
 
     def batch_size_factor(self, for_inference: bool = False) -> int:
         """Samples per data-loader item divided by the micro-batch size."""
-        self._require_resolved()
+        self._ready()
         if for_inference:
             return self.inference_replication_factor * self.inference_device_iterations
         return self.replication_factor * self.gradient_accumulation_steps * self.device_iterations
@@ -419,15 +442,22 @@ class IPUConfig:
 
     def layers_per_stage(self, num_layers: int) -> list:
         """How many layers each stage holds, wildcards expanded, for the current mode."""
-        self._require_resolved()
-        prefix = "inference_" if self._mode == "inference" else ""
+        self._ready()
         return _expand_layers_per_ipu(
             self.layers_per_ipu,
             self.ipus_per_replica,
             num_layers,
-            f"{prefix}layers_per_ipu",
-            f"{prefix}ipus_per_replica",
+            self._source_key("layers_per_ipu"),
+            self._source_key("ipus_per_replica"),
         )
+
+    def _source_key(self, name: str) -> str:
+        """The key that holds the current mode's value: an unset inference_* field follows the training one, and
+        the message should name what the user wrote (the scripts check the inference layout first)."""
+        inference_name = f"inference_{name}"
+        if self._mode == "inference" and self._values[inference_name] is not None:
+            return inference_name
+        return name
 
     def unused_on_pytorch(self) -> list:
         """Fields set to a non-default value that have no effect on PyTorch (the trainer logs them once)."""
@@ -491,35 +521,19 @@ class IPUConfig:
 
     # --- validation -------------------------------------------------------------------------------------------
 
-    def _validate(self):
-        per_pod = self._per_pod_fields()
-        for name in COUNT_FIELDS:
-            for value in _alternatives(self._values[name]):
-                if value is not None and value < 1:
-                    raise IPUConfigError(f"{name}={value} must be at least 1")
-        for name in ("layers_per_ipu", "inference_layers_per_ipu"):
-            for value in _alternatives(self._values[name]):
-                if value is not None and min(value) < -1:
-                    raise IPUConfigError(
-                        f"{name}={value}: entries must be layer counts >= 0, or -1 for a share of the remaining layers"
-                    )
-        for name in ("matmul_proportion", "inference_matmul_proportion"):
-            for value in _alternatives(self._values[name]):
-                entries = value if isinstance(value, list) else [value]
-                if value is not None and not all(math.isfinite(v) and v >= 0 for v in entries):
-                    raise IPUConfigError(f"{name}={value} must be >= 0 (a fraction of each IPU's memory)")
-        for value in _alternatives(self._values["output_mode"]):
-            if value not in OUTPUT_MODES:
-                raise IPUConfigError(f"output_mode={value!r} must be one of {', '.join(OUTPUT_MODES)}")
-        for layer in ("embedding", "projection"):
-            for prefix in ("", "inference_"):
-                name = f"{prefix}serialized_{layer}_splits_per_ipu"
-                for value in _alternatives(self._values[name]):
-                    _check_splits(name, value)
-        if per_pod:
-            return  # the relations between fields are checked once a pod type has been chosen
+    def validate(self) -> "IPUConfig":
+        """Check the relations between fields (each field alone was checked when it was set). `update()` and every
+        method the runtime calls run it, so a configuration assigned field by field fails before it is used."""
+        if self._per_pod_fields():
+            return self  # the relations between fields are checked once a pod type has been chosen
         for prefix in ("", "inference_"):
             self._validate_layout(prefix)
+        return self
+
+    def _ready(self):
+        """What the runtime reads must be resolved for one pod type and consistent."""
+        self._require_resolved()
+        self.validate()
 
     def _validate_layout(self, prefix: str):
         ipus_name = f"{prefix}ipus_per_replica"
@@ -558,9 +572,31 @@ def _alternatives(value) -> list:
     return list(value.values()) if _is_per_pod(value) else [value]
 
 
+def _check_field(name: str, value):
+    """The range of one field's value, which needs no other field; per-pod dictionaries entry by entry."""
+    for alternative in _alternatives(value):
+        if alternative is not None:
+            _check_range(name, alternative)
+
+
+def _check_range(name: str, value):
+    if name in COUNT_FIELDS and value < 1:
+        raise IPUConfigError(f"{name}={value} must be at least 1")
+    if name.endswith("layers_per_ipu") and min(value) < -1:
+        raise IPUConfigError(
+            f"{name}={value}: entries must be layer counts >= 0, or -1 for a share of the remaining layers"
+        )
+    if name.endswith("matmul_proportion"):
+        entries = value if isinstance(value, list) else [value]
+        if not all(math.isfinite(v) and v >= 0 for v in entries):
+            raise IPUConfigError(f"{name}={value} must be >= 0 (a fraction of each IPU's memory)")
+    if name == "output_mode" and value not in OUTPUT_MODES:
+        raise IPUConfigError(f"output_mode={value!r} must be one of {', '.join(OUTPUT_MODES)}")
+    if name.endswith("_splits_per_ipu"):
+        _check_splits(name, value)
+
+
 def _check_splits(name: str, splits):
-    if splits is None:
-        return
     if min(splits) < 0:
         raise IPUConfigError(f"{name}={splits}: entries must be >= 0 (splits on each IPU)")
     if sum(splits) < 1:
@@ -573,7 +609,8 @@ def _check_splits(name: str, splits):
 def _expand_layers_per_ipu(layers_per_ipu, ipus, num_layers, layers_name, ipus_name) -> list:
     """Layers on each IPU for a model with `num_layers` layers, following optimum-graphcore's rules."""
     if ipus == 1:
-        return [num_layers]
+        _check_single_count(layers_per_ipu, num_layers, layers_name)
+        return [num_layers]  # every layer on IPU 0, as the original
     if layers_per_ipu in ([-1], [-1] * ipus):
         share, remainder = divmod(num_layers, ipus)
         return [share] * (ipus - 1) + [share + remainder]
@@ -600,6 +637,16 @@ def _expand_layers_per_ipu(layers_per_ipu, ipus, num_layers, layers_name, ipus_n
     counts = [share if count == -1 else count for count in layers_per_ipu]
     counts[wildcards[-1]] += remainder
     return counts
+
+
+def _check_single_count(layers_per_ipu, num_layers, layers_name):
+    """One IPU takes every layer, but a single count that is not the model's depth is a mistake (a layout written
+    for another model), as [2 2] for 6 layers is."""
+    if len(layers_per_ipu) == 1 and layers_per_ipu[0] not in (-1, num_layers):
+        raise IPUConfigError(
+            f"{layers_name}={layers_per_ipu} places {layers_per_ipu[0]} layers on its one IPU but the model has "
+            f"{num_layers}: use [-1] (every layer) or [{num_layers}]"
+        )
 
 
 def _split_top_level(text: str) -> list:

@@ -109,6 +109,85 @@ def test_attribute_assignment_is_validated_and_leaves_the_config_unchanged_on_er
     assert config.replication_factor == 3
 
 
+@pytest.mark.parametrize("name, value, text, message", [
+    ("gradient_accumulation_steps", 0, "0", "^gradient_accumulation_steps=0 must be at least 1$"),
+    ("layers_per_ipu", [-2], "[-2]", r"^layers_per_ipu=\[-2\]: entries must be layer counts >= 0, or -1"),
+    ("matmul_proportion", -0.1, "-0.1", "^matmul_proportion=-0.1 must be >= 0"),
+    ("output_mode", "every", "every", "^output_mode='every' must be one of all, sum, final, default$"),
+    ("serialized_embedding_splits_per_ipu", [3, 0, 2, 0], "[3 0 2 0]",
+     r"^serialized_embedding_splits_per_ipu=\[3, 0, 2, 0\]: the IPUs holding splits must be consecutive"),
+])
+def test_a_field_alone_is_checked_when_assigned_with_the_message_of_an_override(name, value, text, message):
+    config = IPUConfig(layers_per_ipu=[0, 4, 4, 4])
+    with pytest.raises(IPUConfigError, match=message):
+        setattr(config, name, value)
+    assert config == IPUConfig(layers_per_ipu=[0, 4, 4, 4])
+    with pytest.raises(IPUConfigError, match=message):
+        config.update_from_string(f"{name}={text}")
+
+
+def test_an_assignment_checks_the_type_and_in_eval_mode_names_the_inference_field():
+    config = IPUConfig()
+    with pytest.raises(IPUConfigError, match="^replication_factor must be an integer, not 2.5$"):
+        config.replication_factor = 2.5
+    with pytest.raises(IPUConfigError, match=r"^inference_layers_per_ipu=\[-2\]: entries must be layer counts"):
+        config.eval().layers_per_ipu = [-2]
+    assert config == IPUConfig()
+
+
+def test_fields_assigned_one_at_a_time_may_pass_through_inconsistent_states():
+    config = IPUConfig(layers_per_ipu=[0, 4, 4, 4], ipus_per_replica=4, matmul_proportion=[0.1, 0.2, 0.2, 0.2],
+                       serialized_embedding_splits_per_ipu=[1, 1, 0, 0])
+    config.layers_per_ipu = [6, 6]  # 2 entries for 4 IPUs, until the next three lines
+    config.ipus_per_replica = 2
+    config.matmul_proportion = [0.1, 0.2]
+    config.serialized_embedding_splits_per_ipu = [1, 1]
+    assert config.validate() is config
+    assert config.layer_stages(12) == [0] * 6 + [1] * 6
+    config.embedding_serialization_factor = 4  # a factor and splits, until the splits are cleared
+    config.serialized_embedding_splits_per_ipu = None
+    config.layers_per_ipu = [3]  # as optimum-graphcore code narrows a layout to one IPU
+    config.ipus_per_replica = 1
+    config.matmul_proportion = 0.2
+    assert config.eval().layer_stages(3) == [0, 0, 0] and config.inference_embedding_serialization_factor == 4
+    assert IPUConfig(**config.to_dict()) == config
+
+
+INCONSISTENT = [
+    ({"ipus_per_replica": 2},
+     r"^layers_per_ipu=\[0, 4, 4, 4\] has 4 entries but ipus_per_replica=2: give one entry per IPU, or set "
+     r"ipus_per_replica=4$"),
+    ({"matmul_proportion": [0.1, 0.2]},
+     r"^matmul_proportion=\[0.1, 0.2\] has 2 entries but ipus_per_replica=4: give one value per IPU"),
+    ({"serialized_embedding_splits_per_ipu": [0, 2, 2, 0], "embedding_serialization_factor": 4},
+     r"^set only one of embedding_serialization_factor=4 and serialized_embedding_splits_per_ipu=\[0, 2, 2, 0\]"),
+]
+
+
+@pytest.mark.parametrize("assignments, message", INCONSISTENT)
+def test_an_inconsistent_assignment_fails_before_the_configuration_is_used(tmp_path, assignments, message):
+    config = IPUConfig(layers_per_ipu=[0, 4, 4, 4])
+    for name, value in assignments.items():
+        setattr(config, name, value)
+    uses = [config.validate, lambda: config.layer_stages(12), lambda: config.layers_per_stage(12),
+            config.batch_size_factor, config.eval, config.train, lambda: config.apply_n_ipu(8),
+            lambda: config.save_pretrained(tmp_path), lambda: config.update(seed=1)]
+    for use in uses:
+        with pytest.raises(IPUConfigError, match=message):
+            use()
+    assert config.mode == "training" and config.seed is None and not os.listdir(tmp_path)
+
+
+def test_assigning_an_unknown_attribute_names_the_nearest_key(caplog):
+    config = IPUConfig()
+    with pytest.raises(IPUConfigError, match="unknown key 'layer_per_ipu'; did you mean 'layers_per_ipu'"):
+        config.layer_per_ipu = [3]
+    with caplog.at_level(logging.WARNING, logger="ipu_train"):
+        config.use_popdist = True  # as in update(): a deprecated key warns and is ignored
+    assert not hasattr(config, "layer_per_ipu") and not hasattr(config, "use_popdist")
+    assert any("'use_popdist' is deprecated" in record.getMessage() for record in caplog.records)
+
+
 def test_error_type_is_a_user_error_and_a_value_error():
     with pytest.raises(UserError):
         IPUConfig(device_iterations=0)
@@ -477,6 +556,43 @@ def test_layer_map(layers_per_ipu, ipus, num_layers, expected):
 def test_layer_map_with_one_ipu_ignores_the_counts():
     config = IPUConfig(layers_per_ipu=[3, -1], ipus_per_replica=1)
     assert config.layer_stages(5) == [0] * 5
+
+
+@pytest.mark.parametrize("name", ["layers_per_ipu", "inference_layers_per_ipu"])
+@pytest.mark.parametrize("count", [1, 7])
+def test_one_entry_that_is_not_the_model_depth_is_refused(name, count):
+    config = IPUConfig(**{name: [count]})
+    mode = config.eval if name.startswith("inference_") else config.train
+    with pytest.raises(IPUConfigError, match=rf"^{name}=\[{count}\] places {count} layers on its one IPU but the "
+                                             rf"model has 12: use \[-1\] \(every layer\) or \[12\]$"):
+        mode().layer_stages(12)
+
+
+@pytest.mark.parametrize("name", ["layers_per_ipu", "inference_layers_per_ipu"])
+@pytest.mark.parametrize("layers, num_layers", [([12], 12), ([-1], 12), ([-1], 5), ([-1], 48)])
+def test_one_entry_that_fits_puts_every_layer_on_ipu_0(name, layers, num_layers):
+    config = IPUConfig(**{name: layers})
+    assert config.train().layer_stages(num_layers) == [0] * num_layers
+    assert config.eval().layers_per_stage(num_layers) == [num_layers]
+
+
+@pytest.mark.parametrize("name", ["layers_per_ipu", "inference_layers_per_ipu"])
+def test_two_entries_are_checked_against_the_model_depth(name):
+    config = IPUConfig(**{name: [2, 2]})
+    mode = config.eval if name.startswith("inference_") else config.train
+    with pytest.raises(IPUConfigError, match=rf"^{name}=\[2, 2\] does not define the correct number of layers: it "
+                                             rf"places 4 layers but the model has 12"):
+        mode().layer_stages(12)
+    config.update(**{name: [6, 6]})
+    assert mode().layers_per_stage(12) == [6, 6]
+
+
+def test_an_inference_layout_left_unset_names_the_training_key():
+    # The scripts check the inference layout first; it follows layers_per_ipu, which is what the user wrote.
+    with pytest.raises(IPUConfigError, match=r"^layers_per_ipu=\[7\] places 7 layers"):
+        IPUConfig(layers_per_ipu=[7]).eval().layer_stages(12)
+    with pytest.raises(IPUConfigError, match=r"^layers_per_ipu=\[0, 4, 4, 4\] does not define"):
+        IPUConfig(layers_per_ipu=[0, 4, 4, 4]).eval().layer_stages(6)
 
 
 def test_layer_map_in_inference_mode_uses_the_inference_layout():

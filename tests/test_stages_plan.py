@@ -236,6 +236,8 @@ def test_plan_reads_only_the_config_of_a_model_directory(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--ipu_config", "ipu_configs/gpt2", "--model_type", "gpt2", "--config_overrides", "n_layer=6"],
      "layers_per_ipu=[0, 4, 4, 4] does not define the correct number of layers"),
+    (["--ipu_config", "ipu_configs/gpt2", "--model_type", "gpt2", "--ipu_config_overrides", "layers_per_ipu=[7]"],
+     "layers_per_ipu=[7] places 7 layers on its one IPU but the model has 12: use [-1] (every layer) or [12]"),
     (["--ipu_config", "ipu_configs/gpt2", "--model_type", "gpt2", "--ipu_config_overrides", "replication_factr=2"],
      "did you mean 'replication_factor'"),
     (["--ipu_config", "ipu_configs/gpt2", "--model_type", "gpt2", "--pod_type", "pod5"],
