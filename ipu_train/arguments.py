@@ -1,6 +1,7 @@
 """IPUTrainingArguments: every `transformers.TrainingArguments` flag plus the IPU flags users of the IPU examples know,
 and `load_ipu_config`, which turns those flags into the one IPU configuration a run uses."""
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -9,11 +10,16 @@ import torch
 from transformers import TrainingArguments
 
 from .errors import UserError
+from .supported_args import check_supported
 
 logger = logging.getLogger("ipu_train")
 
 DEVICE_TYPES = ("auto", "cpu", "cuda", "ipu")
 DATALOADER_MODES = ("sync", "async", "async_rebatched")
+# Numbers that cannot be below 0: torch's optimizers refuse a negative rate or epsilon (with a traceback, once the model
+# is built), a negative decay grows the weights, a negative norm silently turns clipping off. With what 0 means.
+NON_NEGATIVE_FLAGS = {"learning_rate": "", "weight_decay": " (0: no decay)", "adam_epsilon": "",
+                      "max_grad_norm": " (0 turns gradient clipping off)"}
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that record CUDA graphs
 
 
@@ -45,6 +51,9 @@ class IPUTrainingArguments(TrainingArguments):
         default=False, metadata={"help": "Complete the last combined batch of an epoch instead of dropping it."})
     throughput_warmup_steps: int = field(
         default=0, metadata={"help": "Optimizer steps left out of the throughput metrics (besides compilation)."})
+    max_consecutive_nonfinite_steps: int = field(
+        default=10, metadata={"help": "Stop the run (exit code 1, the last finite checkpoint kept) after this many "
+                                      "optimizer steps in a row with a NaN/inf loss; 0 never stops."})
     device_type: str = field(
         default="auto", metadata={"aliases": ["--device"], "choices": list(DEVICE_TYPES),
                                   "help": "Where to run: auto (CUDA when present, else CPU), cpu, cuda or ipu."})
@@ -64,9 +73,16 @@ class IPUTrainingArguments(TrainingArguments):
     # None means "not given on the command line": only a given value overrides the IPU configuration.
     gradient_accumulation_steps: Optional[int] = field(
         default=None, metadata={"help": "Micro-batches per optimizer step (overrides the IPU configuration)."})
+    # transformers 5 dropped --warmup_ratio (its --warmup_steps takes a fraction below 1), but the IPU README and older
+    # Hugging Face scripts use it.
+    warmup_ratio: Optional[float] = field(
+        default=None, metadata={"help": "Linear warmup over this fraction of the training steps, from 0 to 1 "
+                                        "(instead of --warmup_steps)."})
 
     def __post_init__(self):
+        check_supported(self)  # before anything derives one field from another
         self._check_ipu_flags()
+        self._check_training_numbers()
         self.device_type = _resolve_device_type(self.device_type)
         if self.device_type in ("cpu", "ipu"):
             self.use_cpu = True  # on IPU the host side (data, saving) is the CPU
@@ -120,10 +136,39 @@ class IPUTrainingArguments(TrainingArguments):
                 raise UserError(f"--{flag} must be >= 1, got {getattr(self, flag)}")
         if not 0 <= self.seed < 2 ** 32:
             raise UserError(f"--seed must be between 0 and 2**32 - 1, got {self.seed}")
+        if self.max_consecutive_nonfinite_steps < 0:
+            raise UserError(f"--max_consecutive_nonfinite_steps must be >= 0 (0: never stop), got "
+                            f"{self.max_consecutive_nonfinite_steps}")
         if self.throughput_warmup_steps < 0:
             raise UserError(f"--throughput_warmup_steps must be >= 0, got {self.throughput_warmup_steps}")
         if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps < 1:
             raise UserError(f"--gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
+
+    def _check_training_numbers(self):
+        for flag, instead in NON_NEGATIVE_FLAGS.items():
+            if not 0 <= getattr(self, flag) < math.inf:
+                raise UserError(f"--{flag} must be a number >= 0{instead}, got {getattr(self, flag)}")
+        for flag in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, flag) < 1:
+                raise UserError(f"--{flag} must be at least 0 and below 1 (e.g. 0.9), got {getattr(self, flag)}")
+        # Without --max_steps the epochs set the length of training: none would save an untrained model.
+        if self.do_train and self.max_steps <= 0 and not self.num_train_epochs > 0:
+            raise UserError(f"--num_train_epochs {self.num_train_epochs} trains nothing: pass a number of epochs above "
+                            "0, or --max_steps")
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio <= 1:
+                raise UserError(f"--warmup_ratio is a fraction of the training steps, from 0 to 1, got "
+                                f"{self.warmup_ratio}")
+            if self.warmup_steps:
+                raise UserError(f"--warmup_ratio and --warmup_steps {self.warmup_steps} both set the warmup: pass only "
+                                "one of them")
+
+    def get_warmup_steps(self, num_training_steps):
+        """--warmup_ratio's share of the steps, rounded up as transformers rounds a fractional --warmup_steps (which
+        cannot express 1: a --warmup_steps of 1.0 is one step)."""
+        if self.warmup_ratio is None:
+            return super().get_warmup_steps(num_training_steps)
+        return math.ceil(num_training_steps * self.warmup_ratio)
 
     @property
     def precision(self) -> str:
@@ -204,16 +249,27 @@ def load_ipu_config(training_args, model_name_or_path=None):
 
 
 def fit_replication_to_world(ipu_config, world_size):
-    """On PyTorch each process holds one replica: replication_factor follows the world size when left at its default
-    of 1, and any other value must equal it. Evaluation shards over the same processes, likewise."""
+    """On PyTorch the replicas run on the processes: replication_factor follows the world size when left at its
+    default of 1; a multiple of the world size runs its extra replicas inside each process, as further micro-batches
+    of the same optimizer step (see replicas_per_process); any other value is an error. Evaluation shards over the
+    same processes, likewise."""
     for key in ("replication_factor", "inference_replication_factor"):
         value = getattr(ipu_config, key)
-        if value == world_size:
+        if value % world_size == 0:
             continue
         if value != 1:
+            fits = ", ".join(str(n) for n in range(1, value + 1) if value % n == 0)
             raise UserError(
-                f"{key}={value} but {world_size} process(es) run: launch `torchrun --nproc_per_node {value}` "
-                f"or pass --ipu_config_overrides {key}={world_size}")
+                f"{key}={value} does not divide over the {world_size} process(es) that run: launch `torchrun "
+                f"--nproc_per_node N` with N one of {fits}, or pass --ipu_config_overrides {key}={world_size}")
         logger.info("%s = %d, from the number of processes", key, world_size)
         ipu_config.update_from_string(f"{key}={world_size}")
     return ipu_config
+
+
+def replicas_per_process(ipu_config, world_size):
+    """Training replicas each process runs: more than one when the configuration asks for more replicas than there
+    are processes (`--n_ipu 8` on one GPU). Each process then runs gradient_accumulation_steps x this many
+    micro-batches per optimizer step, the slices of all its replicas in turn: the same combined batch and the same
+    mean loss as that many replicas side by side."""
+    return max(ipu_config.replication_factor // world_size, 1)

@@ -30,7 +30,7 @@ from transformers.trainer_pt_utils import nested_concat, nested_numpify
 from transformers.trainer_utils import (PREFIX_CHECKPOINT_DIR, EvalLoopOutput, EvalPrediction, SaveStrategy,
                                         TrainOutput, denumpify_detensorize, rotate_checkpoints)
 
-from .arguments import IPUTrainingArguments, fit_replication_to_world, load_ipu_config
+from .arguments import IPUTrainingArguments, fit_replication_to_world, load_ipu_config, replicas_per_process
 from . import checkpoint as ckpt
 from .backends.torch import TorchBackend, group_sums, peak_flops_per_second
 from .errors import RunFailed, UserError
@@ -304,7 +304,8 @@ class IPUTrainer(Trainer):
         incomplete last one is dropped) and each replica collates its slice. A stream only reads forward, so a
         resumed run reads past the rows of the steps already trained (without collating them)."""
         rank, micro = self.args.process_index, layout.micro_batch
-        per_replica = micro * layout.accumulation
+        micro_batches = layout.accumulation * replicas_per_process(self.ipu_config, self.args.world_size)
+        per_process = micro * micro_batches
         to_skip = start_step * layout.step_samples
         for stream_epoch in itertools.count():
             if hasattr(dataset, "set_epoch"):
@@ -316,8 +317,8 @@ class IPUTrainer(Trainer):
                     continue
                 combined.append(row)
                 if len(combined) == layout.step_samples:
-                    mine = combined[rank * per_replica:(rank + 1) * per_replica]
-                    for k in range(layout.accumulation):
+                    mine = combined[rank * per_process:(rank + 1) * per_process]
+                    for k in range(micro_batches):
                         yield collator(mine[k * micro:(k + 1) * micro])
                     combined, full_batches = [], full_batches + 1
             if full_batches == 0 and not to_skip:

@@ -15,14 +15,15 @@ from tests._trainer_fixtures import collate, losses, tiny_gpt2, token_rows  # no
 ROWS, EVAL_ROWS = 40, 11
 
 
-def run(output_dir, micro_batch, accumulation, sharded=False, resume_from=None):
+def run(output_dir, micro_batch, accumulation, sharded=False, resume_from=None, replicas=None):
     """`sharded`: replicated_tensor_sharding (the optimizer state split over the replicas); `resume_from`: a
-    checkpoint to continue from."""
+    checkpoint to continue from; `replicas`: a replication_factor (default: the number of processes)."""
+    overrides = f"replicated_tensor_sharding={sharded}" + (f",replication_factor={replicas}" if replicas else "")
     args = IPUTrainingArguments(output_dir=output_dir, device_type="cpu", per_device_train_batch_size=micro_batch,
                                 gradient_accumulation_steps=accumulation, per_device_eval_batch_size=4,
                                 max_steps=10, learning_rate=2e-3, logging_steps=1, save_strategy="steps",
                                 save_steps=5, report_to="none", disable_tqdm=True, seed=5,
-                                ipu_config_overrides=f"replicated_tensor_sharding={sharded}")
+                                ipu_config_overrides=overrides)
     trainer = IPUTrainer(model=tiny_gpt2(seed=3), ipu_config=load_ipu_config(args), args=args,
                          data_collator=collate, train_dataset=token_rows(ROWS, seed=4),
                          eval_dataset=token_rows(EVAL_ROWS, seed=6))

@@ -40,6 +40,12 @@ def test_two_gloo_replicas_match_one_process_at_the_same_combined_batch(tmp_path
         assert math.isclose(one, two, rel_tol=1e-5), f"step {step}: 1 process {one} vs 2 replicas {two}"
     assert math.isclose(single["eval_loss"], ranks[0]["eval_loss"], rel_tol=1e-6)  # every eval sample, once
 
+    # Two replicas in one process (as `--n_ipu 8` on one GPU asks): run in turn, the losses of the two processes.
+    folded = run(str(tmp_path / "folded"), micro_batch=2, accumulation=1, replicas=2)
+    assert folded["replication_factor"] == 2 and folded["world_size"] == 1
+    for step, (one, two) in enumerate(zip(folded["losses"], ranks[0]["losses"]), 1):
+        assert math.isclose(one, two, rel_tol=1e-5), f"step {step}: 2 replicas in 1 process {one} vs 2 processes {two}"
+
     # only the main process writes: one checkpoint tree, with each replica's RNG state
     checkpoint = distributed / "checkpoint-5"
     assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "ipu_config.json").is_file()

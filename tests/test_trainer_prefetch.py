@@ -228,13 +228,15 @@ def _backend_args(world_size=1):
                                  precision="fp32", loss_scaling=None, cuda_graphs=True)
 
 
-@pytest.mark.parametrize("world_size, accumulation, message", [
-    (1, 4, "--cuda_graphs needs gradient_accumulation_steps=1"),
-    (2, 1, "--cuda_graphs runs in one process"),
+@pytest.mark.parametrize("world_size, accumulation, replicas, message", [
+    (1, 4, 1, r"--cuda_graphs needs one micro-batch per step \(this run has 4"),
+    (1, 1, 2, r"--cuda_graphs needs one micro-batch per step \(this run has 2"),  # replicas folded into the process
+    (2, 1, 2, "--cuda_graphs runs in one process"),
 ])
-def test_cuda_graphs_refuse_accumulation_and_several_processes(world_size, accumulation, message):
+def test_cuda_graphs_refuse_accumulation_and_several_processes(world_size, accumulation, replicas, message):
     with pytest.raises(UserError, match=message) as error:
-        TorchBackend(_backend_args(world_size), IPUConfig(gradient_accumulation_steps=accumulation))
+        TorchBackend(_backend_args(world_size), IPUConfig(gradient_accumulation_steps=accumulation,
+                                                          replication_factor=replicas))
     assert "\n" not in str(error.value)
 
 

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from ..arguments import replicas_per_process
 from ..errors import UserError
 from ..optim import LAMB
 from ..pipeline.heads import enable_serialized_heads
@@ -142,6 +143,14 @@ class TorchBackend:
         self.args, self.ipu_config = args, ipu_config
         self.device = args.device
         self.world_size, self.rank = args.world_size, args.process_index
+        folded = replicas_per_process(ipu_config, self.world_size)
+        # Micro-batches per optimizer step in this process: its replicas' gradient accumulation, one after another.
+        self.micro_batches_per_step = ipu_config.gradient_accumulation_steps * folded
+        if folded > 1:
+            logger.info("%d replicas on %d process(es): each process runs %d replicas as %d micro-batches per "
+                        "optimizer step (the same global batch and losses; torchrun --nproc_per_node %d runs them "
+                        "in parallel)", ipu_config.replication_factor, self.world_size, folded,
+                        self.micro_batches_per_step, ipu_config.replication_factor)
         self.precision = args.precision
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.scaler = self._loss_scaler()
@@ -165,10 +174,10 @@ class TorchBackend:
         """CUDA graph trees (torch.compile's reduce-overhead mode) hand out gradients that live in the graph's memory
         pool: a second backward before the optimizer step overwrites them (gradient accumulation silently loses
         micro-batches, pytorch/pytorch#169545), and DDP's reducer copies gradients between graph replays."""
-        if self.ipu_config.gradient_accumulation_steps > 1:
-            raise UserError(f"--cuda_graphs needs gradient_accumulation_steps=1 (the IPU configuration has "
-                            f"{self.ipu_config.gradient_accumulation_steps}): pass --gradient_accumulation_steps 1 "
-                            "or drop --cuda_graphs")
+        if self.micro_batches_per_step > 1:
+            raise UserError(f"--cuda_graphs needs one micro-batch per step (this run has "
+                            f"{self.micro_batches_per_step}: gradient_accumulation_steps x replicas per process): pass "
+                            "--gradient_accumulation_steps 1 with one replica per process, or drop --cuda_graphs")
         if self.world_size > 1:
             raise UserError(f"--cuda_graphs runs in one process ({self.world_size} run): drop --cuda_graphs "
                             "under torchrun")
@@ -233,16 +242,14 @@ class TorchBackend:
         model.compile(backend=self.args.torch_compile_backend, mode=self.args.torch_compile_mode)
 
     def create_optimizer(self, param_groups):
-        """AdamW with bias correction (fused on CUDA, foreach on CPU), or LAMB with --lamb; sharded over the
-        replicas with replicated_tensor_sharding."""
-        args = self.args
-        kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-        if args.use_lamb:
-            optimizer_class = LAMB
-            kwargs["bias_correction"] = not args.lamb_no_bias_correction
+        """LAMB with --lamb, else --optim (and --optim_args) as transformers maps them: by default AdamW with bias
+        correction, fused on CUDA and foreach on CPU. Sharded over the replicas with replicated_tensor_sharding."""
+        from ..optim import lamb_kwargs, torch_optimizer
+
+        if self.args.use_lamb:
+            optimizer_class, kwargs = LAMB, lamb_kwargs(self.args)
         else:
-            optimizer_class = torch.optim.AdamW
-            kwargs["fused" if self.device.type == "cuda" else "foreach"] = True
+            optimizer_class, kwargs = torch_optimizer(self.args, self.device.type)
         if self.shard_optimizer_state:
             # Imported here: torch.distributed.optim scripts functions with the deprecated torch.jit on import.
             from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -258,9 +265,8 @@ class TorchBackend:
     def train_loader(self, dataset, collator, order, start_step, seed):
         """This replica's micro-batches for one epoch whose global sample order is `order`. The loader draws its
         worker seeds from its own generator, so the global RNG (dropout, masking) is untouched by its creation."""
-        cfg, args = self.ipu_config, self.args
-        sampler = ReplicaBatchSampler(order, args.per_device_train_batch_size, cfg.gradient_accumulation_steps,
-                                      cfg.replication_factor, self.rank, start_step)
+        sampler = ReplicaBatchSampler(order, self.args.per_device_train_batch_size, self.micro_batches_per_step,
+                                      self.world_size, self.rank, start_step)
         return self._loader(dataset, collator, sampler, seed)
 
     def eval_loader(self, dataset, collator, indices):
@@ -296,7 +302,7 @@ class TorchBackend:
         steps = samples = flops = 0
         for _ in range(n_steps):
             on_step_begin()
-            micro_batches = [next(batches) for _ in range(self.ipu_config.gradient_accumulation_steps)]
+            micro_batches = [next(batches) for _ in range(self.micro_batches_per_step)]
             step_loss, tokens, grad_norm = self.train_step(micro_batches)
             finite = torch.isfinite(step_loss)
             if self.args.logging_nan_inf_filter:  # as transformers.Trainer: NaN/inf losses left out of the mean
