@@ -6,11 +6,10 @@ factorisation order. Flags follow Hugging Face's run_plm.py, plus the IPU traini
 import logging
 from dataclasses import dataclass, field
 from typing import Optional
-from unittest import mock
 
 from transformers import XLNetLMHeadModel
 
-from ipu_train import IPUTrainer, workflow
+from ipu_train import IPUTrainer
 from ipu_train.cli import main_entry
 from ipu_train.data import DataCollatorForPLM
 from ipu_train.errors import UserError
@@ -61,13 +60,6 @@ class DataTrainingArguments(DataArguments):
             raise UserError(f"--max_span_length {self.max_span_length}: use 1 or more")
 
 
-def start_with_xlnet_by_default(argv):
-    """workflow.start, parsing this script's ModelArguments: start parses the shared ones, which refuse a run with
-    no model named. To go once start takes the ModelArguments class as a parameter."""
-    with mock.patch.object(workflow, "ModelArguments", ModelArguments):
-        return start(DataTrainingArguments, argv)
-
-
 def even_sequence_length(data_args, tokenizer):
     """--max_seq_length, else the tokenizer's maximum (at most 512, Hugging Face's default), clamped as in
     run_mlm.py. A clamped length that is odd is rounded down: permutation LM needs an even one."""
@@ -83,7 +75,7 @@ def even_sequence_length(data_args, tokenizer):
 
 @main_entry
 def main(argv=None):
-    model_args, data_args, training_args, ipu_config, last_checkpoint = start_with_xlnet_by_default(argv)
+    model_args, data_args, training_args, ipu_config, last_checkpoint = start(DataTrainingArguments, argv, ModelArguments)
 
     raw_datasets = load_raw_datasets(data_args, model_args)
     config = load_config(model_args)

@@ -11,7 +11,6 @@ import torch
 import transformers
 import yaml
 from transformers import HfArgumentParser
-from transformers.trainer_utils import get_last_checkpoint
 
 from .errors import RunFailed, UserError
 
@@ -91,18 +90,3 @@ def setup_logging(training_args):
     transformers.utils.logging.enable_explicit_format()
     if training_args.disable_tqdm:
         datasets.disable_progress_bars()
-
-
-def last_checkpoint_or_refuse(training_args):
-    """The checkpoint to resume from, if `output_dir` holds one. A non-empty `output_dir` without checkpoints is
-    refused unless --overwrite_output_dir: nothing there is ever deleted, but training would write over it."""
-    out = training_args.output_dir
-    if not (training_args.do_train and os.path.isdir(out)) or getattr(training_args, "overwrite_output_dir", False):
-        return None
-    last = get_last_checkpoint(out)
-    if last is None and os.listdir(out):
-        raise UserError(f"--output_dir {out} is not empty and holds no checkpoint-N to resume from: pass "
-                        "--overwrite_output_dir to train into it anyway, or choose another --output_dir")
-    if last is not None and training_args.resume_from_checkpoint is None:
-        logger.info("Resuming from %s (found in --output_dir); pass --overwrite_output_dir to start afresh.", last)
-    return last

@@ -21,12 +21,12 @@ logger = logging.getLogger("ipu_train")
 TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "special_tokens_mask", "word_ids")
 
 
-def start(data_arguments_class, argv=None):
+def start(data_arguments_class, argv=None, model_arguments_class=ModelArguments):
     """Parse the flags (or one .json/.yaml file) into model, data and training arguments; set up logging; check that
     --output_dir can be written; find the checkpoint to resume from (or refuse a non-empty --output_dir); load the
     IPU configuration; seed everything. Nothing is processed, and nothing written, before these checks.
     Returns (model_args, data_args, training_args, ipu_config, last_checkpoint)."""
-    parser = ScriptArgumentParser((ModelArguments, data_arguments_class, IPUTrainingArguments))
+    parser = ScriptArgumentParser((model_arguments_class, data_arguments_class, IPUTrainingArguments))
     model_args, data_args, training_args = parser.parse_script_args(argv)
     setup_logging(training_args)
     data_args.check_with(training_args)
