@@ -9,10 +9,27 @@ compute it:
 
 Everything stays on the parameters' device: the step count is a Python int, the trust ratios are tensors, and
 nothing is read back to the host, so a step never waits for the device.
+
+Also here: the optimizer that --optim and --optim_args choose, through transformers' own mapping of their names
+(`Trainer.get_optimizer_cls_and_kwargs`), for each backend; what a backend cannot run is refused in one line.
 """
+import copy
+import dataclasses
 from collections import defaultdict
 
 import torch
+from transformers import Trainer, TrainingArguments
+from transformers.training_args import OptimizerNames
+
+from .errors import UserError
+
+# --optim_args keys that the trainer's parameter groups set themselves (0 for biases and norms), so that an
+# optimizer-wide value would never be read.
+GROUP_KEYS = ("weight_decay",)
+# torch's choice of kernels: no meaning to PopTorch, which compiles the update itself.
+TORCH_KERNEL_KEYS = ("fused", "foreach")
+# The PopTorch optimizers that take max_grad_norm (poptorch.optim: SGD, Adam, AdamW; RMSprop and LAMB do not clip).
+POPTORCH_CLIPPING = ("SGD", "Adam", "AdamW")
 
 
 class LAMB(torch.optim.Optimizer):
@@ -89,3 +106,133 @@ class LAMB(torch.optim.Optimizer):
             ratios = ratios.clamp(max=group["max_trust_ratio"])
         torch._foreach_mul_(updates, list((ratios * -group["lr"]).unbind()))
         torch._foreach_add_(params, updates)
+
+
+def check_optimizer_flags(args):
+    """At parse time, what building the optimizer would refuse later: --lamb with --optim or --optim_args, and an
+    --optim (or --optim_args) that gives no optimizer of torch or transformers."""
+    if args.use_lamb:
+        if not is_default_optim(args):
+            raise UserError(f"--lamb contradicts --optim {_name(args)}: drop one of them")
+        if args.optim_args:
+            raise UserError("--optim_args does not apply to --lamb: drop it")
+        return
+    torch_optimizer(args, args.device_type)
+
+
+def is_default_optim(args):
+    """Whether --optim is left at TrainingArguments' default (AdamW)."""
+    default = next(f.default for f in dataclasses.fields(TrainingArguments) if f.name == "optim")
+    return args.optim == default
+
+
+def lamb_kwargs(args):
+    """--lamb / --lamb_no_bias_correction, with the Adam flags."""
+    return dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                bias_correction=not args.lamb_no_bias_correction)
+
+
+def torch_optimizer(args, device_type):
+    """(class, keyword arguments) for the PyTorch backend: --optim as transformers maps it, among the optimizers of
+    torch and transformers (the others are not known to run in our step loop). --optim left at its default is our
+    AdamW: fused on CUDA, foreach elsewhere."""
+    optimizer_class, kwargs = mapped_optimizer(args, _comes_with_torch_or_transformers, "PyTorch")
+    if is_default_optim(args) and device_type != "cuda":
+        del kwargs["fused"]
+        kwargs["foreach"] = True
+    return optimizer_class, kwargs
+
+
+def poptorch_optimizer(args, optim):
+    """(class, keyword arguments) from `optim` (poptorch.optim): its LAMB with --lamb, else its optimizer named as the
+    torch one --optim maps to. The loss scaling is the optimizer's; max_grad_norm goes to the optimizers that clip and
+    is refused with the others."""
+    if args.use_lamb:
+        optimizer_class, kwargs = optim.LAMB, lamb_kwargs(args)
+    else:
+        torch_class, mapped = mapped_optimizer(args, lambda cls: _poptorch_class(cls, optim) is not None, "PopTorch")
+        optimizer_class = _poptorch_class(torch_class, optim)
+        kwargs = {key: value for key, value in mapped.items() if key not in TORCH_KERNEL_KEYS}
+        if torch_class is torch.optim.AdamW:
+            kwargs["bias_correction"] = True  # as torch computes it
+    kwargs["loss_scaling"] = args.loss_scaling or 1.0
+    if optimizer_class.__name__ in POPTORCH_CLIPPING:
+        kwargs["max_grad_norm"] = args.max_grad_norm or None
+    elif args.max_grad_norm:
+        clipping = _optim_names(args, lambda cls: getattr(_poptorch_class(cls, optim), "__name__", None)
+                                in POPTORCH_CLIPPING)
+        raise UserError(f"--max_grad_norm {args.max_grad_norm}: PopTorch's {optimizer_class.__name__} does not clip "
+                        f"gradients: pass --max_grad_norm 0, or --optim {clipping}")
+    return optimizer_class, kwargs
+
+
+def mapped_optimizer(args, runs, backend):
+    """--optim and --optim_args as transformers maps them. Refused in one line: a name that maps to no class for which
+    `runs(class)` holds (its package missing, or not an optimizer that `backend` runs), and an --optim_args key that
+    the mapping does not pass on."""
+    _check_optim_args_syntax(args)
+    try:
+        optimizer_class, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    except (ImportError, ValueError) as err:
+        raise _unsupported(args, runs, str(err).strip().splitlines()[0]) from None
+    if not runs(optimizer_class):
+        raise _unsupported(args, runs, f"IPUTrainer runs no {optimizer_class.__module__}."
+                                       f"{optimizer_class.__qualname__} on {backend}")
+    _check_optim_args_used(args, kwargs)
+    return optimizer_class, kwargs
+
+
+def _unsupported(args, runs, reason):
+    return UserError(f"--optim {_name(args)} is not supported ({reason}): use one of {_optim_names(args, runs)}, "
+                     "or --lamb")
+
+
+def _optim_names(args, runs):
+    """The --optim names that transformers maps to a class for which `runs(class)` holds, for the messages."""
+    names = []
+    for name in OptimizerNames:
+        trial = copy.copy(args)
+        trial.optim, trial.optim_args = name, None
+        try:
+            optimizer_class, _ = Trainer.get_optimizer_cls_and_kwargs(trial)
+        except (ImportError, ValueError):
+            continue
+        if runs(optimizer_class):
+            names.append(name.value)
+    return ", ".join(names)
+
+
+def _check_optim_args_syntax(args):
+    if args.optim_args and not all("=" in pair for pair in args.optim_args.split(",")):
+        raise UserError(f"--optim_args {args.optim_args}: write key=value pairs separated by commas")
+
+
+def _check_optim_args_used(args, kwargs):
+    """transformers' mapping silently drops the --optim_args keys an optimizer does not read: each given key must
+    change what reaches the optimizer."""
+    if not args.optim_args:
+        return
+    plain = copy.copy(args)
+    plain.optim_args = None
+    _, without = Trainer.get_optimizer_cls_and_kwargs(plain)
+    for key in (pair.split("=")[0].strip() for pair in args.optim_args.split(",")):
+        if key in GROUP_KEYS:
+            raise UserError(f"--optim_args {key}: the parameter groups set their own (0 for biases and norms): pass "
+                            f"--{key} instead")
+        if key not in kwargs or (key in without and kwargs[key] == without[key]):
+            raise UserError(f"--optim_args {key}: --optim {_name(args)} does not use it: drop it")
+
+
+def _comes_with_torch_or_transformers(optimizer_class):
+    return optimizer_class.__module__.split(".")[0] in ("torch", "transformers")
+
+
+def _poptorch_class(torch_class, optim):
+    """PopTorch's optimizer of the same name as a torch.optim one, or None."""
+    if not torch_class.__module__.startswith("torch.optim."):
+        return None
+    return getattr(optim, torch_class.__name__, None)
+
+
+def _name(args):
+    return getattr(args.optim, "value", args.optim)

@@ -153,3 +153,132 @@ def test_rejects_invalid_hyperparameters():
     for bad in (dict(lr=-1.0), dict(betas=(1.0, 0.9)), dict(eps=-1.0), dict(max_trust_ratio=0.0)):
         with pytest.raises(ValueError):
             LAMB(p, **bad)
+
+
+# --- --optim: transformers' mapping of optimizer names, on the PyTorch backend -------------------------------------
+
+def parse(tmp_path, *flags):
+    """IPUTrainingArguments from command-line flags, on the CPU."""
+    from transformers import HfArgumentParser
+
+    from ipu_train.arguments import IPUTrainingArguments
+
+    (args,) = HfArgumentParser(IPUTrainingArguments).parse_args_into_dataclasses(
+        args=["--output_dir", str(tmp_path / "out"), "--device", "cpu", *flags])
+    return args
+
+
+def cpu_optimizer(tmp_path, *flags):
+    """The optimizer the CPU backend builds for a small model's decay / no-decay parameter groups."""
+    from ipu_train.backends.torch import TorchBackend
+    from ipu_train.config import IPUConfig
+
+    backend = TorchBackend(parse(tmp_path, *flags), IPUConfig())
+    model = torch.nn.Linear(4, 2)
+    return backend.create_optimizer([{"params": [model.weight], "weight_decay": 0.01},
+                                     {"params": [model.bias], "weight_decay": 0.0}])
+
+
+def test_default_optim_is_our_adamw_foreach_on_cpu_and_fused_on_cuda(tmp_path):
+    from ipu_train.optim import torch_optimizer
+
+    optimizer = cpu_optimizer(tmp_path, "--learning_rate", "0.003", "--adam_beta2", "0.98")
+    assert type(optimizer) is torch.optim.AdamW
+    assert optimizer.defaults["foreach"] is True and not optimizer.defaults["fused"]
+    assert optimizer.defaults["lr"] == 0.003 and optimizer.defaults["betas"] == (0.9, 0.98)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.0]
+    optimizer_class, kwargs = torch_optimizer(parse(tmp_path), "cuda")
+    assert optimizer_class is torch.optim.AdamW and kwargs["fused"] is True and "foreach" not in kwargs
+
+
+def test_optim_adafactor_builds_transformers_adafactor(tmp_path):
+    from transformers.optimization import Adafactor
+
+    optimizer = cpu_optimizer(tmp_path, "--optim", "adafactor", "--learning_rate", "0.01")
+    assert type(optimizer) is Adafactor
+    assert optimizer.defaults["lr"] == 0.01 and optimizer.defaults["relative_step"] is False
+
+
+def test_optim_sgd_takes_the_learning_rate_and_its_optim_args(tmp_path):
+    optimizer = cpu_optimizer(tmp_path, "--optim", "sgd", "--learning_rate", "0.2",
+                              "--optim_args", "momentum=0.9, nesterov=true")
+    assert type(optimizer) is torch.optim.SGD
+    assert optimizer.defaults["lr"] == 0.2 and optimizer.defaults["momentum"] == 0.9
+    assert optimizer.defaults["nesterov"] is True
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.0]
+
+
+@pytest.mark.parametrize("name, optimizer_class", [("adamw_torch", torch.optim.AdamW),
+                                                    ("adagrad", torch.optim.Adagrad),
+                                                    ("rmsprop", torch.optim.RMSprop)])
+def test_the_other_torch_optimizers_map_as_transformers_maps_them(tmp_path, name, optimizer_class):
+    optimizer = cpu_optimizer(tmp_path, "--optim", name, "--learning_rate", "0.02")
+    assert type(optimizer) is optimizer_class and optimizer.defaults["lr"] == 0.02
+    if name == "adamw_torch":  # transformers' plain AdamW: torch picks its kernels, not our default's foreach
+        assert optimizer.defaults["foreach"] is None and not optimizer.defaults["fused"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--optim", "adamw_bnb_8bit"], "--optim adamw_bnb_8bit is not supported (You need to install `bitsandbytes`"),
+    (["--optim", "galore_adamw"], "--optim galore_adamw is not supported"),
+    (["--optim", "adamw_torch_xla"], "--optim adamw_torch_xla is not supported"),
+    (["--lamb", "--optim", "sgd"], "--lamb contradicts --optim sgd"),
+    (["--lamb", "--optim_args", "momentum=0.9"], "--optim_args does not apply to --lamb"),
+    (["--optim", "adafactor", "--optim_args", "momentum=0.9"], "--optim_args momentum: --optim adafactor does not "
+                                                               "use it"),
+    (["--optim", "sgd", "--optim_args", "lr=0.5"], "--optim_args lr: --optim sgd does not use it"),
+    (["--optim", "sgd", "--optim_args", "weight_decay=0.1"], "--optim_args weight_decay: the parameter groups"),
+    (["--optim", "sgd", "--optim_args", "momentum"], "--optim_args momentum: write key=value pairs"),
+])
+def test_what_gives_no_optimizer_here_is_refused_in_one_line_when_parsed(tmp_path, flags, message):
+    from ipu_train.errors import UserError
+
+    with pytest.raises(UserError) as refused:
+        parse(tmp_path, *flags)
+    assert str(refused.value).startswith(message) and "\n" not in str(refused.value)
+
+
+def test_a_refusal_lists_the_names_that_work(tmp_path):
+    from ipu_train.errors import UserError
+
+    with pytest.raises(UserError, match="use one of adamw_torch, adamw_torch_fused, adafactor, sgd, adagrad, "
+                                        "rmsprop, or --lamb"):
+        parse(tmp_path, "--optim", "lion_8bit")
+
+
+def test_the_sharded_optimizer_takes_the_chosen_class_and_arguments(tmp_path):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from ipu_train.backends.torch import TorchBackend
+    from ipu_train.config import IPUConfig
+
+    backend = TorchBackend(parse(tmp_path, "--optim", "sgd", "--learning_rate", "0.3", "--optim_args",
+                                 "momentum=0.8"), IPUConfig())
+    backend.shard_optimizer_state = True  # as with replicated_tensor_sharding under torchrun
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        optimizer = backend.create_optimizer([{"params": list(torch.nn.Linear(4, 2).parameters()),
+                                               "weight_decay": 0.0}])
+    finally:
+        torch.distributed.destroy_process_group()
+    assert isinstance(optimizer, ZeroRedundancyOptimizer)
+    assert type(optimizer.optim) is torch.optim.SGD
+    assert optimizer.optim.defaults["lr"] == 0.3 and optimizer.optim.defaults["momentum"] == 0.8
+
+
+def test_a_run_with_optim_sgd_trains_with_sgd(tmp_path):
+    from ipu_train.config import IPUConfig
+    from ipu_train.trainer import IPUTrainer
+
+    from ._trainer_fixtures import collate, tiny_gpt2, token_rows
+
+    args = parse(tmp_path, "--optim", "sgd", "--optim_args", "momentum=0.9", "--learning_rate", "0.05",
+                 "--max_steps", "3", "--per_device_train_batch_size", "2", "--logging_steps", "1",
+                 "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true")
+    model = tiny_gpt2()
+    before = model.lm_head.weight.detach().clone()
+    trainer = IPUTrainer(model=model, ipu_config=IPUConfig(), args=args, data_collator=collate,
+                         train_dataset=token_rows(8))
+    trainer.train()
+    assert type(trainer.optimizer) is torch.optim.SGD and trainer.optimizer.defaults["momentum"] == 0.9
+    assert not torch.equal(before, model.lm_head.weight.detach())

@@ -115,12 +115,22 @@ def make_poptorch():
             super().__init__(params, lr=lr, betas=betas, eps=eps)
             self.poptorch_kwargs = dict(loss_scaling=loss_scaling, bias_correction=bias_correction)
 
+    class SGD(torch.optim.SGD):
+        def __init__(self, params, lr, loss_scaling, max_grad_norm, momentum=0.0, dampening=0.0, nesterov=False):
+            super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov)
+            self.poptorch_kwargs = dict(loss_scaling=loss_scaling, max_grad_norm=max_grad_norm)
+
+    class RMSprop(torch.optim.RMSprop):  # PopTorch's takes no max_grad_norm
+        def __init__(self, params, lr, loss_scaling, alpha=0.99, eps=1e-8, momentum=0.0, centered=False):
+            super().__init__(params, lr=lr, alpha=alpha, eps=eps, momentum=momentum, centered=centered)
+            self.poptorch_kwargs = dict(loss_scaling=loss_scaling)
+
     fake.BeginBlock = begin_block
     fake.recomputationCheckpoint = recomputation_checkpoint
     fake.trainingModel = training_model
     fake.inferenceModel = inference_model
     fake.DataLoader = data_loader
-    fake.optim = types.SimpleNamespace(AdamW=AdamW, LAMB=LAMB)
+    fake.optim = types.SimpleNamespace(AdamW=AdamW, LAMB=LAMB, SGD=SGD, RMSprop=RMSprop)
     return fake
 
 
@@ -214,9 +224,43 @@ def test_a_trainer_run_wraps_the_model_once_and_runs_one_call_per_group(poptorch
 
 
 def test_lamb_without_bias_correction_and_fp16_by_default(poptorch, tmp_path):
-    trainer = _ipu_trainer(tmp_path, lamb_no_bias_correction=True, compile_only=True)
+    trainer = _ipu_trainer(tmp_path, lamb_no_bias_correction=True, compile_only=True, max_grad_norm=0.0)
     output = trainer.train()
     training = [w for kind, w in poptorch.wrapped if kind == "trainingModel"][0]
     assert training.compiled and output.global_step == 0
     assert training.optimizer.poptorch_kwargs == {"loss_scaling": 128.0, "bias_correction": False}
     assert next(trainer.model.parameters()).dtype == torch.float16
+
+
+def test_optim_sgd_runs_poptorchs_sgd_with_its_optim_args(poptorch, tmp_path):
+    trainer = _ipu_trainer(tmp_path, optim="sgd", optim_args="momentum=0.9", learning_rate=0.1)
+    optimizer = trainer.create_optimizer()
+    assert type(optimizer) is poptorch.optim.SGD
+    assert optimizer.defaults["lr"] == 0.1 and optimizer.defaults["momentum"] == 0.9
+    assert optimizer.poptorch_kwargs == {"loss_scaling": 128.0, "max_grad_norm": 1.0}
+
+
+def test_optim_rmsprop_runs_poptorchs_rmsprop_which_does_not_clip(poptorch, tmp_path):
+    from ipu_train.errors import UserError
+
+    with pytest.raises(UserError, match=r"^--max_grad_norm 1.0: PopTorch's RMSprop does not clip gradients: pass "
+                                        r"--max_grad_norm 0, or --optim adamw_torch, adamw_torch_fused, sgd$"):
+        _ipu_trainer(tmp_path, optim="rmsprop").create_optimizer()
+    optimizer = _ipu_trainer(tmp_path, optim="rmsprop", max_grad_norm=0.0).create_optimizer()
+    assert type(optimizer) is poptorch.optim.RMSprop and optimizer.poptorch_kwargs == {"loss_scaling": 128.0}
+
+
+def test_lamb_with_gradient_clipping_is_refused_on_ipu(poptorch, tmp_path):
+    from ipu_train.errors import UserError
+
+    with pytest.raises(UserError, match="^--max_grad_norm 1.0: PopTorch's LAMB does not clip gradients"):
+        _ipu_trainer(tmp_path, lamb=True).create_optimizer()
+
+
+@pytest.mark.parametrize("name", ["adafactor", "adagrad"])
+def test_an_optim_poptorch_does_not_offer_is_refused(poptorch, tmp_path, name):
+    from ipu_train.errors import UserError
+
+    with pytest.raises(UserError, match=rf"^--optim {name} is not supported \(IPUTrainer runs no .* on PopTorch\): "
+                                        r"use one of adamw_torch, adamw_torch_fused, sgd, rmsprop, or --lamb$"):
+        _ipu_trainer(tmp_path, optim=name).create_optimizer()

@@ -103,13 +103,12 @@ class PopTorchBackend:
         """PopTorch compiles in compile_step (trainingModel.compile); nothing to do beforehand."""
 
     def create_optimizer(self, param_groups):
-        args = self.args
-        kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                      loss_scaling=args.loss_scaling or 1.0)
-        if args.use_lamb:
-            return poptorch.optim.LAMB(param_groups, bias_correction=not args.lamb_no_bias_correction, **kwargs)
-        return poptorch.optim.AdamW(param_groups, bias_correction=True, max_grad_norm=args.max_grad_norm or None,
-                                    **kwargs)
+        """PopTorch's LAMB with --lamb, else PopTorch's optimizer of the class --optim maps to (AdamW, SGD, RMSprop):
+        see ipu_train.optim.poptorch_optimizer."""
+        from ..optim import poptorch_optimizer
+
+        optimizer_class, kwargs = poptorch_optimizer(self.args, poptorch.optim)
+        return optimizer_class(param_groups, **kwargs)
 
     def attach(self, optimizer, lr_scheduler):
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
