@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import HfArgumentParser
 
-from ipu_train.arguments import IPUTrainingArguments, compile_by_default, fit_replication_to_world, load_ipu_config
+from ipu_train.arguments import (IPUTrainingArguments, compile_by_default, fit_replication_to_world, load_ipu_config,
+                                  replicas_per_process)
 from ipu_train.config import IPUConfig
 from ipu_train.errors import UserError
 
@@ -59,18 +60,20 @@ def test_the_source_is_logged_once(tmp_path, caplog):
     assert "--ipu_config_name" in sources[0] and "model directory" in sources[1] and "defaults" in sources[2]
 
 
-def test_pod_type_and_n_ipu_set_replication_which_must_match_the_processes(tmp_path):
+def test_pod_type_and_n_ipu_set_replicas_that_one_process_runs_in_turn(tmp_path):
     assert load_ipu_config(parse(tmp_path, "--ipu_config_name", GPT2_CONFIG, "--n_ipu", "4")).replication_factor == 1
-    with pytest.raises(UserError, match=r"replication_factor=4 but 1 process\(es\) run.*nproc_per_node 4"):
-        load_ipu_config(parse(tmp_path, "--ipu_config_name", GPT2_CONFIG, "--pod_type", "pod16"))
-    with pytest.raises(UserError, match="replication_factor=2"):
-        load_ipu_config(parse(tmp_path, "--ipu_config_name", GPT2_CONFIG, "--n_ipu", "8"))
+    config = load_ipu_config(parse(tmp_path, "--ipu_config_name", GPT2_CONFIG, "--pod_type", "pod16"))
+    assert config.replication_factor == 4 and replicas_per_process(config, 1) == 4
+    config = load_ipu_config(parse(tmp_path, "--ipu_config_name", GPT2_CONFIG, "--n_ipu", "8"))
+    assert config.replication_factor == 2 and replicas_per_process(config, 1) == 2
 
 
 def test_replication_follows_the_world_size_when_left_at_its_default():
     config = fit_replication_to_world(IPUConfig(), world_size=4)
     assert config.replication_factor == 4 and config.inference_replication_factor == 4
-    with pytest.raises(UserError, match="replication_factor=2 but 4"):
+    assert replicas_per_process(fit_replication_to_world(IPUConfig(replication_factor=8), world_size=4), 4) == 2
+    with pytest.raises(UserError, match=r"replication_factor=2 does not divide over the 4 process\(es\) that run: "
+                                        r"launch `torchrun --nproc_per_node N` with N one of 1, 2"):
         fit_replication_to_world(IPUConfig(replication_factor=2), world_size=4)
 
 
