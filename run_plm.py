@@ -75,7 +75,8 @@ def even_sequence_length(data_args, tokenizer):
 
 @main_entry
 def main(argv=None):
-    model_args, data_args, training_args, ipu_config, last_checkpoint = start(DataTrainingArguments, argv, ModelArguments)
+    model_args, data_args, training_args, ipu_config, last_checkpoint = start(
+        DataTrainingArguments, argv, model_arguments_class=ModelArguments)
 
     raw_datasets = load_raw_datasets(data_args, model_args)
     config = load_config(model_args)
