@@ -1,16 +1,23 @@
 """What every script does around its own work: read flags (or one .json/.yaml file), set up logging, refuse an
 output directory that would be clobbered, and turn a user mistake into one line on stderr with exit code 2."""
+import dataclasses
+import enum
 import functools
+import json
 import logging
 import os
 import signal
 import sys
+import types
+import typing
+from argparse import ArgumentTypeError
 
 import datasets
 import torch
 import transformers
 import yaml
 from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
 
 from .errors import RunFailed, UserError
 
@@ -27,15 +34,130 @@ class ScriptArgumentParser(HfArgumentParser):
         """Flags, or a single .json / .yaml / .yml file holding all of them (the Hugging Face convention)."""
         argv = sys.argv[1:] if argv is None else argv
         try:
-            if len(argv) == 1 and argv[0].endswith(".json"):
-                return self.parse_json_file(_existing(argv[0]), allow_extra_keys=False)
-            if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-                return self.parse_yaml_file(_existing(argv[0]), allow_extra_keys=False)
+            if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+                path = _existing(argv[0])
+                return self.parse_dict(self._typed_values(path, _read_argument_file(path)), allow_extra_keys=False)
             return self.parse_args_into_dataclasses(args=argv)
         except ValueError as err:  # dataclass __post_init__ checks (transformers' and ours) raise ValueError
             raise UserError(_first_line(err)) from None
-        except yaml.YAMLError as err:
-            raise UserError(f"{argv[0]} is not valid YAML: {' '.join(str(err).split())}") from None
+
+    def _typed_values(self, path, values):
+        """The values of an argument file, each checked against its field's type before any dataclass sees it (they
+        would take a string for a number, or a list for a flag, and fail far from the file), text converted as the
+        command line converts it."""
+        fields = self._fields_by_name()
+        typed = {}
+        for key, value in values.items():
+            if key not in fields:
+                raise UserError(f"{path}: {key} is not a flag of this script: check its spelling")
+            hint, choices = fields[key]
+            typed[key] = _as_type(value, hint)
+            if typed[key] is _MISMATCH or (choices and typed[key] is not None and typed[key] not in choices):
+                expected = f"one of {', '.join(map(str, choices))}" if choices else _describe(hint)
+                quote = path.endswith((".yaml", ".yml")) and isinstance(value, bool) and _takes_words(hint, choices)
+                raise UserError(f"{path}: {key} must be {expected}, got {json.dumps(value, default=str)}"
+                                f"{_YAML_BOOLEAN_HINT if quote else ''}")
+        return typed
+
+    def _fields_by_name(self):
+        """{name: (type, choices)} of the fields that flags set, the first dataclass's where two share a name."""
+        fields = {}
+        for dtype in self.dataclass_types:
+            hints = typing.get_type_hints(dtype)
+            for field in dataclasses.fields(dtype):
+                if field.init:
+                    fields.setdefault(field.name, (hints[field.name], field.metadata.get("choices")))
+        return fields
+
+
+def _read_argument_file(path):
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    try:
+        values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise UserError(f"{path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
+                        f"{' '.join(str(err).split())}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path} must map flag names to values (e.g. learning_rate: 0.0003), not hold a "
+                        f"{type(values).__name__}")
+    return values
+
+
+_MISMATCH = object()  # what _as_type returns for a value the type cannot take
+_YAML_BOOLEAN_HINT = " (YAML reads a bare yes, no, on or off as true or false: quote it)"
+
+
+def _as_type(value, hint):
+    """`value`, from a JSON/YAML file, as a field of type `hint` takes it: text converted as the command line converts
+    it (int("8"), float("3e-4"), "true" as True), an int taken for a float, a single value for a list. _MISMATCH if
+    the type cannot take it. Types no file can spell (config objects) are left to the dataclass."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None if type(None) in typing.get_args(hint) else _MISMATCH
+        taken = [typed for typed in (_as_type(value, member) for member in _members(hint)) if typed is not _MISMATCH]
+        return value if any(typed is value for typed in taken) else next(iter(taken), _MISMATCH)  # unchanged first
+    if origin is typing.Literal:
+        return value if value in typing.get_args(hint) else _MISMATCH
+    if origin is list:
+        (item_type,) = typing.get_args(hint) or (typing.Any,)
+        items = [_as_type(item, item_type) for item in (value if isinstance(value, list) else [value])]
+        return _MISMATCH if _MISMATCH in items else items
+    if hint is bool:
+        return value if isinstance(value, bool) else _text_as(value, string_to_bool, ArgumentTypeError)
+    if hint in (int, float):
+        if isinstance(value, str):
+            return _text_as(value, hint, ValueError)
+        numbers = int if hint is int else (int, float)
+        return hint(value) if isinstance(value, numbers) and not isinstance(value, bool) else _MISMATCH
+    if hint is str:
+        return value if isinstance(value, str) else _MISMATCH
+    if dict in (hint, origin):
+        return value if isinstance(value, dict) else _MISMATCH
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return value if isinstance(value, hint) or value in [member.value for member in hint] else _MISMATCH
+    return value
+
+
+def _text_as(value, convert, error):
+    if not isinstance(value, str):
+        return _MISMATCH
+    try:
+        return convert(value)
+    except error:
+        return _MISMATCH
+
+
+def _takes_words(hint, choices):
+    """Whether a field takes words (strings, or a choice of them): where YAML's yes/no/on/off are a likely slip."""
+    return bool(choices) or any(member is str or typing.get_origin(member) is typing.Literal
+                                or (isinstance(member, type) and issubclass(member, enum.Enum))
+                                for member in _members(hint))
+
+
+def _members(hint):
+    """The types a Union (or Optional) admits besides None; the type itself otherwise."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return [member for member in typing.get_args(hint) if member is not type(None)]
+    return [hint]
+
+
+def _describe(hint):
+    """The type as the message names it."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        described = " or ".join(_describe(member) for member in _members(hint))
+        return described + (" or null" if type(None) in typing.get_args(hint) else "")
+    if origin is typing.Literal:
+        return f"one of {', '.join(map(str, typing.get_args(hint)))}"
+    if origin is list:
+        return f"a list ({' or '.join(_describe(item) for item in typing.get_args(hint)) or 'anything'} each)"
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        values = [str(member.value) for member in hint]
+        return f"one of {', '.join(values[:6])}{', ...' if len(values) > 6 else ''}"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+    return names.get(origin or hint, getattr(hint, "__name__", str(hint)))
 
 
 def _existing(path):
