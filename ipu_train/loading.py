@@ -1,11 +1,14 @@
 """Loading what the scripts train on: raw datasets (hub or local files), config (+ overrides), tokenizer, model.
 Hub names work when online; local paths always. Mistakes become UserError naming the flag."""
+import codecs
 import contextlib
 import logging
 import math
 import os
 
 import datasets
+import pyarrow
+import pyarrow.compute
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer
@@ -17,6 +20,9 @@ logger = logging.getLogger("ipu_train")
 
 # Very large values mean "no limit" in tokenizers (pain point: a huge model_max_length breaking block sizes).
 _UNBOUNDED = 1_000_000
+BINARY_EXTENSIONS = ("parquet",)  # data files whose bytes are not text
+ARROW_READERS = ("json", "parquet")  # the `datasets` builders that read without decoding strings (see below)
+FILE_FLAGS = {"train": "train_file", "validation": "validation_file"}
 
 
 @contextlib.contextmanager
@@ -46,8 +52,12 @@ def load_raw_datasets(data_args, model_args):
         extension = _extension(next(iter(data_files.values())))
         builder = {"txt": "text", "jsonl": "json"}.get(extension, extension)
         options = dict(keep_linebreaks=data_args.keep_linebreaks) if builder == "text" else {}
-        with _named("train_file" if "train" in data_files else "validation_file", ", ".join(data_files.values())):
+        with _readable(data_files, builder):
             raw = datasets.load_dataset(builder, data_files=data_files, **common, **options)
+        if not data_args.streaming and builder in ARROW_READERS:
+            refuse_undecodable_strings(raw, data_files)
+        if not data_args.streaming and builder != "csv":
+            refuse_rows_without_text(raw, data_files)
     if "validation" not in raw and "train" in raw and not data_args.streaming:
         raw = split_off_validation(raw["train"], data_args.validation_split_percentage)
     return raw
@@ -57,7 +67,7 @@ def local_data_files(data_args):
     """{"train": --train_file, "validation": --validation_file}, for the ones given: files that exist, hold
     something, and share one format."""
     files = {}
-    for split, flag in (("train", "train_file"), ("validation", "validation_file")):
+    for split, flag in FILE_FLAGS.items():
         path = getattr(data_args, flag)
         if path is None:
             continue
@@ -74,6 +84,85 @@ def local_data_files(data_args):
 
 def _extension(path):
     return path.rsplit(".", 1)[-1]
+
+
+def _files_flag(data_files):
+    """The flag and value(s) that name these files in a message."""
+    return f"--{FILE_FLAGS[next(iter(data_files))]} {', '.join(data_files.values())}"
+
+
+@contextlib.contextmanager
+def _readable(data_files, builder):
+    """Local files that `datasets` cannot read are the user's to fix. Bytes that are not UTF-8 are searched for only
+    here, once reading failed, so that files that read cost no extra pass."""
+    try:
+        yield
+    except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as err:
+        if not isinstance(err, OSError):
+            refuse_non_utf8(data_files)
+        reason = " ".join(str(err.__cause__ or err).split())  # datasets wraps the reader's error
+        raise UserError(f"{_files_flag(data_files)}: cannot be read as {builder}: {reason}") from None
+
+
+def refuse_non_utf8(data_files):
+    """The first text file holding a byte that is not UTF-8 is refused, naming the line and the byte offset."""
+    for split, path in data_files.items():
+        found = None if _extension(path) in BINARY_EXTENSIONS else first_non_utf8(path)
+        if found is not None:
+            line, offset, byte = found
+            raise UserError(f"--{FILE_FLAGS[split]} {path} is not UTF-8 text: line {line} (byte offset {offset}) holds "
+                            f"the byte 0x{byte:02x}; convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8), or "
+                            "pass a text file, not a binary one")
+
+
+def first_non_utf8(path, chunk_size=1 << 20):
+    """(line number, byte offset, byte) of the first byte of the file that does not decode as UTF-8, else None. Read
+    in chunks, so that a binary file without line breaks is never read whole."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = lines = 0  # of the chunk about to be read: its offset in the file, the line breaks before it
+    with open(path, "rb") as handle:
+        while True:
+            chunk = handle.read(chunk_size)
+            held = len(decoder.getstate()[0])  # the start of a character cut by the previous chunk (never a line break)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:  # err.object: the held bytes, then the chunk
+                bad = err.start
+                return lines + err.object.count(b"\n", 0, bad) + 1, offset - held + bad, err.object[bad]
+            if not chunk:
+                return None
+            offset, lines = offset + len(chunk), lines + chunk.count(b"\n")
+
+
+def refuse_undecodable_strings(raw, data_files):
+    """pyarrow's JSON and Parquet readers keep strings that are not UTF-8, which fail only when read, in the middle
+    of tokenizing: Arrow checks the string columns here (gigabytes per second), and a text file is searched if one
+    fails (in a binary one, only the column can be named)."""
+    for split, dataset in raw.items():
+        for name, column in zip(dataset.data.column_names, dataset.data.columns):
+            if pyarrow.types.is_string(column.type) or pyarrow.types.is_large_string(column.type):
+                try:
+                    column.validate(full=True)
+                except pyarrow.ArrowInvalid:
+                    refuse_non_utf8({split: data_files[split]})
+                    raise UserError(f"--{FILE_FLAGS[split]} {data_files[split]}: the column '{name}' holds text that "
+                                    "is not UTF-8: write the file again from valid UTF-8 strings") from None
+
+
+def refuse_rows_without_text(raw, data_files):
+    """Records without a text value would train as empty texts, silently: refused, counted. A JSON null cannot be
+    told from a missing key once loaded, and both mean "no text" ("" is an empty text). CSV is not checked: an empty
+    cell is how CSV writes an empty text, and it reads back as None too (see `texts`)."""
+    for split, dataset in raw.items():
+        if "input_ids" in dataset.column_names:  # pre-tokenized: the text columns are not read
+            continue
+        column = text_column(dataset)
+        values = dataset.data.column(column)
+        if values.null_count:
+            first = pyarrow.compute.index(pyarrow.compute.is_null(values), True).as_py()
+            raise UserError(f"--{FILE_FLAGS[split]} {data_files[split]}: {values.null_count} of {len(dataset)} rows "
+                            f"have no '{column}' value (the first is row {first + 1}): give every row one (\"\" for "
+                            "an empty text), or drop those rows")
 
 
 def split_off_validation(dataset, percentage):
@@ -112,7 +201,8 @@ def text_column(dataset):
 
 
 def texts(examples, column):
-    """The batch's texts, a missing value (an empty CSV field, a JSON null) read as an empty text."""
+    """The batch's texts, a missing value read as an empty text: an empty CSV cell, or a null in a hub dataset (local
+    JSON and Parquet files with nulls are refused by `refuse_rows_without_text`)."""
     return [text if text is not None else "" for text in examples[column]]
 
 

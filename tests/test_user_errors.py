@@ -1,19 +1,146 @@
 """User mistakes end to end, through main(argv): one line on stderr naming the flag, key or file and the fix, exit
-code 2, and nothing created in --output_dir. Mistyped values in argument files."""
+code 2, and nothing created in --output_dir. Data files that are not UTF-8, unreadable or lack texts, and mistyped
+values in argument files."""
 import json
 
+import datasets
 import pytest
 import yaml
 
 import run_clm
+from ipu_train.loading import first_non_utf8
 
-from .test_scripts_clm_mlm import clm_args, run_and_expect_user_error
+from .test_scripts_clm_mlm import clm_args, results, run_and_expect_user_error
+from .test_scripts_inputs import without
+
+LATIN1_LINE = "a café in the old town\n".encode("latin-1")  # é is 0xe9 in Latin-1, not UTF-8
+OFFSET_IN_LINE = LATIN1_LINE.index(b"\xe9")
+
 
 
 def expect_refused(main, argv, capsys, output_dir, *phrases):
     line = run_and_expect_user_error(main, argv, capsys, *phrases)
     assert not output_dir.exists()
     return line
+
+
+def lines_of(text_files, count=40):
+    return (text_files / "train.txt").read_text(encoding="utf-8").splitlines()[:count]
+
+
+
+def record_bytes(extension, texts):
+    """Records holding `texts` (bytes, one per line) in a text format, one record per line after a CSV header."""
+    if extension == "csv":
+        return b"text\n" + b"".join(b'"' + text.replace(b'"', b"'") + b'"\n' for text in texts)
+    if extension in ("json", "jsonl"):  # JSON lines: datasets reads them from .json too
+        return b"".join(b'{"text": "' + text.replace(b'"', b"'") + b'"}\n' for text in texts)
+    return b"".join(text + b"\n" for text in texts)
+
+
+
+@pytest.mark.parametrize("extension", ["txt", "jsonl", "json", "csv"])
+def test_a_file_that_is_not_utf8_names_its_line_and_byte(extension, text_files, bpe_tokenizer_dir, tmp_path, capsys):
+    texts = [line.encode("utf-8") for line in lines_of(text_files)]
+    texts[6] = LATIN1_LINE.rstrip(b"\n")
+    data = record_bytes(extension, texts)
+    bad_file = tmp_path / f"latin1.{extension}"
+    bad_file.write_bytes(data)
+    offset = data.index(b"\xe9")
+    line_number = data[:offset].count(b"\n") + 1  # the header of a CSV is line 1
+    out = tmp_path / "out"
+    argv = clm_args(text_files, bpe_tokenizer_dir, out, "--do_train", "--max_steps", "2", "--train_file",
+                    str(bad_file))
+    if extension != "txt":
+        good = tmp_path / f"good.{extension}"
+        good.write_bytes(record_bytes(extension, [line.encode() for line in lines_of(text_files)]))
+        argv += ["--validation_file", str(good)]
+    expect_refused(run_clm.main, argv, capsys, out, f"--train_file {bad_file} is not UTF-8 text",
+                   f"line {line_number} ", f"byte offset {offset}", "0xe9", "convert")
+
+
+
+def test_a_binary_validation_file_is_named(text_files, bpe_tokenizer_dir, tmp_path, capsys):
+    binary = tmp_path / "weights.txt"
+    binary.write_bytes(bytes(range(256)) * 4)  # ASCII up to 0x7f, with one line break (0x0a)
+    out = tmp_path / "out"
+    argv = clm_args(text_files, bpe_tokenizer_dir, out, "--do_eval", "--validation_file", str(binary))
+    expect_refused(run_clm.main, argv, capsys, out, f"--validation_file {binary} is not UTF-8", "line 2 ",
+                   "byte offset 128", "0x80", "binary")
+
+
+
+def test_a_parquet_column_that_is_not_utf8_is_named(text_files, bpe_tokenizer_dir, tmp_path, capsys):
+    """pyarrow keeps such strings when it reads Parquet (and JSON): they would fail later, while tokenizing."""
+    import pyarrow
+    import pyarrow.parquet
+
+    raw = [line.encode() for line in lines_of(text_files)] + [LATIN1_LINE]
+    texts = pyarrow.array(raw, type=pyarrow.binary()).view(pyarrow.string())
+    for split in ("train", "validation"):
+        pyarrow.parquet.write_table(pyarrow.table({"text": texts}), str(tmp_path / f"{split}.parquet"))
+    out = tmp_path / "out"
+    argv = clm_args(text_files, bpe_tokenizer_dir, out, "--do_train", "--max_steps", "2",
+                    "--train_file", str(tmp_path / "train.parquet"),
+                    "--validation_file", str(tmp_path / "validation.parquet"))
+    expect_refused(run_clm.main, argv, capsys, out, "--train_file", "train.parquet", "column 'text'", "not UTF-8")
+
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 1 << 20])
+def test_the_first_byte_that_is_not_utf8_is_found_across_chunks(tmp_path, chunk_size):
+    path = tmp_path / "mixed.txt"
+    good = "naïve — ünïcödé 🙂\n".encode("utf-8")  # characters of 2, 3 and 4 bytes, cut by small chunks
+    path.write_bytes(good * 3 + b"ok " + LATIN1_LINE)
+    assert first_non_utf8(path, chunk_size) == (4, len(good) * 3 + 3 + OFFSET_IN_LINE, 0xe9)
+    path.write_bytes(good * 3)
+    assert first_non_utf8(path, chunk_size) is None
+    path.write_bytes(good + "é".encode("utf-8")[:1])  # cut short at the end of the file
+    assert first_non_utf8(path, chunk_size) == (2, len(good), 0xc3)
+
+
+
+@pytest.mark.parametrize("extension", ["jsonl", "parquet"])
+def test_records_without_the_text_column_are_counted(extension, text_files, bpe_tokenizer_dir, tmp_path, capsys):
+    """A JSON null and a missing key both read as None: both are refused. "" is an empty text and is kept."""
+    records = [{"id": i, "text": line} for i, line in enumerate(lines_of(text_files))]
+    records[2], records[9] = {"id": 2}, {"id": 9, "content": "elsewhere"}
+    records[11]["text"] = None
+    records[12]["text"] = ""
+    path = tmp_path / f"mixed.{extension}"
+    if extension == "jsonl":
+        path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    else:
+        datasets.Dataset.from_list(records).to_parquet(str(path))
+    out = tmp_path / "out"
+    argv = clm_args(text_files, bpe_tokenizer_dir, out, "--do_train", "--max_steps", "2")
+    argv = without(argv, "--validation_file") + ["--train_file", str(path)]
+    expect_refused(run_clm.main, argv, capsys, out, f"--train_file {path}: 3 of {len(records)} rows have no 'text'",
+                   "row 3", "drop those rows")
+
+
+
+def test_empty_texts_in_json_lines_are_kept(text_files, bpe_tokenizer_dir, tmp_path):
+    lines = lines_of(text_files, 80)
+    rows = [{"text": line} for line in lines] + [{"text": ""}] * 5
+    for split in ("train", "validation"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    run_clm.main(clm_args(text_files, bpe_tokenizer_dir, out, "--do_train", "--do_eval", "--max_steps", "2",
+                          "--train_file", str(tmp_path / "train.jsonl"),
+                          "--validation_file", str(tmp_path / "validation.jsonl")))
+    assert results(out, "eval")["eval_samples"] > 0
+
+
+
+def test_a_malformed_json_lines_file_gives_the_readers_reason(text_files, bpe_tokenizer_dir, tmp_path, capsys):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "one"}\n{"text": "two"\n{"text": "three"}\n')
+    out = tmp_path / "out"
+    argv = without(clm_args(text_files, bpe_tokenizer_dir, out, "--do_train"), "--validation_file")
+    expect_refused(run_clm.main, argv + ["--train_file", str(broken)], capsys, out,
+                   f"--train_file {broken}: cannot be read as json: JSON parse error")
+
 
 
 def argument_file(tmp_path, text_files, tokenizer_dir, suffix, **values):
