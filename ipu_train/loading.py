@@ -10,7 +10,7 @@ import datasets
 import pyarrow
 import pyarrow.compute
 import torch
-from huggingface_hub.errors import StrictDataclassError
+from huggingface_hub.errors import HFValidationError, StrictDataclassError
 from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer
 
 from .errors import UserError
@@ -23,17 +23,39 @@ _UNBOUNDED = 1_000_000
 BINARY_EXTENSIONS = ("parquet",)  # data files whose bytes are not text
 ARROW_READERS = ("json", "parquet")  # the `datasets` builders that read without decoding strings (see below)
 FILE_FLAGS = {"train": "train_file", "validation": "validation_file"}
+# What to do about a name that is neither a local path nor a hub name this machine can fetch, by flag.
+MISSING_FIXES = {
+    "tokenizer_name": "train one with train_tokenizer.py, or pass a hub name",
+    "model_name_or_path": "pass a directory saved by a training run, or a hub name",
+    "config_name": "pass a config.json or its directory, or a hub name",
+    "dataset_name": "pass --train_file, or a hub dataset name",
+}
 
 
 @contextlib.contextmanager
-def _named(flag, value):
-    """A model, tokenizer or dataset that cannot be found or fetched is the user's to fix: name the flag."""
+def _fetched(flag, name):
+    """A model, tokenizer, config or dataset loaded by local path or hub name: what cannot be found or fetched is the
+    user's to fix, named by its flag. A name only a path can have (./x, ~/x, /x, a/b/c) is checked here; the Hub is
+    blamed only where it was asked (no local path of that name) and is offline."""
+    local = os.path.exists(name)
+    if not local and _only_a_path(name):
+        raise UserError(f"--{flag} {name} does not exist: {MISSING_FIXES[flag]}")
     try:
         yield
     except (OSError, ConnectionError, ValueError) as err:
-        reason = " ".join(str(err).split()).split(". ")[0] or type(err).__name__  # the first sentence says it
-        offline = " (the Hub is offline here: pass a local path, or go online)" if _hub_offline() else ""
-        raise UserError(f"--{flag} {value}: {reason}{offline}") from None
+        if not local and _hub_offline():
+            raise UserError(f"--{flag} {name}: neither a local path nor a hub name cached here (the Hub is offline): "
+                            f"{MISSING_FIXES[flag]}, or go online") from None
+        raise UserError(f"--{flag} {name}: {_first_sentence(err)}") from None
+
+
+def _only_a_path(name):
+    """Hub names are `name` or `namespace/name` (never starting with '.'); anything else is a path."""
+    return name.startswith((".", "~", "/")) or name.count("/") > 1 or "\\" in name
+
+
+def _first_sentence(err):
+    return " ".join(str(err).split()).split(". ")[0] or type(err).__name__
 
 
 def _hub_offline():
@@ -45,7 +67,7 @@ def load_raw_datasets(data_args, model_args):
     without a validation split, the first --validation_split_percentage of "train" (a stream has none)."""
     common = dict(cache_dir=model_args.cache_dir, token=model_args.token, streaming=data_args.streaming)
     if data_args.dataset_name is not None:
-        with _named("dataset_name", data_args.dataset_name):
+        with _fetched("dataset_name", data_args.dataset_name):
             raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, **common)
     else:
         data_files = local_data_files(data_args)
@@ -206,17 +228,20 @@ def texts(examples, column):
     return [text if text is not None else "" for text in examples[column]]
 
 
-def _config_source(model_args):
-    return model_args.config_name or model_args.model_name_or_path
+def _config_flag(model_args):
+    """The flag the config comes from, and its value: --config_name, else --model_name_or_path, else --model_type."""
+    flag = next(flag for flag in ("config_name", "model_name_or_path", "model_type") if getattr(model_args, flag))
+    return flag, getattr(model_args, flag)
 
 
 def load_config(model_args):
     """The model config; --config_overrides applies on top of a pretrained config too, and the result is logged."""
     common = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token,
                   trust_remote_code=model_args.trust_remote_code)
-    if _config_source(model_args):
-        with _named("config_name" if model_args.config_name else "model_name_or_path", _config_source(model_args)):
-            config = AutoConfig.from_pretrained(_config_source(model_args), **common)
+    flag, source = _config_flag(model_args)
+    if flag != "model_type":
+        with _fetched(flag, source):
+            config = AutoConfig.from_pretrained(source, **common)
     elif model_args.model_type in CONFIG_MAPPING:
         config = CONFIG_MAPPING[model_args.model_type]()
         logger.warning("Training a new %s model from scratch.", model_args.model_type)
@@ -241,13 +266,18 @@ def parse_config_overrides(overrides):
 
 
 def apply_config_overrides(config, overrides):
-    """Each value parsed as the type of the existing attribute; an unknown key names the flag."""
+    """Each value parsed as the type of the existing attribute; an unknown key or a value of the wrong type names the
+    item."""
     parsed = parse_config_overrides(overrides)
     for key in parsed:
         if not hasattr(config, key):
             raise UserError(f"--config_overrides: {type(config).__name__} has no attribute '{key}'")
+    for key, value in parsed.items():
+        try:
+            config.update_from_string(f"{key}={value}")
+        except (ValueError, TypeError, StrictDataclassError) as err:
+            raise UserError(f"--config_overrides {key}={value}: {' '.join(str(err).split())}") from None
     try:
-        config.update_from_string(",".join(f"{key}={value}" for key, value in parsed.items()))
         config.validate()  # values that contradict each other (e.g. XLNet's d_head vs d_model // n_head)
     except (ValueError, TypeError, StrictDataclassError) as err:
         raise UserError(f"--config_overrides {overrides}: {' '.join(str(err).split())}") from None
@@ -255,7 +285,7 @@ def apply_config_overrides(config, overrides):
 
 def load_tokenizer(model_args):
     source = model_args.tokenizer_name or model_args.model_name_or_path
-    with _named("tokenizer_name" if model_args.tokenizer_name else "model_name_or_path", source):
+    with _fetched("tokenizer_name" if model_args.tokenizer_name else "model_name_or_path", source):
         return AutoTokenizer.from_pretrained(source, cache_dir=model_args.cache_dir,
                                              use_fast=model_args.use_fast_tokenizer,
                                              revision=model_args.model_revision, token=model_args.token,
@@ -264,20 +294,45 @@ def load_tokenizer(model_args):
 
 def load_model(model_args, config, auto_class):
     """Pretrained weights when --model_name_or_path is given, else a new model from the config."""
+    _require_model_class(auto_class, config, model_args)
     if model_args.model_name_or_path:
         dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
-        with _named("model_name_or_path", model_args.model_name_or_path):
+        with _fetched("model_name_or_path", model_args.model_name_or_path), _built(model_args):
             return auto_class.from_pretrained(model_args.model_name_or_path, config=config,
                                               cache_dir=model_args.cache_dir, revision=model_args.model_revision,
                                               token=model_args.token, trust_remote_code=model_args.trust_remote_code,
                                               dtype=dtype)
-    if hasattr(auto_class, "from_config"):  # an Auto class
-        with _named("model_type" if model_args.model_type else "config_name", config.model_type):
+    with _built(model_args):
+        if hasattr(auto_class, "from_config"):  # an Auto class
             model = auto_class.from_config(config, trust_remote_code=model_args.trust_remote_code)
-    else:  # a concrete model class, such as XLNetLMHeadModel
-        model = auto_class(config)
+        else:  # a concrete model class, such as XLNetLMHeadModel
+            model = auto_class(config)
     logger.info("New model from scratch: %.1fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
     return model
+
+
+def _require_model_class(auto_class, config, model_args):
+    """An Auto class with no model for this config (AutoModelForMaskedLM for gpt2) is the model type's mistake, not
+    the overrides': checked as `from_config` checks it, before any building (code from the hub is left to it)."""
+    mapping = getattr(auto_class, "_model_mapping", None)
+    if mapping is not None and type(config) not in mapping and not getattr(config, "auto_map", None):
+        flag, value = _config_flag(model_args)
+        raise UserError(f"--{flag} {value}: {auto_class.__name__} has no {config.model_type} model: choose a model "
+                        "type that has one")
+
+
+@contextlib.contextmanager
+def _built(model_args):
+    """A config that cannot make a model (e.g. n_embd not a multiple of n_head) names what set its values: the
+    overrides when given, else the config's source. No hub is involved, so no hub is blamed."""
+    try:
+        yield
+    except (ValueError, RuntimeError, AssertionError) as err:
+        if isinstance(err, HFValidationError):  # a malformed hub name: for _fetched to report
+            raise
+        flag, value = (("config_overrides", model_args.config_overrides) if model_args.config_overrides
+                       else _config_flag(model_args))
+        raise UserError(f"--{flag} {value}: the model cannot be built: {_first_sentence(err)}") from None
 
 
 def build_model(model_args, config, tokenizer, auto_class, ipu_config):

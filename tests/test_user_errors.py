@@ -1,6 +1,6 @@
 """User mistakes end to end, through main(argv): one line on stderr naming the flag, key or file and the fix, exit
-code 2, and nothing created in --output_dir. Data files that are not UTF-8, unreadable or lack texts, and mistyped
-values in argument files."""
+code 2, and nothing created in --output_dir. Data files that are not UTF-8 or lack texts, mistyped values in
+argument files, models and tokenizers that are not there, and config overrides that cannot build a model."""
 import json
 
 import datasets
@@ -8,14 +8,14 @@ import pytest
 import yaml
 
 import run_clm
+import run_mlm
 from ipu_train.loading import first_non_utf8
 
-from .test_scripts_clm_mlm import clm_args, results, run_and_expect_user_error
-from .test_scripts_inputs import without
+from .test_scripts_clm_mlm import TINY_GPT2, clm_args, mlm_args, results, run_and_expect_user_error
+from .test_scripts_inputs import pretrained_args, pretrained_gpt2, without  # noqa: F401 (a fixture)
 
 LATIN1_LINE = "a café in the old town\n".encode("latin-1")  # é is 0xe9 in Latin-1, not UTF-8
 OFFSET_IN_LINE = LATIN1_LINE.index(b"\xe9")
-
 
 
 def expect_refused(main, argv, capsys, output_dir, *phrases):
@@ -28,7 +28,6 @@ def lines_of(text_files, count=40):
     return (text_files / "train.txt").read_text(encoding="utf-8").splitlines()[:count]
 
 
-
 def record_bytes(extension, texts):
     """Records holding `texts` (bytes, one per line) in a text format, one record per line after a CSV header."""
     if extension == "csv":
@@ -36,7 +35,6 @@ def record_bytes(extension, texts):
     if extension in ("json", "jsonl"):  # JSON lines: datasets reads them from .json too
         return b"".join(b'{"text": "' + text.replace(b'"', b"'") + b'"}\n' for text in texts)
     return b"".join(text + b"\n" for text in texts)
-
 
 
 @pytest.mark.parametrize("extension", ["txt", "jsonl", "json", "csv"])
@@ -59,7 +57,6 @@ def test_a_file_that_is_not_utf8_names_its_line_and_byte(extension, text_files, 
                    f"line {line_number} ", f"byte offset {offset}", "0xe9", "convert")
 
 
-
 def test_a_binary_validation_file_is_named(text_files, bpe_tokenizer_dir, tmp_path, capsys):
     binary = tmp_path / "weights.txt"
     binary.write_bytes(bytes(range(256)) * 4)  # ASCII up to 0x7f, with one line break (0x0a)
@@ -67,7 +64,6 @@ def test_a_binary_validation_file_is_named(text_files, bpe_tokenizer_dir, tmp_pa
     argv = clm_args(text_files, bpe_tokenizer_dir, out, "--do_eval", "--validation_file", str(binary))
     expect_refused(run_clm.main, argv, capsys, out, f"--validation_file {binary} is not UTF-8", "line 2 ",
                    "byte offset 128", "0x80", "binary")
-
 
 
 def test_a_parquet_column_that_is_not_utf8_is_named(text_files, bpe_tokenizer_dir, tmp_path, capsys):
@@ -86,7 +82,6 @@ def test_a_parquet_column_that_is_not_utf8_is_named(text_files, bpe_tokenizer_di
     expect_refused(run_clm.main, argv, capsys, out, "--train_file", "train.parquet", "column 'text'", "not UTF-8")
 
 
-
 @pytest.mark.parametrize("chunk_size", [1, 3, 4, 1 << 20])
 def test_the_first_byte_that_is_not_utf8_is_found_across_chunks(tmp_path, chunk_size):
     path = tmp_path / "mixed.txt"
@@ -97,7 +92,6 @@ def test_the_first_byte_that_is_not_utf8_is_found_across_chunks(tmp_path, chunk_
     assert first_non_utf8(path, chunk_size) is None
     path.write_bytes(good + "é".encode("utf-8")[:1])  # cut short at the end of the file
     assert first_non_utf8(path, chunk_size) == (2, len(good), 0xc3)
-
 
 
 @pytest.mark.parametrize("extension", ["jsonl", "parquet"])
@@ -119,7 +113,6 @@ def test_records_without_the_text_column_are_counted(extension, text_files, bpe_
                    "row 3", "drop those rows")
 
 
-
 def test_empty_texts_in_json_lines_are_kept(text_files, bpe_tokenizer_dir, tmp_path):
     lines = lines_of(text_files, 80)
     rows = [{"text": line} for line in lines] + [{"text": ""}] * 5
@@ -130,17 +123,6 @@ def test_empty_texts_in_json_lines_are_kept(text_files, bpe_tokenizer_dir, tmp_p
                           "--train_file", str(tmp_path / "train.jsonl"),
                           "--validation_file", str(tmp_path / "validation.jsonl")))
     assert results(out, "eval")["eval_samples"] > 0
-
-
-
-def test_a_malformed_json_lines_file_gives_the_readers_reason(text_files, bpe_tokenizer_dir, tmp_path, capsys):
-    broken = tmp_path / "broken.jsonl"
-    broken.write_text('{"text": "one"}\n{"text": "two"\n{"text": "three"}\n')
-    out = tmp_path / "out"
-    argv = without(clm_args(text_files, bpe_tokenizer_dir, out, "--do_train"), "--validation_file")
-    expect_refused(run_clm.main, argv + ["--train_file", str(broken)], capsys, out,
-                   f"--train_file {broken}: cannot be read as json: JSON parse error")
-
 
 
 def argument_file(tmp_path, text_files, tokenizer_dir, suffix, **values):
@@ -202,3 +184,68 @@ def test_argument_files_take_text_as_the_command_line_does(text_files, bpe_token
     _, data_args, training_args = parser.parse_script_args([str(path)])
     assert training_args.learning_rate == 0.003 and training_args.seed == 8 and training_args.fp32 is True
     assert training_args.label_names == ["labels"] and data_args.block_size == 32
+
+
+@pytest.mark.parametrize("flag, name, phrases", [
+    ("--tokenizer_name", "./no/such/dir", ["--tokenizer_name ./no/such/dir does not exist", "train_tokenizer.py"]),
+    ("--tokenizer_name", "output/gpt2-tokenizer", ["--tokenizer_name output/gpt2-tokenizer: neither a local path nor",
+                                                   "offline", "train_tokenizer.py"]),
+    ("--config_name", "~/no-such-config", ["--config_name ~/no-such-config does not exist", "config.json"]),
+    ("--model_name_or_path", "/no/such/model", ["--model_name_or_path /no/such/model does not exist", "hub name"]),
+])
+def test_models_and_tokenizers_that_are_not_there(flag, name, phrases, text_files, bpe_tokenizer_dir, tmp_path,
+                                                  capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no output/ here
+    out = tmp_path / "out"
+    argv = clm_args(text_files, bpe_tokenizer_dir, out, "--do_train", "--max_steps", "2")
+    if flag == "--model_name_or_path":
+        argv = without(argv, "--model_type")
+    expect_refused(run_clm.main, argv + [flag, name], capsys, out, *phrases)
+
+
+def test_a_local_directory_that_holds_no_tokenizer_does_not_blame_the_hub(text_files, bpe_tokenizer_dir, tmp_path,
+                                                                           capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    argv = clm_args(text_files, bpe_tokenizer_dir, out, "--do_train", "--tokenizer_name", str(empty))
+    line = expect_refused(run_clm.main, argv, capsys, out, f"--tokenizer_name {empty}: ")
+    assert "offline" not in line
+
+
+@pytest.mark.parametrize("overrides, phrases", [
+    ("n_layer=2,n_embd=384,n_head=5", ["--config_overrides n_layer=2,n_embd=384,n_head=5: the model cannot be built",
+                                      "divisible"]),
+    ("n_layer=abc", ["--config_overrides n_layer=abc", "abc"]),
+])
+def test_config_overrides_that_cannot_build_the_model_name_the_flag(overrides, phrases, text_files,
+                                                                     bpe_tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = clm_args(text_files, bpe_tokenizer_dir, out, "--do_train", "--config_overrides", overrides)
+    line = expect_refused(run_clm.main, argv, capsys, out, *phrases)
+    assert "--model_type" not in line and "offline" not in line
+
+
+def test_config_overrides_on_a_pretrained_model_name_the_flag(text_files, pretrained_gpt2, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = pretrained_args(text_files, pretrained_gpt2, out, "--config_overrides", "n_head=3")
+    line = expect_refused(run_clm.main, argv, capsys, out, "--config_overrides n_head=3: the model cannot be built")
+    assert "offline" not in line
+
+
+def test_a_model_type_without_the_head_still_names_the_model_type(text_files, wordpiece_tokenizer_dir, tmp_path,
+                                                                  capsys):
+    out = tmp_path / "out"
+    argv = mlm_args(text_files, wordpiece_tokenizer_dir, out, "--do_train", "--model_type", "gpt2",
+                    "--config_overrides", TINY_GPT2)
+    line = expect_refused(run_mlm.main, argv, capsys, out, "--model_type gpt2", "AutoModelForMaskedLM")
+    assert "--config_overrides" not in line and "offline" not in line
+
+
+def test_a_malformed_json_lines_file_gives_the_readers_reason(text_files, bpe_tokenizer_dir, tmp_path, capsys):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "one"}\n{"text": "two"\n{"text": "three"}\n')
+    out = tmp_path / "out"
+    argv = without(clm_args(text_files, bpe_tokenizer_dir, out, "--do_train"), "--validation_file")
+    expect_refused(run_clm.main, argv + ["--train_file", str(broken)], capsys, out,
+                   f"--train_file {broken}: cannot be read as json: JSON parse error")
