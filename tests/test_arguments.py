@@ -165,6 +165,41 @@ def test_bad_combinations_are_one_line_user_errors(tmp_path, values, message):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("values, message", [
+    (dict(learning_rate=-1e-4), "--learning_rate must be a number >= 0"),
+    (dict(learning_rate=float("inf")), "--learning_rate must be a number >= 0"),
+    (dict(weight_decay=-0.1), "--weight_decay must be a number >= 0"),
+    (dict(max_grad_norm=-1.0), "0 turns gradient clipping off"),
+    (dict(adam_beta1=1.0), "--adam_beta1 must be at least 0 and below 1"),
+    (dict(adam_epsilon=-1e-8), "--adam_epsilon must be a number >= 0"),
+    (dict(do_train=True, num_train_epochs=0), "--num_train_epochs 0 trains nothing"),
+    (dict(warmup_ratio=-0.1), "--warmup_ratio is a fraction of the training steps"),
+    (dict(warmup_ratio=0.1, warmup_steps=0.1), "--warmup_ratio and --warmup_steps 0.1"),
+])
+def test_impossible_training_numbers_are_one_line_user_errors(tmp_path, values, message):
+    with pytest.raises(UserError, match=message) as error:
+        IPUTrainingArguments(output_dir=str(tmp_path), device_type="cpu", **values)
+    assert "\n" not in str(error.value)
+
+
+def test_training_numbers_at_their_limits_are_accepted(tmp_path):
+    args = IPUTrainingArguments(output_dir=str(tmp_path), device_type="cpu", learning_rate=0, weight_decay=0,
+                                max_grad_norm=0, adam_beta1=0, do_train=True, num_train_epochs=0, max_steps=5)
+    assert args.max_steps == 5  # --max_steps sets the length: no epochs needed
+
+
+@pytest.mark.parametrize("ratio, steps", [(0.0, 0), (0.25, 3), (0.1, 1), (1.0, 10)])
+def test_warmup_ratio_is_a_share_of_the_steps_rounded_up(tmp_path, ratio, steps):
+    args = IPUTrainingArguments(output_dir=str(tmp_path), device_type="cpu", warmup_ratio=ratio)
+    assert args.get_warmup_steps(10) == steps
+
+
+def test_without_warmup_ratio_warmup_steps_counts_as_transformers_counts_it(tmp_path):
+    assert IPUTrainingArguments(output_dir=str(tmp_path), device_type="cpu", warmup_steps=0.25).get_warmup_steps(
+        10) == 3
+    assert IPUTrainingArguments(output_dir=str(tmp_path), device_type="cpu", warmup_steps=4).get_warmup_steps(10) == 4
+
+
 def test_devices_that_are_not_there_are_refused(tmp_path):
     try:
         import poptorch  # noqa: F401

@@ -246,3 +246,22 @@ def test_empty_cells_read_as_empty_texts(corpus_dir, bpe_tokenizer_dir, tmp_path
                   "--do_eval", "--max_steps", "2", "--output_dir", str(out), "--report_to", "none",
                   "--disable_tqdm", "true"])
     assert global_step(out) == 2 and results(out, "eval")["eval_samples"] > 0
+
+
+def logged_learning_rates(output_dir):
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return [entry["learning_rate"] for entry in state["log_history"] if "learning_rate" in entry]
+
+
+@pytest.mark.parametrize("ratio, warmup_steps", [("0.5", 4), ("0.3", 3), ("1.0", 8)])
+def test_warmup_ratio_warms_up_over_its_share_of_the_steps(ratio, warmup_steps, text_files, bpe_tokenizer_dir,
+                                                          tmp_path):
+    """8 steps of a linear schedule: the rate climbs from 0 over ceil(8 x ratio) steps, then decays; a ratio of 1
+    (which --warmup_steps cannot express: 1.0 is one step there) climbs to the end."""
+    out = tmp_path / "out"
+    run_clm.main(clm_args(text_files, bpe_tokenizer_dir, out, "--do_train", "--max_steps", "8", "--logging_steps",
+                          "1", "--learning_rate", "0.004", "--warmup_ratio", ratio))
+    rates = logged_learning_rates(out)
+    climb = [0.004 * step / warmup_steps for step in range(warmup_steps)]
+    decay = [0.004 * (8 - step) / (8 - warmup_steps) for step in range(warmup_steps, 8)]
+    assert rates == pytest.approx(climb + decay)

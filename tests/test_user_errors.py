@@ -1,6 +1,7 @@
 """User mistakes end to end, through main(argv): one line on stderr naming the flag, key or file and the fix, exit
-code 2, and nothing created in --output_dir. Data files that are not UTF-8 or lack texts, mistyped values in
-argument files, models and tokenizers that are not there, and config overrides that cannot build a model."""
+code 2, and nothing created in --output_dir. Data files that are not UTF-8 or lack texts, impossible training
+numbers, mistyped values in argument files, models and tokenizers that are not there, and config overrides that
+cannot build a model."""
 import json
 
 import datasets
@@ -123,6 +124,31 @@ def test_empty_texts_in_json_lines_are_kept(text_files, bpe_tokenizer_dir, tmp_p
                           "--train_file", str(tmp_path / "train.jsonl"),
                           "--validation_file", str(tmp_path / "validation.jsonl")))
     assert results(out, "eval")["eval_samples"] > 0
+
+
+@pytest.mark.parametrize("change, phrases", [
+    (["--learning_rate", "-1"], ["--learning_rate must be a number >= 0", "-1"]),
+    (["--learning_rate", "nan"], ["--learning_rate must be a number >= 0", "nan"]),
+    (["--weight_decay", "-0.01"], ["--weight_decay must be a number >= 0"]),
+    (["--max_grad_norm", "-1"], ["--max_grad_norm must be a number >= 0", "0 turns gradient clipping off"]),
+    (["--adam_beta2", "1"], ["--adam_beta2 must be at least 0 and below 1"]),
+    (["--adam_epsilon", "-0.5"], ["--adam_epsilon must be a number >= 0"]),
+    (["--num_train_epochs", "0"], ["--num_train_epochs 0", "trains nothing", "--max_steps"]),
+    (["--num_train_epochs", "-1"], ["--num_train_epochs -1", "trains nothing"]),
+    (["--warmup_ratio", "1.5"], ["--warmup_ratio", "from 0 to 1", "1.5"]),
+    (["--warmup_ratio", "0.1", "--warmup_steps", "0.2"], ["--warmup_ratio and --warmup_steps 0.2"]),
+    (["--warmup_ratio", "0.1", "--warmup_steps", "5"], ["--warmup_ratio and --warmup_steps 5"]),
+])
+def test_impossible_training_numbers(change, phrases, text_files, bpe_tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = clm_args(text_files, bpe_tokenizer_dir, out, "--do_train", *change)
+    expect_refused(run_clm.main, argv, capsys, out, *phrases)
+
+
+def test_zero_epochs_are_fine_without_training(text_files, bpe_tokenizer_dir, tmp_path):
+    out = tmp_path / "out"
+    run_clm.main(clm_args(text_files, bpe_tokenizer_dir, out, "--do_eval", "--num_train_epochs", "0"))
+    assert results(out, "eval")["eval_loss"] > 0
 
 
 def argument_file(tmp_path, text_files, tokenizer_dir, suffix, **values):
