@@ -16,10 +16,11 @@ logger = logging.getLogger("ipu_train")
 
 DEVICE_TYPES = ("auto", "cpu", "cuda", "ipu")
 DATALOADER_MODES = ("sync", "async", "async_rebatched")
-# Numbers that cannot be below 0: torch's optimizers refuse a negative rate or epsilon (with a traceback, once the model
-# is built), a negative decay grows the weights, a negative norm silently turns clipping off. With what 0 means.
+# Numbers that cannot be below 0: torch refuses a negative rate, epsilon or worker count (with a traceback, once the
+# model is built), a negative decay grows the weights, a negative norm silently turns clipping off. With what 0 means.
 NON_NEGATIVE_FLAGS = {"learning_rate": "", "weight_decay": " (0: no decay)", "adam_epsilon": "",
-                      "max_grad_norm": " (0 turns gradient clipping off)"}
+                      "max_grad_norm": " (0 turns gradient clipping off)",
+                      "dataloader_num_workers": " (0 loads the data in the main process)"}
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that record CUDA graphs
 
 

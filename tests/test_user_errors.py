@@ -133,6 +133,7 @@ def test_empty_texts_in_json_lines_are_kept(text_files, bpe_tokenizer_dir, tmp_p
     (["--max_grad_norm", "-1"], ["--max_grad_norm must be a number >= 0", "0 turns gradient clipping off"]),
     (["--adam_beta2", "1"], ["--adam_beta2 must be at least 0 and below 1"]),
     (["--adam_epsilon", "-0.5"], ["--adam_epsilon must be a number >= 0"]),
+    (["--dataloader_num_workers", "-1"], ["--dataloader_num_workers must be a number >= 0", "main process"]),
     (["--num_train_epochs", "0"], ["--num_train_epochs 0", "trains nothing", "--max_steps"]),
     (["--num_train_epochs", "-1"], ["--num_train_epochs -1", "trains nothing"]),
     (["--warmup_ratio", "1.5"], ["--warmup_ratio", "from 0 to 1", "1.5"]),
