@@ -60,11 +60,10 @@ class DataTrainingArguments(DataArguments):
             raise UserError(f"--max_span_length {self.max_span_length}: use 1 or more")
 
 
-def even_sequence_length(data_args, tokenizer):
+def even_sequence_length(data_args, tokenizer, config):
     """--max_seq_length, else the tokenizer's maximum (at most 512, Hugging Face's default), clamped as in
     run_mlm.py. A clamped length that is odd is rounded down: permutation LM needs an even one."""
-    # No config: XLNet's reports max_position_embeddings -1 (no limit), which sequence_length would take as one.
-    length = sequence_length(data_args.max_seq_length, "--max_seq_length", tokenizer, None, default=512)
+    length = sequence_length(data_args.max_seq_length, "--max_seq_length", tokenizer, config, default=512)
     if length < 2:
         raise UserError(f"the tokenizer takes at most {length} token per sequence: permutation LM needs 2 or more")
     if length % 2:
@@ -90,7 +89,7 @@ def main(argv=None):
     model = build_model(model_args, config, tokenizer, XLNetLMHeadModel, ipu_config)
 
     text, columns = columns_to_tokenize(raw_datasets, training_args)
-    max_seq_length = even_sequence_length(data_args, tokenizer)
+    max_seq_length = even_sequence_length(data_args, tokenizer, config)
 
     if data_args.line_by_line:
         padding = "max_length" if data_args.pad_to_max_length else False

@@ -23,7 +23,8 @@ from ipu_train.cli import main_entry
 from ipu_train.data import DataCollatorForCappedMLM, masked_token_cap, nsp_pair_builder, read_text_documents
 from ipu_train.errors import UserError
 from ipu_train.loading import (build_model, column_names, load_config, load_raw_datasets, load_tokenizer,
-                               local_data_files, sequence_length, split_off_validation, text_column)
+                               local_data_files, refuse_non_utf8, sequence_length, split_off_validation,
+                               text_column)
 from ipu_train.metrics import RunningPretrainingMetrics, pretraining_batch_statistics
 from ipu_train.script_args import DataArguments
 from ipu_train.workflow import evaluate_and_report, publish, select_splits, start, train_and_save
@@ -87,7 +88,12 @@ def load_documents(data_args, model_args):
     files = {} if data_args.dataset_name is not None else local_data_files(data_args)
     if not files or not all(path.endswith(".txt") for path in files.values()):
         return load_raw_datasets(data_args, model_args)
-    splits = {split: datasets.Dataset.from_dict({"text": read_text_documents(path)}) for split, path in files.items()}
+    try:
+        splits = {split: datasets.Dataset.from_dict({"text": read_text_documents(path)})
+                  for split, path in files.items()}
+    except UnicodeDecodeError:
+        refuse_non_utf8(files)  # names the file, line and byte
+        raise
     if "validation" not in splits:
         return split_off_validation(splits["train"], data_args.validation_split_percentage)
     return datasets.DatasetDict(splits)

@@ -344,7 +344,7 @@ def nsp_pair_builder(tokenizer, max_seq_length, short_seq_prob=0.1, nsp_probabil
                         "made for BERT (train_tokenizer.py --type wordpiece)")
 
     def tokenize(text):
-        sentences = split_sentences(text)
+        sentences = split_sentences(text or "")  # an empty CSV cell is an empty document
         if not sentences:
             return []
         return tokenizer(sentences, add_special_tokens=False, verbose=False)["input_ids"]

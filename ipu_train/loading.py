@@ -371,7 +371,7 @@ def fit_embeddings_to_tokenizer(model, tokenizer):
 def max_positions(config):
     """Longest sequence the model can take. RoBERTa-style models offset positions by padding_idx + 1."""
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if positions is None:  # relative-position models such as XLNet
+    if positions is None or positions <= 0:  # relative-position models such as XLNet (whose config says -1)
         return None
     if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert", "longformer"):
         positions -= getattr(config, "pad_token_id", 1) + 1

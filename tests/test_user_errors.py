@@ -10,8 +10,10 @@ import yaml
 
 import run_clm
 import run_mlm
+import run_pretraining
 from ipu_train.loading import first_non_utf8
 
+from .test_script_pretraining import pretraining_args
 from .test_scripts_clm_mlm import TINY_GPT2, clm_args, mlm_args, results, run_and_expect_user_error
 from .test_scripts_inputs import pretrained_args, pretrained_gpt2, without  # noqa: F401 (a fixture)
 
@@ -276,3 +278,27 @@ def test_a_malformed_json_lines_file_gives_the_readers_reason(text_files, bpe_to
     argv = without(clm_args(text_files, bpe_tokenizer_dir, out, "--do_train"), "--validation_file")
     expect_refused(run_clm.main, argv + ["--train_file", str(broken)], capsys, out,
                    f"--train_file {broken}: cannot be read as json: JSON parse error")
+
+
+def test_pretraining_text_that_is_not_utf8_names_its_line(text_files, wordpiece_tokenizer_dir, tmp_path, capsys):
+    """run_pretraining.py reads .txt documents itself (blank lines separate them)."""
+    data = "".join(line + "\n" for line in lines_of(text_files, 10)).encode("utf-8") + LATIN1_LINE
+    bad_file = tmp_path / "latin1.txt"
+    bad_file.write_bytes(data)
+    out = tmp_path / "out"
+    argv = pretraining_args(text_files, wordpiece_tokenizer_dir, out, "--do_train", "--max_steps", "2",
+                            "--train_file", str(bad_file))
+    offset = data.index(b"\xe9")
+    expect_refused(run_pretraining.main, argv, capsys, out, f"--train_file {bad_file} is not UTF-8 text", "line 11 ",
+                   f"byte offset {offset}")
+
+
+def test_pretraining_reads_an_empty_csv_cell_as_an_empty_document(text_files, wordpiece_tokenizer_dir, tmp_path):
+    rows = ['"' + line.replace('"', "'") + '"' for line in lines_of(text_files, 60)]
+    rows[3] = ""
+    csv = tmp_path / "docs.csv"
+    csv.write_text("text\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    run_pretraining.main(pretraining_args(text_files, wordpiece_tokenizer_dir, out, "--do_train", "--max_steps", "2",
+                                          "--train_file", str(csv), "--validation_file", str(csv)))
+    assert (out / "model.safetensors").is_file()
