@@ -5,12 +5,48 @@
 The model is built from its configuration on the meta device: no weights are downloaded or allocated.
 """
 import argparse
+import os
 import sys
+from typing import NamedTuple
 
 from .errors import UserError
 
 # The head each objective's script trains; other model types take the masked-LM head, else the causal-LM one.
 _DEFAULT_HEADS = {"bert": "pretraining", "xlnet": "causal-lm", "gpt2": "causal-lm"}
+
+
+class _Size(NamedTuple):
+    model_type: str
+    name: str
+    sizes: dict
+
+
+# The checkpoint each shipped ipu_configs/<name> was written for, with its published Hugging Face sizes. A bare
+# --model_type would otherwise plan the library's default size, which for XLNet is large and for ALBERT xxlarge.
+# Keyed by directory name: ipu_config.json refuses unknown keys, so it cannot say this itself.
+_SHIPPED_SIZES = {
+    "bert-base": _Size("bert", "BERT base (bert-base-uncased)", dict(
+        vocab_size=30522, num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072)),
+    "bert-large": _Size("bert", "BERT large (bert-large-uncased)", dict(
+        vocab_size=30522, num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, intermediate_size=4096)),
+    "roberta-base": _Size("roberta", "RoBERTa base (roberta-base)", dict(
+        vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
+        num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072)),
+    "roberta-large": _Size("roberta", "RoBERTa large (roberta-large)", dict(
+        vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
+        num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, intermediate_size=4096)),
+    "gpt2": _Size("gpt2", "GPT-2 small (gpt2)", dict(
+        vocab_size=50257, n_positions=1024, n_layer=12, n_embd=768, n_head=12)),
+    "gpt2-medium": _Size("gpt2", "GPT-2 medium (gpt2-medium)", dict(
+        vocab_size=50257, n_positions=1024, n_layer=24, n_embd=1024, n_head=16)),
+    "distilbert-base": _Size("distilbert", "DistilBERT base (distilbert-base-uncased)", dict(
+        vocab_size=30522, n_layers=6, dim=768, n_heads=12, hidden_dim=3072)),
+    "xlnet-base": _Size("xlnet", "XLNet base (xlnet-base-cased)", dict(
+        vocab_size=32000, n_layer=12, d_model=768, n_head=12, d_inner=3072)),
+    "albert-base": _Size("albert", "ALBERT base (albert-base-v2)", dict(
+        vocab_size=30000, embedding_size=128, num_hidden_layers=12, hidden_size=768, num_attention_heads=12,
+        intermediate_size=3072)),
+}
 
 
 def parse_args(argv=None):
@@ -61,14 +97,33 @@ def load_ipu_config(args):
     return ipu_config
 
 
+def shipped_size(ipu_config_source, model_type):
+    """The size a shipped configuration's directory name stands for, when the model type is the one it was written
+    for; a .json path counts by its directory."""
+    directory = os.path.dirname(ipu_config_source) if ipu_config_source.endswith(".json") else ipu_config_source
+    size = _SHIPPED_SIZES.get(os.path.basename(os.path.abspath(directory)))  # abspath: "." and a trailing "/"
+    return size if size and size.model_type == model_type else None
+
+
+def _bare_model_type_config(args):
+    """The size the shipped ipu_config was written for, else the library's default, and which one it is."""
+    from transformers import AutoConfig
+
+    size = shipped_size(args.ipu_config, args.model_type)
+    if size is None:
+        return AutoConfig.for_model(args.model_type), f"the library's default {args.model_type} config"
+    return AutoConfig.for_model(args.model_type, **size.sizes), f"{size.name}, from the configuration's name"
+
+
 def load_model_config(args):
+    """The model configuration and, for a bare --model_type, which size was assumed (None for a given config)."""
     from transformers import AutoConfig
 
     try:
         if args.model_type:
-            config = AutoConfig.for_model(args.model_type)
+            config, assumed = _bare_model_type_config(args)
         else:
-            config = AutoConfig.from_pretrained(args.config_name or args.model_name_or_path)
+            config, assumed = AutoConfig.from_pretrained(args.config_name or args.model_name_or_path), None
     except (ValueError, OSError) as error:
         flag = "--model_type" if args.model_type else "--config_name" if args.config_name else "--model_name_or_path"
         value = args.model_type or args.config_name or args.model_name_or_path
@@ -79,7 +134,8 @@ def load_model_config(args):
             config.update_from_string(args.config_overrides)
         except ValueError as error:
             raise UserError(f"--config_overrides: {error}") from None
-    return config
+        assumed = assumed and f"{assumed}, with --config_overrides"
+    return config, assumed
 
 
 def build_model_skeleton(config, head=None):
@@ -107,7 +163,9 @@ def render_plan(args) -> str:
     from .pipeline.stages import build_stage_plan, describe_batch
 
     ipu_config = load_ipu_config(args)
-    model = build_model_skeleton(load_model_config(args), args.head)
+    config, assumed = load_model_config(args)
+    model = build_model_skeleton(config, args.head)
+    subject = f"{assumed}: {type(model).__name__}" if assumed else type(model).__name__
     layouts = {}
     for mode, prefix in (("train", ""), ("eval", "inference_")):
         getattr(ipu_config, mode)()  # layout attributes read the inference_* values in eval mode
@@ -117,7 +175,7 @@ def render_plan(args) -> str:
     (training_layout, training), (inference_layout, inference) = layouts["train"], layouts["eval"]
     num_layers = sum(len(stage.layers) for stage in training.stages)
     lines = [
-        f"IPU plan: {args.ipu_config} for {type(model).__name__} ({num_layers} layers, "
+        f"IPU plan: {args.ipu_config} for {subject} ({num_layers} layers, "
         f"{training.total_parameters:,} parameters; weights not loaded)",
         "",
         f"training: {training_layout}",

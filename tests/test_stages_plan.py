@@ -1,5 +1,7 @@
 """Stage plan (layers, parameters, tied and shared weights), batch arithmetic, and the plan printer CLI."""
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -24,7 +26,7 @@ from transformers import (
 from ipu_train import IPUConfig
 from ipu_train.errors import UserError
 from ipu_train.pipeline.stages import build_stage_plan, describe_batch, transformer_layers
-from ipu_train.plan import main
+from ipu_train.plan import load_model_config, main, parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(hidden_size=16, num_attention_heads=2, intermediate_size=32, vocab_size=64, max_position_embeddings=32)
@@ -210,6 +212,84 @@ def test_every_shipped_configuration_prints_a_plan(name, capsys):
     assert "weights not loaded" in out
 
 
+def _first_line(argv, capsys):
+    assert main(argv) == 0
+    return capsys.readouterr().out.splitlines()[0]
+
+
+def _layers_and_parameters(first_line):
+    layers, parameters = re.search(r"\((\d+) layers, ([\d,]+) parameters", first_line).groups()
+    return int(layers), int(parameters.replace(",", ""))
+
+
+def test_every_shipped_configuration_has_the_size_it_was_written_for():
+    assert sorted(os.listdir(f"{ROOT}/ipu_configs")) == sorted(FAMILIES)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_bare_model_type_plans_the_size_the_shipped_configuration_was_written_for(name, capsys):
+    # No --config_overrides: the assumed size must fit the configuration's own layers_per_ipu.
+    line = _first_line(["--ipu_config", f"{ROOT}/ipu_configs/{name}", "--model_type", FAMILIES[name][0],
+                        "--pod_type", "pod16"], capsys)
+    assert ", from the configuration's name: " in line and "library's default" not in line
+
+
+@pytest.mark.parametrize("name, model_type, size, layers", [
+    ("xlnet-base", "xlnet", "XLNet base (xlnet-base-cased)", 12),  # the library's default is XLNet-large, 24
+    ("bert-large", "bert", "BERT large (bert-large-uncased)", 24),  # the library's default is BERT base, 12
+    ("gpt2-medium", "gpt2", "GPT-2 medium (gpt2-medium)", 24),
+])
+def test_first_line_names_the_assumed_size_and_its_layers(name, model_type, size, layers, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    line = _first_line(["--ipu_config", f"ipu_configs/{name}", "--model_type", model_type], capsys)
+    assert line.startswith(f"IPU plan: ipu_configs/{name} for {size}, from the configuration's name: ")
+    assert _layers_and_parameters(line)[0] == layers
+
+
+def test_albert_base_is_about_12m_parameters_not_xxlarge(capsys):
+    line = _first_line(["--ipu_config", f"{ROOT}/ipu_configs/albert-base", "--model_type", "albert"], capsys)
+    assert "ALBERT base (albert-base-v2)" in line
+    assert 11_000_000 < _layers_and_parameters(line)[1] < 12_500_000  # ALBERT-xxlarge has 223 M
+
+
+def test_shipped_sizes_are_the_published_checkpoints():
+    def config(name, model_type):
+        return load_model_config(parse_args(["--ipu_config", f"ipu_configs/{name}", "--model_type", model_type]))[0]
+
+    xlnet = config("xlnet-base", "xlnet")
+    assert (xlnet.n_layer, xlnet.d_model, xlnet.n_head, xlnet.d_inner, xlnet.vocab_size) == (12, 768, 12, 3072, 32000)
+    assert xlnet.d_head == 64  # derived by the config itself, not left at XLNet-large's
+    albert = config("albert-base", "albert")
+    assert (albert.num_hidden_layers, albert.hidden_size, albert.num_attention_heads, albert.intermediate_size,
+            albert.embedding_size, albert.vocab_size) == (12, 768, 12, 3072, 128, 30000)
+    roberta = config("roberta-base", "roberta")
+    assert (roberta.vocab_size, roberta.max_position_embeddings, roberta.type_vocab_size) == (50265, 514, 1)
+
+
+def test_config_overrides_win_over_the_assumed_size(capsys):
+    args = ["--ipu_config", f"{ROOT}/ipu_configs/xlnet-base/ipu_config.json", "--model_type", "xlnet",
+            "--config_overrides", "n_layer=8,d_inner=1024"]
+    line = _first_line([*args, "--ipu_config_overrides", "layers_per_ipu=[0 2 3 3]"], capsys)
+    assert "for XLNet base (xlnet-base-cased), from the configuration's name, with --config_overrides: " in line
+    assert _layers_and_parameters(line)[0] == 8
+    config = load_model_config(parse_args(args))[0]
+    assert (config.n_layer, config.d_inner, config.d_model) == (8, 1024, 768)
+
+
+@pytest.mark.parametrize("model_type, copy_of, directory, layers", [
+    ("xlnet", "xlnet-base", "my-config", 24),  # not a shipped configuration's name
+    ("bert", "gpt2", "gpt2", 12),  # a shipped name, but written for another model type
+])
+def test_other_configurations_say_which_default_size_they_assumed(model_type, copy_of, directory, layers, tmp_path,
+                                                                  capsys):
+    shutil.copytree(f"{ROOT}/ipu_configs/{copy_of}", tmp_path / directory)
+    line = _first_line(["--ipu_config", str(tmp_path / directory), "--model_type", model_type,
+                        "--ipu_config_overrides", f"layers_per_ipu=[0 {layers // 3} {layers // 3} {layers // 3}]"],
+                       capsys)
+    assert f"for the library's default {model_type} config: " in line
+    assert _layers_and_parameters(line)[0] == layers
+
+
 def test_plan_flags_json_path_alias_n_ipu_overrides_and_batch_sizes(capsys):
     code = main(["--ipu_config_name", f"{ROOT}/ipu_configs/gpt2/ipu_config.json", "--model_type", "gpt2",
                  "--config_overrides", "n_layer=6,n_embd=32,n_head=2", "--n_ipu", "8",
@@ -230,7 +310,7 @@ def test_plan_reads_only_the_config_of_a_model_directory(tmp_path, capsys):
     GPT2Config(n_layer=4, n_embd=32, n_head=2).save_pretrained(tmp_path)
     assert main(["--ipu_config", f"{ROOT}/ipu_configs/distilbert-base", "--model_name_or_path", str(tmp_path),
                  "--ipu_config_overrides", "layers_per_ipu=[1 3]"]) == 0
-    assert "GPT2LMHeadModel (4 layers" in capsys.readouterr().out
+    assert "for GPT2LMHeadModel (4 layers" in capsys.readouterr().out  # a given config assumes no size
 
 
 @pytest.mark.parametrize("argv, message", [
