@@ -91,17 +91,23 @@ def tokenize_and_group(raw_datasets, tokenize, columns, data_args, training_args
 
 
 def select_splits(lm_datasets, data_args, training_args, ipu_config, unit, fix):
-    """The train and eval splits the flags ask for, cut by --max_*_samples. A split too small for one combined
-    training batch (or empty, for evaluation) is an error naming the numbers, the sample `unit` and the `fix`."""
+    """The train and eval splits the flags ask for, cut by --max_*_samples. A training split too small for one
+    combined batch is completed with repeated samples under --pad_on_batch_axis, else refused naming the numbers,
+    the sample `unit`, --pad_on_batch_axis and the `fix`; an empty split is always refused. Evaluation takes every
+    sample, however few (the last batch is smaller)."""
     train_dataset = eval_dataset = None
     if training_args.do_train:
         train_dataset = take(lm_datasets["train"], data_args.max_train_samples)
         if not data_args.streaming:
-            # One data-loader item: micro-batch x accumulation x replicas x device iterations.
-            combined_batch = training_args.per_device_train_batch_size * ipu_config.batch_size_factor()
-            require_samples(train_dataset, combined_batch, f"the training data ({unit})",
-                            f"{fix}, --per_device_train_batch_size, --gradient_accumulation_steps or "
-                            "device_iterations (--ipu_config_overrides), or add data")
+            if training_args.pad_on_batch_axis:  # the trainer completes the last combined batch of each epoch
+                require_samples(train_dataset, 1, f"the training data ({unit})", f"{fix}, or add data")
+            else:
+                # One data-loader item: micro-batch x accumulation x replicas x device iterations.
+                combined_batch = training_args.per_device_train_batch_size * ipu_config.batch_size_factor()
+                require_samples(train_dataset, combined_batch, f"the training data ({unit})",
+                                "pass --pad_on_batch_axis to complete the batch with repeated samples, or "
+                                f"{fix}, --per_device_train_batch_size, --gradient_accumulation_steps or "
+                                "device_iterations (--ipu_config_overrides), or add data")
     if training_args.do_eval:
         eval_dataset = take(lm_datasets["validation"], data_args.max_eval_samples)
         if not data_args.streaming:
