@@ -9,6 +9,8 @@ import os
 import datasets
 import pyarrow
 import pyarrow.compute
+import huggingface_hub
+import huggingface_hub.constants
 import torch
 from huggingface_hub.errors import HFValidationError, StrictDataclassError
 from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer
@@ -60,6 +62,19 @@ def _first_sentence(err):
 
 def _hub_offline():
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def check_hub_access(training_args):
+    """--push_to_hub uploads at the end of the run: without the Hub (offline) or a token to write with (--hub_token,
+    HF_TOKEN, a saved login, as huggingface_hub looks them up) it would fail after all the work, so it stops here."""
+    if not training_args.push_to_hub:
+        return
+    if _hub_offline() or huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise UserError("--push_to_hub needs the Hub, and it is offline here (HF_HUB_OFFLINE=1): drop --push_to_hub "
+                        "(the model is saved in --output_dir; upload it later with `hf upload`), or go online")
+    if not (training_args.hub_token or huggingface_hub.get_token()):
+        raise UserError("--push_to_hub needs a Hub token to write with, and none is set: pass --hub_token, set "
+                        "HF_TOKEN, or log in with `hf auth login`; or drop --push_to_hub")
 
 
 def load_raw_datasets(data_args, model_args):

@@ -10,7 +10,7 @@ from .arguments import IPUTrainingArguments, load_ipu_config
 from .checkpoint import resume_checkpoint
 from .cli import ScriptArgumentParser, setup_logging
 from .data import group_texts
-from .loading import column_names, perplexity, require_samples, text_column
+from .loading import check_hub_access, column_names, perplexity, require_samples, text_column
 from .errors import UserError
 from .output_dir import check_writable
 from .script_args import ModelArguments
@@ -23,8 +23,9 @@ TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "special_token
 
 def start(data_arguments_class, argv=None, model_arguments_class=ModelArguments):
     """Parse the flags (or one .json/.yaml file) into model, data and training arguments; set up logging; check that
-    --output_dir can be written; find the checkpoint to resume from (or refuse a non-empty --output_dir); load the
-    IPU configuration; seed everything. Nothing is processed, and nothing written, before these checks.
+    --output_dir can be written; find the checkpoint to resume from (or refuse a non-empty --output_dir); check that
+    --push_to_hub can upload; load the IPU configuration; seed everything. Nothing is processed, and nothing
+    written, before these checks.
     Returns (model_args, data_args, training_args, ipu_config, last_checkpoint)."""
     parser = ScriptArgumentParser((model_arguments_class, data_arguments_class, IPUTrainingArguments))
     model_args, data_args, training_args = parser.parse_script_args(argv)
@@ -32,6 +33,7 @@ def start(data_arguments_class, argv=None, model_arguments_class=ModelArguments)
     data_args.check_with(training_args)
     check_writable(training_args.output_dir)
     last_checkpoint = resume_checkpoint(training_args)
+    check_hub_access(training_args)
     ipu_config = load_ipu_config(training_args, model_args.model_name_or_path)
     set_seed(training_args.seed)
     return model_args, data_args, training_args, ipu_config, last_checkpoint

@@ -4,12 +4,16 @@ evaluation batch evaluates every sample; a training set smaller than one combine
 a pretrained model's shape, are one-line errors; the config logged is the model's as built; --push_to_hub without
 the Hub or a token stops before any work."""
 import json
+from types import SimpleNamespace
 
+import huggingface_hub
+import huggingface_hub.constants
 import pytest
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
 import run_clm
+from ipu_train.loading import check_hub_access
 
 from .test_scripts_clm_mlm import clm_args, results, run_and_expect_user_error
 from .test_scripts_inputs import global_step, pretrained_gpt2, without  # noqa: F401 (a fixture)
@@ -96,3 +100,51 @@ def test_pad_on_batch_axis_still_needs_one_sample(text_files, bpe_tokenizer_dir,
     argv = clm_args(text_files, bpe_tokenizer_dir, out, "--do_train", "--max_train_samples", "0",
                     "--pad_on_batch_axis")
     expect_refused(run_clm.main, argv, capsys, out, "has 0 samples", "add data")
+
+
+# --- --push_to_hub ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_preprocessing(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the data was loaded before --push_to_hub was checked")
+    monkeypatch.setattr(run_clm, "load_raw_datasets", refuse)
+
+
+@pytest.fixture
+def online_without_token(monkeypatch, tmp_path):
+    """The Hub online, and no token anywhere huggingface_hub looks (environment, saved login)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    assert huggingface_hub.get_token() is None
+
+
+def test_push_to_hub_offline_stops_before_any_work(text_files, bpe_tokenizer_dir, tmp_path, capsys, monkeypatch,
+                                                   no_preprocessing):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    argv = clm_args(text_files, bpe_tokenizer_dir, out, "--do_train", "--push_to_hub", "--hub_token", "hf_x")
+    expect_refused(run_clm.main, argv, capsys, out, "--push_to_hub", "offline", "HF_HUB_OFFLINE",
+                   "drop --push_to_hub")
+
+
+def test_push_to_hub_without_a_token_stops_before_any_work(text_files, bpe_tokenizer_dir, tmp_path, capsys,
+                                                           online_without_token, no_preprocessing):
+    out = tmp_path / "out"
+    argv = clm_args(text_files, bpe_tokenizer_dir, out, "--do_train", "--push_to_hub")
+    expect_refused(run_clm.main, argv, capsys, out, "--push_to_hub needs a Hub token", "--hub_token", "HF_TOKEN",
+                   "hf auth login")
+
+
+def test_push_to_hub_online_with_a_token_passes_the_check(online_without_token, monkeypatch):
+    check_hub_access(SimpleNamespace(push_to_hub=True, hub_token="hf_flag"))
+    monkeypatch.setenv("HF_TOKEN", "hf_environment")
+    check_hub_access(SimpleNamespace(push_to_hub=True, hub_token=None))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a token is not enough offline
+    with pytest.raises(Exception, match="offline"):
+        check_hub_access(SimpleNamespace(push_to_hub=True, hub_token=None))
+    check_hub_access(SimpleNamespace(push_to_hub=False, hub_token=None))  # nothing to check without the flag
