@@ -65,6 +65,17 @@ class DataTrainingArguments(DataArguments):
     def __post_init__(self):
         super().__post_init__()
         if self.dataset_path is not None:
+            # The saved pairs are the whole data: other sources would be ignored, and there is nothing to save.
+            others = [flag for flag in ("train_file", "validation_file", "dataset_name") if getattr(self, flag)]
+            if others:
+                named = " and ".join(f"--{flag} {getattr(self, flag)}" for flag in others)
+                raise UserError(f"--dataset_path {self.dataset_path} holds all the data (saved pairs), so {named} "
+                                f"would be ignored: drop {' and '.join('--' + flag for flag in others)} to train on "
+                                "the saved pairs, or drop --dataset_path to use those instead")
+            if self.save_preprocessed_dataset is not None:
+                raise UserError(f"--dataset_path {self.dataset_path} is already preprocessed, so "
+                                f"--save_preprocessed_dataset {self.save_preprocessed_dataset} has nothing to save: "
+                                "drop --save_preprocessed_dataset")
             self.is_already_preprocessed = True
         if self.is_already_masked and not self.is_already_preprocessed:
             raise UserError("--is_already_masked needs pre-tokenized data: add --is_already_preprocessed, or "

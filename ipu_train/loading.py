@@ -2,6 +2,7 @@
 Hub names work when online; local paths always. Mistakes become UserError naming the flag."""
 import codecs
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -250,23 +251,27 @@ def _config_flag(model_args):
 
 
 def load_config(model_args):
-    """The model config; --config_overrides applies on top of a pretrained config too, and the result is logged."""
+    """The model config; --config_overrides applies on top of a pretrained config too. It is logged once the model
+    is built (see build_model), as the model holds it."""
+    config = _source_config(model_args)
+    if model_args.config_overrides:
+        apply_config_overrides(config, model_args.config_overrides)
+    return config
+
+
+def _source_config(model_args):
+    """The config named by --config_name, --model_name_or_path or --model_type, before --config_overrides."""
     common = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token,
                   trust_remote_code=model_args.trust_remote_code)
     flag, source = _config_flag(model_args)
     if flag != "model_type":
         with _fetched(flag, source):
-            config = AutoConfig.from_pretrained(source, **common)
-    elif model_args.model_type in CONFIG_MAPPING:
-        config = CONFIG_MAPPING[model_args.model_type]()
+            return AutoConfig.from_pretrained(source, **common)
+    if model_args.model_type in CONFIG_MAPPING:
         logger.warning("Training a new %s model from scratch.", model_args.model_type)
-    else:
-        raise UserError(f"--model_type {model_args.model_type} is unknown: use one of "
-                        f"{', '.join(sorted(CONFIG_MAPPING.keys())[:12])}, ...")
-    if model_args.config_overrides:
-        apply_config_overrides(config, model_args.config_overrides)
-        logger.info("Config after --config_overrides %s: %s", model_args.config_overrides, config)
-    return config
+        return CONFIG_MAPPING[model_args.model_type]()
+    raise UserError(f"--model_type {model_args.model_type} is unknown: use one of "
+                    f"{', '.join(sorted(CONFIG_MAPPING.keys())[:12])}, ...")
 
 
 def parse_config_overrides(overrides):
@@ -308,22 +313,103 @@ def load_tokenizer(model_args):
 
 
 def load_model(model_args, config, auto_class):
-    """Pretrained weights when --model_name_or_path is given, else a new model from the config."""
+    """Pretrained weights when --model_name_or_path is given, else a new model from the config. On pretrained
+    weights, --config_overrides may change what does not change a weight (activation_function=gelu), not the
+    model's shape (see _refuse_reshaping_overrides)."""
     _require_model_class(auto_class, config, model_args)
     if model_args.model_name_or_path:
         dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+        overridden = bool(parse_config_overrides(model_args.config_overrides))
         with _fetched("model_name_or_path", model_args.model_name_or_path), _built(model_args):
-            return auto_class.from_pretrained(model_args.model_name_or_path, config=config,
-                                              cache_dir=model_args.cache_dir, revision=model_args.model_revision,
-                                              token=model_args.token, trust_remote_code=model_args.trust_remote_code,
-                                              dtype=dtype)
+            # With overrides, weights of another shape are reported (and refused below) instead of raised.
+            model, loading_info = auto_class.from_pretrained(
+                model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
+                revision=model_args.model_revision, token=model_args.token,
+                trust_remote_code=model_args.trust_remote_code, dtype=dtype, output_loading_info=True,
+                ignore_mismatched_sizes=overridden)
+        if overridden:
+            _refuse_reshaping_overrides(model_args, config, auto_class, loading_info)
+        return model
     with _built(model_args):
-        if hasattr(auto_class, "from_config"):  # an Auto class
-            model = auto_class.from_config(config, trust_remote_code=model_args.trust_remote_code)
-        else:  # a concrete model class, such as XLNetLMHeadModel
-            model = auto_class(config)
+        model = _new_model(auto_class, config, model_args)
     logger.info("New model from scratch: %.1fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
     return model
+
+
+def _new_model(auto_class, config, model_args):
+    if hasattr(auto_class, "from_config"):  # an Auto class
+        return auto_class.from_config(config, trust_remote_code=model_args.trust_remote_code)
+    return auto_class(config)  # a concrete model class, such as XLNetLMHeadModel
+
+
+def _weight_shapes(auto_class, config, model_args):
+    """{weight name: shape} of the model this config builds, built on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        model = _new_model(auto_class, config, model_args)
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def _refuse_reshaping_overrides(model_args, config, auto_class, loading_info):
+    """--config_overrides that change the pretrained model's shape (n_layer=2 on a 4-layer model: its other layers
+    silently dropped; n_embd: every weight of another size) are refused, naming the override items that do it. Only
+    what the overrides cause counts: a checkpoint without a head this class adds (BERT's NSP head) loads as before.
+    A weight of another size that the overrides do not explain is refused as transformers refuses it."""
+    missing, unexpected = set(loading_info["missing_keys"]), set(loading_info["unexpected_keys"])
+    mismatched = {entry[0]: entry[1:] for entry in loading_info["mismatched_keys"]}
+    if not (missing or unexpected or mismatched):
+        return
+    base_config = _source_config(model_args)
+    base = _weight_shapes(auto_class, base_config, model_args)
+    built = _weight_shapes(auto_class, config, model_args)
+    caused = ([name for name in unexpected if name in base and name not in built]
+              + [name for name in missing if name not in base]
+              + [name for name in mismatched if name in base and base[name] != built.get(name)])
+    if not caused:
+        if mismatched:
+            name, (saved, wanted) = sorted(mismatched.items())[0]
+            raise UserError(f"--model_name_or_path {model_args.model_name_or_path}: the model cannot be built: "
+                            f"{name} is {tuple(saved)} in the checkpoint but {tuple(wanted)} in the config")
+        return
+    # Counted on the two shapes, as loading reports some names under a pattern it ignores (GPT-2's attn.c_attn.bias).
+    dropped = sorted(set(base) - set(built))
+    added = sorted(set(built) - set(base))
+    resized = sorted(name for name in set(base) & set(built) if base[name] != built[name])
+    effects = [f"{len(names)} of its weights would be {what} ({_some(names)})"
+               for names, what in ((dropped, "dropped"), (resized, "of another shape, so not loaded"),
+                                   (added, "new and untrained")) if names]
+    items = _reshaping_items(model_args, auto_class, base_config, base)
+    named = ",".join(f"{key}={value}" for key, value, _ in items)
+    pretrained = ", ".join(f"{key} {before}" for key, _, before in items)
+    source = model_args.config_name or model_args.model_name_or_path
+    raise UserError(f"--config_overrides {named} changes the shape of the pretrained model "
+                    f"{model_args.model_name_or_path} ({pretrained} there): {'; '.join(effects)}. To train a new "
+                    f"model of that shape, pass --config_name {source} (or --model_type {base_config.model_type}) and "
+                    f"--tokenizer_name instead of --model_name_or_path; to fine-tune the pretrained model, drop "
+                    f"{named} from --config_overrides")
+
+
+def _some(names, shown=2):
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
+def _reshaping_items(model_args, auto_class, base_config, base_shapes):
+    """(key, value, pretrained value) of the override items that change a weight's shape on their own (of all the
+    items that change a value, when only their combination does)."""
+    changed, reshaping = [], []
+    for key, value in parse_config_overrides(model_args.config_overrides).items():
+        single = copy.deepcopy(base_config)
+        single.update_from_string(f"{key}={value}")  # checked by load_config already
+        if getattr(single, key) == getattr(base_config, key):
+            continue
+        item = (key, value, getattr(base_config, key))
+        changed.append(item)
+        try:
+            shapes = _weight_shapes(auto_class, single, model_args)
+        except (ValueError, TypeError, RuntimeError, AssertionError, StrictDataclassError):
+            shapes = None  # it builds only with the other overrides
+        if shapes != base_shapes:
+            reshaping.append(item)
+    return reshaping or changed
 
 
 def _require_model_class(auto_class, config, model_args):
@@ -357,6 +443,9 @@ def build_model(model_args, config, tokenizer, auto_class, ipu_config):
     fit_config_to_tokenizer(config, tokenizer, model_args)
     model = load_model(model_args, config, auto_class)
     fit_embeddings_to_tokenizer(model, tokenizer)
+    # Logged once, as built: vocabulary size and token ids fitted to the tokenizer, --config_overrides applied.
+    overrides = f" (with --config_overrides {model_args.config_overrides})" if model_args.config_overrides else ""
+    logger.info("Model config%s: %s", overrides, model.config)
     num_layers = len(transformer_layers(model))
     ipu_config.eval().layer_stages(num_layers)
     ipu_config.train().layer_stages(num_layers)

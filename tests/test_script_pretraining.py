@@ -14,6 +14,14 @@ def pretraining_args(text_files, tokenizer_dir, output_dir, *extra):
     return script_args(text_files, tokenizer_dir, output_dir, "bert", TINY_BERT, "--max_seq_length", 64) + list(extra)
 
 
+def from_saved_pairs(argv):
+    """argv without --train_file and --validation_file: --dataset_path holds all the data and refuses them."""
+    for flag in ("--train_file", "--validation_file"):
+        at = argv.index(flag)
+        argv = argv[:at] + argv[at + 2:]
+    return argv
+
+
 def test_pretraining_from_raw_text_then_from_the_saved_pairs(text_files, wordpiece_tokenizer_dir, tmp_path):
     out, saved = tmp_path / "raw", tmp_path / "pairs"
     run_pretraining.main(pretraining_args(text_files, wordpiece_tokenizer_dir, out, "--do_train", "--do_eval",
@@ -34,14 +42,15 @@ def test_pretraining_from_raw_text_then_from_the_saved_pairs(text_files, wordpie
     assert max(len(ids) for ids in pairs["train"]["input_ids"]) <= 64
 
     again = tmp_path / "from_disk"
-    run_pretraining.main(pretraining_args(text_files, wordpiece_tokenizer_dir, again, "--do_train", "--max_steps",
-                                          "16", "--dataset_path", str(saved), "--pad_to_max_length"))
+    run_pretraining.main(from_saved_pairs(pretraining_args(text_files, wordpiece_tokenizer_dir, again, "--do_train",
+                                                           "--max_steps", "16", "--dataset_path", str(saved),
+                                                           "--pad_to_max_length")))
     assert logged_losses(again)[-1] < logged_losses(again)[0]
 
 
 @pytest.mark.parametrize("change, phrases", [
     (["--is_already_masked"], ["--is_already_masked", "--is_already_preprocessed"]),
-    (["--dataset_path", "nowhere"], ["--dataset_path", "nowhere"]),
+    (["--dataset_path", "nowhere"], ["--dataset_path nowhere does not exist"]),
     (["--streaming", "--max_steps", "2"], ["--streaming", "--is_already_preprocessed"]),
     (["--is_already_preprocessed"], ["next_sentence_label", "--is_already_preprocessed"]),
     (["--mlm_probability", "0"], ["--mlm_probability 0"]),
@@ -51,6 +60,8 @@ def test_pretraining_from_raw_text_then_from_the_saved_pairs(text_files, wordpie
 ])
 def test_pretraining_user_errors(change, phrases, text_files, wordpiece_tokenizer_dir, tmp_path, capsys):
     argv = pretraining_args(text_files, wordpiece_tokenizer_dir, tmp_path / "out", "--do_train", *change)
+    if "--dataset_path" in change:
+        argv = from_saved_pairs(argv)
     run_and_expect_user_error(run_pretraining.main, argv, capsys, *phrases)
 
 
@@ -80,8 +91,9 @@ def test_already_masked_pairs_are_padded_with_their_labels(text_files, wordpiece
     masked = tmp_path / "masked"
     pairs.map(mask_every_seventh).save_to_disk(str(masked))
     out = tmp_path / "out"
-    run_pretraining.main(pretraining_args(text_files, wordpiece_tokenizer_dir, out, "--do_train", "--do_eval",
-                                          "--max_steps", "4", "--dataset_path", str(masked), "--is_already_masked"))
+    run_pretraining.main(from_saved_pairs(pretraining_args(text_files, wordpiece_tokenizer_dir, out, "--do_train",
+                                                           "--do_eval", "--max_steps", "4", "--dataset_path",
+                                                           str(masked), "--is_already_masked")))
     metrics = results(out, "eval")
     assert metrics["perplexity"] == pytest.approx(math.exp(metrics["eval_mlm_loss"]))
     assert len(logged_losses(out)) == 2

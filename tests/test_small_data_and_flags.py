@@ -10,15 +10,27 @@ import huggingface_hub
 import huggingface_hub.constants
 import pytest
 import torch
-from transformers import AutoTokenizer, GPT2LMHeadModel
+import transformers
+from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertForPreTraining, GPT2LMHeadModel
 
 import run_clm
+import run_pretraining
 from ipu_train.loading import check_hub_access
 
-from .test_scripts_clm_mlm import clm_args, results, run_and_expect_user_error
-from .test_scripts_inputs import global_step, pretrained_gpt2, without  # noqa: F401 (a fixture)
+from .test_script_pretraining import from_saved_pairs, pretraining_args
+from .test_scripts_clm_mlm import TINY_BERT, clm_args, results, run_and_expect_user_error
+from .test_scripts_inputs import global_step, pretrained_args, pretrained_gpt2, without  # noqa: F401 (a fixture)
 
 BLOCK = 32  # clm_args' --block_size
+
+
+@pytest.fixture
+def no_loading_bar():
+    """transformers' "Loading weights" bar goes to stderr even with --disable_tqdm true: off, so that stderr holds
+    the error line alone."""
+    transformers.utils.logging.disable_progress_bar()
+    yield
+    transformers.utils.logging.enable_progress_bar()
 
 
 def expect_refused(main, argv, capsys, output_dir, *phrases):
@@ -100,6 +112,97 @@ def test_pad_on_batch_axis_still_needs_one_sample(text_files, bpe_tokenizer_dir,
     argv = clm_args(text_files, bpe_tokenizer_dir, out, "--do_train", "--max_train_samples", "0",
                     "--pad_on_batch_axis")
     expect_refused(run_clm.main, argv, capsys, out, "has 0 samples", "add data")
+
+
+# --- contradicting flags -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keep, extra, phrases", [
+    ("train", [], ["--dataset_path", "--train_file", "would be ignored", "drop --train_file"]),
+    ("validation", [], ["--validation_file", "drop --validation_file to train on the saved pairs"]),
+    ("both", [], ["--train_file", "and --validation_file"]),
+    ("none", ["--dataset_name", "wikitext"], ["--dataset_name wikitext", "would be ignored"]),
+    ("none", ["--save_preprocessed_dataset", "again"], ["--save_preprocessed_dataset again", "nothing to save",
+                                                         "drop --save_preprocessed_dataset"]),
+])
+def test_dataset_path_with_other_data_flags_is_refused(keep, extra, phrases, text_files, wordpiece_tokenizer_dir,
+                                                       tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = pretraining_args(text_files, wordpiece_tokenizer_dir, out, "--do_train", "--dataset_path",
+                            str(tmp_path / "pairs"), *extra)
+    if keep != "both":
+        argv = from_saved_pairs(argv) + ([f"--{keep}_file", str(text_files / f"{keep}.txt")] if keep != "none"
+                                         else [])
+    expect_refused(run_pretraining.main, argv, capsys, out, *phrases)
+
+
+@pytest.mark.parametrize("overrides, named, effect", [
+    ("n_layer=1", "--config_overrides n_layer=1 changes the shape", "2 there): 12 of its weights would be dropped"),
+    ("n_layer=3", "--config_overrides n_layer=3 changes", "12 of its weights would be new and untrained"),
+    ("n_embd=64", "--config_overrides n_embd=64 changes", "of another shape, so not loaded"),
+    ("activation_function=gelu,n_layer=1", "--config_overrides n_layer=1 changes", "dropped"),
+])
+def test_config_overrides_that_reshape_a_pretrained_model_are_refused(overrides, named, effect, text_files,
+                                                                     pretrained_gpt2, tmp_path, capsys,
+                                                                     no_loading_bar):
+    out = tmp_path / "out"
+    argv = pretrained_args(text_files, pretrained_gpt2, out, "--config_overrides", overrides)
+    line = expect_refused(run_clm.main, argv, capsys, out, named, effect, f"--config_name {pretrained_gpt2}",
+                          "--model_type gpt2", f"drop {named.split()[1]} from --config_overrides")
+    assert "activation_function" not in line  # the item that keeps every weight is not blamed
+
+
+@pytest.fixture(scope="module")
+def pretrained_bert_mlm(wordpiece_tokenizer_dir, tmp_path_factory):
+    """A tiny BERT with a masked-LM head only: pretraining adds the next-sentence head, untrained."""
+    folder = tmp_path_factory.mktemp("pretrained_bert_mlm")
+    torch.manual_seed(0)
+    values = dict(item.split("=") for item in TINY_BERT.split(","))
+    config = BertConfig(vocab_size=500, **{key: int(value) for key, value in values.items()})
+    BertForMaskedLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(wordpiece_tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
+def bert_args(text_files, pretrained, output_dir, overrides):
+    argv = pretraining_args(text_files, pretrained, output_dir, "--do_train", "--max_steps", "1")
+    argv = without(without(argv, "--model_type"), "--tokenizer_name")
+    return ["--model_name_or_path", str(pretrained), *without(argv, "--config_overrides"),
+            "--config_overrides", overrides]
+
+
+def test_overrides_on_a_checkpoint_without_the_nsp_head_blame_only_what_they_change(text_files, pretrained_bert_mlm,
+                                                                                  tmp_path, capsys, no_loading_bar):
+    """The NSP head is missing from the checkpoint with or without overrides: a dropout override trains, a layer
+    count override is refused for the layer it drops, not for the head."""
+    out = tmp_path / "dropout"
+    run_pretraining.main(bert_args(text_files, pretrained_bert_mlm, out, "hidden_dropout_prob=0.0"))
+    assert global_step(out) == 1
+    assert BertForPreTraining.from_pretrained(out).config.hidden_dropout_prob == 0.0
+
+    refused = tmp_path / "refused"
+    line = expect_refused(run_pretraining.main, bert_args(text_files, pretrained_bert_mlm, refused,
+                                                          "num_hidden_layers=1"), capsys, refused,
+                          "--config_overrides num_hidden_layers=1 changes the shape", "num_hidden_layers 2 there",
+                          "would be dropped", "--model_type bert")
+    assert "seq_relationship" not in line and "untrained" not in line
+
+
+# --- the config logged is the model's --------------------------------------------------------------------------------
+
+
+def test_the_logged_config_is_the_model_as_built(text_files, bpe_tokenizer_dir, tmp_path, caplog):
+    """GPT-2's default config says 50257 tokens; the model built for the 500-token tokenizer has 500: logged once,
+    after the model is built, with the overrides that made it."""
+    caplog.set_level("INFO")
+    run_clm.main(clm_args(text_files, bpe_tokenizer_dir, tmp_path / "out", "--do_eval"))
+    logged = [r.getMessage() for r in caplog.records if '"vocab_size"' in r.getMessage()]
+    assert len(logged) == 1
+    assert logged[0].startswith("Model config (with --config_overrides n_layer=2,n_embd=32")
+    assert '"vocab_size": 500' in logged[0] and '"n_layer": 2' in logged[0]
+    tokenizer = AutoTokenizer.from_pretrained(bpe_tokenizer_dir)
+    assert f'"eos_token_id": {tokenizer.eos_token_id}' in logged[0]
+    assert "50257" not in caplog.text and "50256" not in caplog.text
 
 
 # --- --push_to_hub ---------------------------------------------------------------------------------------------------
