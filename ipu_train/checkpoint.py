@@ -22,6 +22,9 @@ logger = logging.getLogger("ipu_train")
 MANIFEST_NAME = "checkpoint_manifest.json"
 STAGING_PREFIX = ".partial-"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# How to use a checkpoint's weights without resuming it: a new run, in another folder (in its own output_dir the
+# checkpoint would be resumed again).
+AFRESH = "start afresh from its weights with --model_name_or_path {folder} and another --output_dir"
 # Config keys that say how a model was loaded or run, not what it computes: a resume may differ in them.
 _RUNTIME_CONFIG_KEYS = {"transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype", "use_cache",
                         "_commit_hash", "_attn_implementation_autoset", "output_attentions",
@@ -42,9 +45,11 @@ def fingerprint(signature):
 
 
 def describe_geometry(geometry):
+    samples = geometry.get("train_samples")
     return (f"micro-batch {geometry['micro_batch']} x gradient accumulation {geometry['accumulation']} x replicas "
             f"{geometry['replicas']}, device iterations {geometry['device_iterations']}, "
-            f"{geometry['processes']} process(es)")
+            f"{geometry['processes']} process(es), {'a stream' if samples is None else f'{samples:,} samples'}"
+            f"{' padded' if geometry.get('pad_on_batch_axis') else ''}")
 
 
 # --- writing -----------------------------------------------------------------------------------------------------
@@ -85,6 +90,21 @@ def publish(staging, final):
     _fsync_dir(os.path.dirname(final) or ".")
     if aside is not None:
         remove(aside)
+
+
+def rotate(output_dir, limit, keep):
+    """--save_total_limit: at most `limit` complete checkpoints stay, always those in `keep` (the one just saved, the
+    best one), then the newest. Only complete checkpoints are counted or removed: an incomplete one never takes a
+    complete one's place."""
+    if not limit or limit <= 0:
+        return
+    keep = {os.path.abspath(path) for path in keep if path}
+    complete = [os.path.abspath(f) for f in checkpoints_in(output_dir) if incompleteness(f) is None]
+    others = [folder for folder in complete if folder not in keep]
+    room = max(limit - len(keep & set(complete)), 0)
+    for folder in others[room:]:
+        logger.info("Deleting older checkpoint %s (--save_total_limit %d)", folder, limit)
+        remove(folder)
 
 
 def remove(path):
@@ -167,7 +187,7 @@ def require_complete(folder, flag="--resume_from_checkpoint"):
     reason = incompleteness(folder)
     if reason is not None:
         raise UserError(f"{flag} {folder} is not a complete checkpoint: {reason}. Resume from an earlier "
-                        "checkpoint-N, or start afresh from its weights with --model_name_or_path")
+                        "checkpoint-N, or start afresh with another --output_dir")
     return folder
 
 
@@ -209,9 +229,10 @@ def agree(path):
     return chosen[0]
 
 
-def check_resumable(folder, signature, geometry):
+def check_resumable(folder, signature, geometry, ignore_data_skip=False):
     """The run must be the one the checkpoint was saved by: the same model and the same batch geometry (the data
-    position is counted in optimizer steps of that geometry)."""
+    position is counted in optimizer steps of that geometry); with --ignore_data_skip the data position is not used,
+    so another geometry only warns."""
     manifest = read_manifest(folder)
     if manifest["model_config"] != fingerprint(signature):
         saved, signature = manifest["model_signature"], json.loads(json.dumps(signature, default=str))
@@ -220,10 +241,13 @@ def check_resumable(folder, signature, geometry):
         raise UserError(f"{folder} was saved by another model ({'; '.join(differences[:4]) or 'its configuration'}"
                         "): resume with the same model flags, or pass --overwrite_output_dir to start afresh")
     if not manifest["resumable"]:
-        raise UserError(f"{folder} was saved with --save_only_model and holds no optimizer state: start afresh "
-                        "from its weights with --model_name_or_path")
+        raise UserError(f"{folder} was saved with --save_only_model and holds no optimizer state: "
+                        f"{AFRESH.format(folder=folder)}")
     if manifest["geometry"] != geometry:
-        raise UserError(f"{folder} was trained with {describe_geometry(manifest['geometry'])}; this run has "
-                        f"{describe_geometry(geometry)}: resume with the same batch flags and number of processes, or "
-                        "start afresh from its weights with --model_name_or_path")
+        message = (f"{folder} was trained with {describe_geometry(manifest['geometry'])}; this run has "
+                   f"{describe_geometry(geometry)}")
+        if not ignore_data_skip:
+            raise UserError(f"{message}: resume with the same batch flags, data and number of processes, pass "
+                            f"--ignore_data_skip to start its data afresh, or {AFRESH.format(folder=folder)}")
+        logger.warning("%s: --ignore_data_skip, so the data starts afresh", message)
     return manifest

@@ -187,7 +187,7 @@ def main_entry(main):
             print(f"error: {_first_line(err)}", file=sys.stderr)
             sys.exit(err.exit_code)
         except KeyboardInterrupt:
-            print("error: interrupted before training started; nothing was trained", file=sys.stderr)
+            print("error: interrupted (Ctrl-C); checkpoints saved before stay as they are", file=sys.stderr)
             sys.exit(128 + signal.SIGINT)
         finally:
             # Under torchrun: leave the process group cleanly, so that no rank aborts while another exits.

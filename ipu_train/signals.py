@@ -17,7 +17,8 @@ RELAY_WINDOW_SECONDS = 1.0
 class StopRequest:
     """Installed around the training loop (a context manager); `signal_number` is set once a stop is asked for."""
 
-    def __init__(self):
+    def __init__(self, then="stopping after the current group of steps, with a checkpoint"):
+        self.then = then  # what the run does when asked to stop, for the log
         self.signal_number = None
         self._first_at = None
         self._previous = {}
@@ -42,7 +43,6 @@ class StopRequest:
         now = time.monotonic()
         if self.signal_number is None:
             self.signal_number, self._first_at = number, now
-            logger.warning("%s received: stopping after the current group of steps, with a checkpoint. Send it "
-                           "again to stop at once.", signal.Signals(number).name)
+            logger.warning("%s received: %s. Send it again to stop at once.", signal.Signals(number).name, self.then)
         elif now - self._first_at > RELAY_WINDOW_SECONDS:
             os._exit(128 + number)

@@ -28,7 +28,7 @@ from transformers import Trainer
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_pt_utils import nested_concat, nested_numpify
 from transformers.trainer_utils import (PREFIX_CHECKPOINT_DIR, EvalLoopOutput, EvalPrediction, SaveStrategy,
-                                        TrainOutput, denumpify_detensorize, rotate_checkpoints)
+                                        TrainOutput, denumpify_detensorize)
 
 from .arguments import IPUTrainingArguments, fit_replication_to_world, load_ipu_config, replicas_per_process
 from . import checkpoint as ckpt
@@ -228,11 +228,11 @@ class IPUTrainer(Trainer):
         max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
         num_epochs = math.ceil(max_steps / steps_per_epoch)
 
-        geometry = self._geometry(layout)
+        geometry = self._geometry(layout, num_samples)
         self._model_signature = ckpt.model_signature(getattr(self.model, "config", None))  # before any patch
         manifest = None
         if checkpoint is not None:
-            manifest = ckpt.check_resumable(checkpoint, self._model_signature, geometry)
+            manifest = ckpt.check_resumable(checkpoint, self._model_signature, geometry, args.ignore_data_skip)
             if manifest["step"] >= max_steps:
                 raise UserError(f"{checkpoint} is at step {manifest['step']}, and this run ends at step {max_steps}: "
                                 "nothing is left to train. Raise --max_steps (or --num_train_epochs), or pass "
@@ -260,12 +260,10 @@ class IPUTrainer(Trainer):
 
         if args.compile_only:
             return self._compile_only(dataset, layout)
-        self.stopped_by_signal = None
+        self.stopped_by_signal = None  # the signal that stopped the run, agreed by every process
         with StopRequest() as stop:
-            output = self._training_loop(dataset, layout, steps_per_epoch, checkpoint, trial, ignore_keys_for_eval,
-                                         stop)
-        self.stopped_by_signal = stop.signal_number
-        return output
+            return self._training_loop(dataset, layout, steps_per_epoch, checkpoint, trial, ignore_keys_for_eval,
+                                       stop)
 
     def _resolve_checkpoint(self, resume_from_checkpoint):
         """A checkpoint named by the caller must be complete; True: the newest complete one in output_dir."""
@@ -279,10 +277,12 @@ class IPUTrainer(Trainer):
             return None
         return ckpt.require_complete(resume_from_checkpoint)
 
-    def _geometry(self, layout):
-        """What a checkpoint's data position is counted in: a resume must have the same."""
+    def _geometry(self, layout, num_samples):
+        """What a checkpoint's data position is counted in (optimizer steps of this batch layout, epochs of this many
+        samples): a resume must have the same."""
         return {"micro_batch": layout.micro_batch, "accumulation": layout.accumulation, "replicas": layout.replicas,
-                "device_iterations": layout.device_iterations, "processes": self.args.world_size}
+                "device_iterations": layout.device_iterations, "processes": self.args.world_size,
+                "train_samples": num_samples, "pad_on_batch_axis": bool(self.args.pad_on_batch_axis)}
 
     def _training_dataset(self):
         if self.train_dataset is None:
@@ -341,9 +341,10 @@ class IPUTrainer(Trainer):
         self.state.is_hyper_param_search = trial is not None
         self.state.train_batch_size = layout.step_samples
         self.state.compute_steps(self.args, max_steps)
-        if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
-            self.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
-            self._load_callback_state()
+        if checkpoint is not None:
+            with _loading(checkpoint):
+                self.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+                self._load_callback_state()
         self.state.init_training_references(self, max_steps, num_epochs, trial)
 
     def _log_training_plan(self, layout, num_samples, steps_per_epoch, max_steps):
@@ -370,7 +371,7 @@ class IPUTrainer(Trainer):
         self._loss_totals = totals  # what a checkpoint saves, so that a resumed run's train_loss covers the whole run
         self._status = {"stop_requested": False, "diverged": False, "ends_nonfinite": False}
         self._since_log = {"loss": 0.0, "finite": 0.0, "steps": 0}
-        self._earlier_runs_cleared = False
+        self._clear_earlier_runs(self._get_output_dir(trial=trial))
         self.control = self.callback_handler.on_train_begin(args, state, self.control)
         if args.eval_on_start:
             self._evaluate(trial, ignore_keys_for_eval, skip_scheduler=True)
@@ -382,7 +383,8 @@ class IPUTrainer(Trainer):
             batches = DeviceBatches(self._train_batches(dataset, layout, epoch, 0 if args.ignore_data_skip else done),
                                     self.backend.to_device)
             if rng_pending is not None:
-                self._load_rng_state(rng_pending)  # after the loader exists: dropout and masking resume exactly
+                with _loading(rng_pending):
+                    self._load_rng_state(rng_pending)  # after the loader exists: dropout and masking resume exactly
                 rng_pending = None
             self.control = self.callback_handler.on_epoch_begin(args, state, self.control)
             unread = None  # a quiet group whose sums are read once the next group is launched
@@ -405,20 +407,24 @@ class IPUTrainer(Trainer):
                     continue
                 grad_norm = self._read_group(result, totals, meter)
                 self._stop_if_diverged()
-                if self._status["stop_requested"]:  # a signal: save here and stop (every replica at this group)
+                if self._status["stop_requested"] and state.global_step < state.max_steps:
+                    # A signal: every process saves here and stops (a run already at its end just ends).
+                    self.stopped_by_signal = self._agreed_signal(stop.signal_number)
                     flags["should_save"] = self.control.should_training_stop = True
                 paused = time.perf_counter()
                 self._act_on(flags, grad_norm, trial, ignore_keys_for_eval, start_time)
                 meter.pause(time.perf_counter() - paused)
                 if self.control.should_epoch_stop or self.control.should_training_stop:
                     break
+            if self.stopped_by_signal is not None:  # saved: no end-of-epoch evaluation or save before exiting
+                break
             self.control = self.callback_handler.on_epoch_end(args, state, self.control)
             self._act_on({k: getattr(self.control, k) for k in _ACTIONS}, None, trial, ignore_keys_for_eval,
                          start_time)
             if self.control.should_training_stop:
                 break
-        if not self._earlier_runs_cleared:  # this run saved no checkpoint: those of an earlier run still go
-            self._clear_earlier_runs(self._get_output_dir(trial=trial))
+        if self._status["ends_nonfinite"]:
+            self._refuse_nonfinite("the loss of the last step was NaN or inf")
         return self._finalize_training(start_time, meter, totals)
 
     def _run_group(self, batches, n_steps, epoch, done, steps_per_epoch, stop):
@@ -468,15 +474,26 @@ class IPUTrainer(Trainer):
 
     def _stop_if_diverged(self):
         """Too many non-finite losses in a row: stop with one line, before any NaN weights are saved."""
-        if not self._status["diverged"]:
-            return
+        if self._status["diverged"]:
+            self._refuse_nonfinite(f"the loss was NaN or inf for {self.args.max_consecutive_nonfinite_steps} "
+                                   "optimizer steps in a row")
+
+    def _refuse_nonfinite(self, what):
         last, _ = ckpt.newest_complete(self.args.output_dir)
         kept = f"the last finite checkpoint, {last}, is kept" if last else "no checkpoint was saved"
         raise RunFailed(
-            f"training diverged: the loss was NaN or inf for {self.args.max_consecutive_nonfinite_steps} optimizer "
-            f"steps in a row, by step {self.state.global_step} (learning rate {self.backend.last_learning_rate:.3g}); "
-            f"{kept} and no final model is written. Lower --learning_rate (or raise --warmup_steps, set "
-            "--max_grad_norm), then rerun; --max_consecutive_nonfinite_steps 0 never stops")
+            f"training diverged: {what}, by step {self.state.global_step} (learning rate "
+            f"{self.backend.last_learning_rate:.3g}); {kept} and no final model is written. Lower --learning_rate "
+            "(or raise --warmup_steps, set --max_grad_norm), then rerun; --max_consecutive_nonfinite_steps 0 never "
+            "stops early")
+
+    def _agreed_signal(self, number):
+        """The signal number every process reports (only the processes that received one know it)."""
+        if self.args.world_size == 1:
+            return number
+        value = torch.tensor([float(number or 0)], device=self.args.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return int(value.item())
 
     def _group_follows(self, done, steps_per_epoch):
         """Whether another group of this epoch follows the one just run."""
@@ -669,10 +686,11 @@ class IPUTrainer(Trainer):
             self.ipu_config.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
 
     def _save_checkpoint(self, model, trial):
-        """`checkpoint-N`, complete or not at all (see checkpoint.py): written into a staging folder, flushed, given
-        its manifest and renamed into place. A failed write (a full disk) removes the staging folder, leaves every
-        earlier checkpoint as it was, and stops the run (exit code 1). Weights that follow a non-finite loss are not
-        saved: the last finite checkpoint stays the newest."""
+        """`checkpoint-N`, complete or not at all (see checkpoint.py): every process writes its files into a staging
+        folder; once all have, the main process gives it its manifest and renames it into place. A failed write (a
+        full disk) removes the staging folder, leaves every earlier checkpoint as it was, and stops the run (exit
+        code 1) on every process. Weights that follow a non-finite loss are not saved: the last finite checkpoint
+        stays the newest."""
         args, step = self.args, self.state.global_step
         if self._status["ends_nonfinite"]:
             logger.warning("Not saving checkpoint-%d: the loss of its last step was NaN or inf, so its weights may be "
@@ -681,34 +699,36 @@ class IPUTrainer(Trainer):
         run_dir = self._get_output_dir(trial=trial)
         final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
         staging = ckpt.staging_path(final)
+        self._agree_on_save(step, run_dir, staging, lambda: self._write_checkpoint(staging, run_dir, step))
+        self._agree_on_save(step, run_dir, staging, lambda: self._publish(staging, final, step))
         if args.should_save:
-            self._clear_earlier_runs(run_dir)
-        self._earlier_runs_cleared = True
-        self._barrier()
-        failure = None
-        try:
-            self._write_checkpoint(staging, run_dir, step)
-            if args.should_save:
-                ckpt.write_manifest(staging, step, self._model_signature, self._geometry_saved,
-                                    {key: self._loss_totals[key] for key in ("loss", "finite")},
-                                    resumable=not args.save_only_model)
-        except OSError as err:
-            failure = err
-        if self._any_process(failure is not None):
-            if args.should_save:
-                ckpt.remove(staging)
-            previous, _ = ckpt.newest_complete(run_dir)
-            reason = f"{failure.strerror or failure}" if failure is not None else "another process failed to write"
-            raise RunFailed(f"saving checkpoint-{step} in {run_dir} failed ({reason}); the partial checkpoint was "
-                            f"removed and {previous or 'no earlier checkpoint'} is untouched. Free space (or fix the "
-                            "folder), then rerun the same command to resume")
-        if args.should_save:
-            ckpt.publish(staging, final)
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
-        self._barrier()
+            ckpt.rotate(run_dir, args.save_total_limit, keep=(final, self.state.best_model_checkpoint))
         if args.push_to_hub:
             self._push_from_checkpoint(final)
+
+    def _agree_on_save(self, step, run_dir, staging, write):
+        """Run this process's part of a save; if it failed on any process, every process stops with one line."""
+        failure = None
+        try:
+            write()
+        except Exception as err:  # a full disk shows as OSError, torch's RuntimeError or safetensors' own error
+            failure = err
+        if not self._any_process(failure is not None):
+            return
+        if self.args.should_save:
+            ckpt.remove(staging)
+        previous, _ = ckpt.newest_complete(run_dir)
+        reason = " ".join(str(failure).split())[:200] if failure is not None else "another process failed to write"
+        raise RunFailed(f"saving checkpoint-{step} in {run_dir} failed ({reason}); the partial checkpoint was removed "
+                        f"and {previous or 'no earlier checkpoint'} is untouched. Free space (or fix the folder), then "
+                        "rerun the same command to resume")
+
+    def _publish(self, staging, final, step):
+        if self.args.should_save:
+            ckpt.write_manifest(staging, step, self._model_signature, self._geometry_saved,
+                                {key: self._loss_totals[key] for key in ("loss", "finite")},
+                                resumable=not self.args.save_only_model)
+            ckpt.publish(staging, final)
 
     def _write_checkpoint(self, folder, run_dir, step):
         """Every file of a checkpoint but its manifest: the model, optimizer, scheduler, scaler, each process's RNG
@@ -736,13 +756,12 @@ class IPUTrainer(Trainer):
             self.state.save_to_json(os.path.join(folder, "trainer_state.json"))
 
     def _clear_earlier_runs(self, run_dir):
-        """Once per run, before its first checkpoint: staging folders of saves that never finished go, and with
-        --overwrite_output_dir the checkpoints of earlier runs too (the one resumed from stays), so that a later
-        resume can never pick up another run's work."""
-        if self._earlier_runs_cleared:
-            return
-        for folder in ckpt.leftover_staging(run_dir):
-            ckpt.remove(folder)
+        """Before the first step: staging folders of saves that never finished go, and with --overwrite_output_dir
+        the checkpoints of earlier runs too (the one resumed from stays), so that a later resume can never pick up
+        another run's work, even when this one stops before its first save."""
+        if self.args.should_save:
+            for folder in ckpt.leftover_staging(run_dir):
+                ckpt.remove(folder)
         if getattr(self.args, "overwrite_output_dir", False) and self.args.should_save:
             resumed = os.path.abspath(self._resumed_from) if self._resumed_from else None
             earlier = [f for f in ckpt.checkpoints_in(run_dir) if os.path.abspath(f) != resumed]
@@ -751,7 +770,7 @@ class IPUTrainer(Trainer):
                             len(earlier), run_dir, ", ".join(os.path.basename(f) for f in earlier))
             for folder in earlier:
                 ckpt.remove(folder)
-        self._earlier_runs_cleared = True
+        self._barrier()
 
     def _barrier(self):
         if self.args.world_size > 1:

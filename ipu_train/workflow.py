@@ -14,6 +14,7 @@ from .loading import check_hub_access, column_names, perplexity, require_samples
 from .errors import UserError
 from .output_dir import check_writable
 from .script_args import ModelArguments
+from .signals import StopRequest
 
 logger = logging.getLogger("ipu_train")
 
@@ -126,9 +127,19 @@ def train_and_save(trainer, training_args, last_checkpoint, train_dataset):
         raise SystemExit(0)
     if trainer.stopped_by_signal is not None:
         trainer.save_state()
-        logger.warning("Stopped by signal %d at step %d: rerun the same command to resume from its checkpoint",
-                       trainer.stopped_by_signal, trainer.state.global_step)
+        step = trainer.state.global_step
+        then = (f"continue from its weights with --model_name_or_path {training_args.output_dir}/checkpoint-{step} "
+                "and another --output_dir (--save_only_model saves no optimizer state)" if training_args.save_only_model
+                else "rerun the same command to resume from its checkpoint")
+        logger.warning("Stopped by signal %d at step %d: %s", trainer.stopped_by_signal, step, then)
         raise SystemExit(128 + trainer.stopped_by_signal)
+    with StopRequest(then="saving the trained model first") as late:  # written whole, even when a signal comes now
+        _save_trained(trainer, train_dataset, result)
+    if late.requested:
+        logger.warning("Signal %d came after training had finished: the run completed", late.signal_number)
+
+
+def _save_trained(trainer, train_dataset, result):
     trainer.save_model()  # model, tokenizer and ipu_config.json, loadable with from_pretrained
     metrics = dict(result.metrics)
     if not isinstance(train_dataset, datasets.IterableDataset):
@@ -136,7 +147,6 @@ def train_and_save(trainer, training_args, last_checkpoint, train_dataset):
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
-    return metrics
 
 
 def evaluate_and_report(trainer, eval_dataset, loss_key="eval_loss"):

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -56,7 +57,7 @@ def test_a_checkpoint_is_renamed_into_place_with_a_manifest_of_its_files(uninter
     assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= set(
         manifest["files"])
     assert manifest["geometry"] == {"micro_batch": 4, "accumulation": 1, "replicas": 1, "device_iterations": 1,
-                                    "processes": 1}
+                                    "processes": 1, "train_samples": 738, "pad_on_batch_axis": False}
     assert ckpt.incompleteness(uninterrupted / "checkpoint-4") is None
 
 
@@ -112,9 +113,19 @@ def test_checkpoints_that_cannot_be_resumed_are_one_line_errors(text_files, bpe_
     other = [arg.replace("n_layer=2", "n_layer=3") for arg in base]
     code, line = run(other + ["--resume_from_checkpoint", str(source)], capsys)
     assert code == 2 and "was saved by another model (n_layer 2 there, 3 here)" in line
-    # Another batch geometry: the data position would be wrong.
+    # Another batch geometry, or other data: the data position would be wrong.
     code, line = resume(source, "--per_device_train_batch_size", "2")
     assert code == 2 and "micro-batch 4 x gradient accumulation 1" in line and "micro-batch 2" in line
+    assert "--ignore_data_skip" in line and f"--model_name_or_path {source} and another --output_dir" in line
+    code, line = resume(source, "--max_train_samples", "100")
+    assert code == 2 and "738 samples; this run has" in line and "100 samples" in line
+    # A corrupt trainer state of the right size.
+    trainer_state = source / "trainer_state.json"
+    state_text = trainer_state.read_bytes()
+    trainer_state.write_bytes(b"{" * len(state_text))
+    code, line = resume(source)
+    assert code == 2 and line.startswith(f"error: checkpoint {source} cannot be loaded")
+    trainer_state.write_bytes(state_text)
     # A corrupt file of the right size.
     optimizer.write_bytes(b"\0" * len(saved))
     code, line = resume(source)
@@ -165,6 +176,38 @@ def test_a_full_disk_stops_with_one_line_and_the_same_command_resumes(text_files
     assert logged_losses(out) == logged_losses(uninterrupted)
 
 
+def test_only_complete_checkpoints_count_for_the_save_total_limit(text_files, bpe_tokenizer_dir, uninterrupted,
+                                                                   tmp_path):
+    """An incomplete checkpoint of a higher step (an earlier run's, killed) must not push the complete ones out."""
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted / "checkpoint-8", out / "checkpoint-100")
+    (out / "checkpoint-100" / "model.safetensors").unlink()
+    shutil.copytree(uninterrupted / "checkpoint-2", out / "checkpoint-2")
+    run_clm.main(clm_args(text_files, bpe_tokenizer_dir, out, *steps(8), "--save_total_limit", "1"))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-100", "checkpoint-8"]
+    assert ckpt.newest_complete(out)[0] == str(out / "checkpoint-8")
+
+
+def test_a_nan_loss_at_the_end_writes_no_final_model(text_files, bpe_tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = clm_args(text_files, bpe_tokenizer_dir, out, *steps(6, save_steps=100))
+    args[args.index("--learning_rate") + 1] = "1e6"
+    code, line = run(args, capsys)
+    assert code == 1 and "the loss of the last step was NaN or inf, by step 6" in line
+    assert not (out / "model.safetensors").exists()
+
+
+def test_overwrite_removes_earlier_checkpoints_even_when_the_new_run_fails_early(text_files, bpe_tokenizer_dir,
+                                                                                 uninterrupted, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    args = clm_args(text_files, bpe_tokenizer_dir, out, *steps(8, save_steps=100), "--overwrite_output_dir")
+    args[args.index("--learning_rate") + 1] = "1e6"
+    code, line = run(args + ["--max_consecutive_nonfinite_steps", "3"], capsys)
+    assert code == 1 and "no checkpoint was saved" in line
+    assert not list(out.glob("checkpoint-*"))
+
+
 def test_a_diverging_run_stops_with_one_line_and_saves_no_nan_weights(text_files, bpe_tokenizer_dir, tmp_path,
                                                                       capsys):
     out = tmp_path / "out"
@@ -209,3 +252,37 @@ def test_failing_runs_create_no_output_dir(text_files, bpe_tokenizer_dir, tmp_pa
         code, line = run(clm_args(text_files, bpe_tokenizer_dir, out, *steps(2)) + extra, capsys)
         assert code == 2, (extra, line)
         assert not out.exists(), extra
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real file system that fills up: a tmpfs (needs root and mount permission; skipped elsewhere)."""
+    mount_point = tmp_path / "tmpfs"
+    mount_point.mkdir()
+
+    def mount(size, *options):
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join((*options, f"size={size}")), "tmpfs",
+                               str(mount_point)], capture_output=True, text=True)
+        return done.returncode == 0
+
+    if not mount(4096):
+        pytest.skip("a tmpfs cannot be mounted here (root with mount permission is needed)")
+    subprocess.run(["umount", str(mount_point)], check=True)
+    yield mount_point, mount
+    subprocess.run(["umount", str(mount_point)], capture_output=True)
+
+
+def test_a_really_full_disk_stops_with_one_line_and_the_same_command_resumes(text_files, bpe_tokenizer_dir,
+                                                                             uninterrupted, small_tmpfs, capsys):
+    mount_point, mount = small_tmpfs
+    checkpoint_bytes = sum(f.stat().st_size for f in (uninterrupted / "checkpoint-2").rglob("*") if f.is_file())
+    assert mount(int(checkpoint_bytes * 1.5))  # room for checkpoint-2, not for checkpoint-4 beside it
+    out = mount_point / "out"
+    command = clm_args(text_files, bpe_tokenizer_dir, out, *steps(8))
+    code, line = run(command, capsys)
+    assert code == 1 and line.startswith("error: saving checkpoint-4") and "checkpoint-2 is untouched" in line, line
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]
+    assert ckpt.incompleteness(out / "checkpoint-2") is None
+    assert mount("64m", "remount")  # space freed
+    assert run(command, capsys)[0] == 0
+    assert logged_losses(out) == logged_losses(uninterrupted)

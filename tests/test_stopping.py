@@ -69,17 +69,30 @@ def test_a_signal_saves_a_checkpoint_and_the_same_command_resumes_exactly(text_f
     assert logged_losses(out) == logged_losses(reference)
 
 
-def test_torchrun_replicas_stop_together_on_a_signal_and_resume(text_files, bpe_tokenizer_dir, tmp_path):
+def workers_of(launcher):
+    """The processes torchrun started (its children)."""
+    with open(f"/proc/{launcher.pid}/task/{launcher.pid}/children") as handle:
+        return [int(pid) for pid in handle.read().split()]
+
+
+@pytest.mark.parametrize("target", ["torchrun", "one worker"])
+def test_torchrun_replicas_stop_together_on_a_signal_and_resume(text_files, bpe_tokenizer_dir, tmp_path, target):
+    """torchrun relays a signal to every worker; a signal that reaches one worker only (a node's own supervisor)
+    stops them all at the same group too, since the request travels with the group's results."""
     out = tmp_path / "out"
     command = TORCHRUN + [str(REPO / "run_clm.py"), *long_run(text_files, bpe_tokenizer_dir, out)]
     process, lines = start_and_wait_for(command, "'loss'")
-    process.send_signal(signal.SIGTERM)  # torchrun relays it to both workers
+    if target == "torchrun":
+        process.send_signal(signal.SIGTERM)
+    else:
+        os.kill(workers_of(process)[-1], signal.SIGTERM)
     code, output = finish(process, lines, timeout=60)
     assert code != 0
     saved = ckpt.checkpoints_in(out)
     assert len(saved) == 1 and ckpt.incompleteness(saved[0]) is None, output[-3000:]
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(ckpt.read_manifest(saved[0])["files"])
-    assert output.count("Stopped by signal 15 at step") == 2  # each process stopped through the save, at one step
+    assert output.count("Stopped by signal 15 at step") == 2  # both processes stopped through the save, at one step
+    assert not (out / "model.safetensors").exists()
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=ENV)
     assert done.returncode == 0, done.stdout[-3000:]
     assert f"Resuming from {saved[0]}" in done.stdout
