@@ -20,7 +20,8 @@ from ipu_train.script_args import ModelArguments as SharedModelArguments
 from ipu_train.workflow import (columns_to_tokenize, evaluate_and_report, publish, select_splits, start,
                                 tokenize_and_group, train_and_save)
 
-logger = logging.getLogger(__name__)
+# The runtime's logger: one logger carries the whole run, which CaptureLogger(<script>.logger) sees.
+logger = logging.getLogger("ipu_train")
 
 
 @dataclass

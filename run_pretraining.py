@@ -29,7 +29,8 @@ from ipu_train.metrics import RunningPretrainingMetrics, pretraining_batch_stati
 from ipu_train.script_args import DataArguments
 from ipu_train.workflow import evaluate_and_report, publish, select_splits, start, train_and_save
 
-logger = logging.getLogger(__name__)
+# The runtime's logger: one logger carries the whole run, which CaptureLogger(<script>.logger) sees.
+logger = logging.getLogger("ipu_train")
 
 PAIR_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "next_sentence_label")
 MIN_PAIR_LENGTH = 5

@@ -198,14 +198,14 @@ def main_entry(main):
 
 
 def setup_logging(training_args):
-    """Hugging Face example-script logging: INFO on the main process, warnings elsewhere."""
+    """Hugging Face example-script logging: INFO on the main process, warnings elsewhere. The scripts and the runtime
+    share the "ipu_train" logger, so that each line is written once and `CaptureLogger(run_clm.logger)` sees them."""
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
                         datefmt="%m/%d/%Y %H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
     if training_args.should_log:  # --log_level defaults to "passive": INFO on the main process, as users expect
         transformers.utils.logging.set_verbosity_info()
     level = training_args.get_process_log_level()
-    for name in ("ipu_train", "__main__"):
-        logging.getLogger(name).setLevel(level)
+    logger.setLevel(level)
     datasets.utils.logging.set_verbosity(level)
     transformers.utils.logging.set_verbosity(level)
     transformers.utils.logging.enable_default_handler()
