@@ -1,5 +1,6 @@
 """IPUTrainingArguments: every `transformers.TrainingArguments` flag plus the IPU flags users of the IPU examples know,
 and `load_ipu_config`, which turns those flags into the one IPU configuration a run uses."""
+import json
 import logging
 import math
 import os
@@ -217,11 +218,12 @@ def load_ipu_config(training_args, model_name_or_path=None):
     from .config import IPUConfig
 
     args = training_args
+    found_with_model = None
     if args.ipu_config_name:
         logger.info("IPU configuration: %s (--ipu_config_name)", args.ipu_config_name)
         ipu_config = IPUConfig.from_pretrained(args.ipu_config_name)
     elif model_name_or_path and os.path.isfile(os.path.join(model_name_or_path, "ipu_config.json")):
-        logger.info("IPU configuration: %s/ipu_config.json (the model directory)", model_name_or_path)
+        found_with_model = os.path.join(model_name_or_path, "ipu_config.json")
         ipu_config = IPUConfig.from_pretrained(model_name_or_path)
     else:
         logger.info("IPU configuration: the defaults (no --ipu_config_name, no ipu_config.json with the model)")
@@ -246,7 +248,22 @@ def load_ipu_config(training_args, model_name_or_path=None):
     if args.device_type != "ipu":
         fit_replication_to_world(ipu_config, args.world_size)
     args.gradient_accumulation_steps = ipu_config.gradient_accumulation_steps
+    if found_with_model:
+        # Not asked for, yet it sets the batch arithmetic: a warning, visible with quieter logging too.
+        logger.warning("IPU configuration: %s, found in the model directory (no --ipu_config_name); with the flags "
+                       "applied: %s. --ipu_config_name or --ipu_config_overrides changes it", found_with_model,
+                       _key_settings(ipu_config))
     return ipu_config
+
+
+# The settings that decide the batch arithmetic, the pipeline layout and the cost of a step.
+KEY_SETTINGS = ("layers_per_ipu", "ipus_per_replica", "gradient_accumulation_steps", "device_iterations",
+                "replication_factor", "inference_device_iterations", "inference_replication_factor",
+                "recompute_checkpoint_every_layer")
+
+
+def _key_settings(ipu_config):
+    return ", ".join(f"{key}={json.dumps(getattr(ipu_config, key))}" for key in KEY_SETTINGS)
 
 
 def fit_replication_to_world(ipu_config, world_size):
