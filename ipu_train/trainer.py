@@ -609,7 +609,8 @@ class IPUTrainer(Trainer):
         ignore_keys = ignore_keys or getattr(getattr(self.model, "config", None), "keys_to_ignore_at_inference", [])
         model = self.model
         model.eval()
-        logger.info("***** Running %s *****  batch size = %d", description, args.per_device_eval_batch_size)
+        self._log_evaluation_plan(dataloader, description)
+        self.callback_handler.eval_dataloader = dataloader  # the length of transformers' progress bar
         sums = torch.zeros(3, device=self.backend.device)  # sum of batch loss x size, samples with a loss, samples
         host_preds = host_labels = None
         group_preds, group_labels = [], []
@@ -623,6 +624,8 @@ class IPUTrainer(Trainer):
             if isinstance(outputs, dict) and outputs.get("loss") is not None:
                 sums[0] += outputs["loss"].float() * size
                 sums[1] += size
+            # transformers' ProgressCallback draws the bar (main process, unless --disable_tqdm); evaluate() ends it.
+            self.control = self.callback_handler.on_prediction_step(args, self.state, self.control)
             if prediction_loss_only:
                 continue
             logits = _logits(outputs, ignore_keys)
@@ -664,6 +667,16 @@ class IPUTrainer(Trainer):
                    for k, v in metrics.items()}
         return EvalLoopOutput(predictions=host_preds, label_ids=host_labels, metrics=metrics,
                               num_samples=int(num_samples))
+
+    def _log_evaluation_plan(self, dataloader, description):
+        """transformers' evaluation header, in its words: the samples of all processes, the micro-batch size."""
+        num_examples = _num_examples(dataloader)
+        logger.info("***** Running %s *****", description)
+        if num_examples is None:
+            logger.info("  Num examples: Unknown")
+        else:
+            logger.info("  Num examples = %d", num_examples)
+        logger.info("  Batch size = %d", self.args.per_device_eval_batch_size)
 
     def _gather(self, arrays):
         """Concatenate every process's share in process order, which is the dataset order."""
@@ -816,6 +829,15 @@ def _loading(checkpoint):
 
 def _is_stream(dataset):
     return isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__")
+
+
+def _num_examples(dataloader):
+    """The samples an evaluation covers over all processes; None for a stream. A process's loader holds the whole
+    dataset and reads its share by index (PyTorch), or holds the share as a Subset of it (PopTorch)."""
+    dataset = getattr(dataloader, "dataset", None)
+    if isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return None if dataset is None or _is_stream(dataset) else len(dataset)
 
 
 def _chunked(rows, size):
