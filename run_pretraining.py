@@ -137,7 +137,7 @@ def load_pairs(data_args, model_args, training_args, tokenizer, max_seq_length):
             pairs[split] = split_documents.map(
                 build, batched=True, with_indices=True, remove_columns=column_names(split_documents),
                 num_proc=data_args.preprocessing_num_workers, load_from_cache_file=not data_args.overwrite_cache,
-                desc=f"next-sentence pairs ({split})")
+                desc="Building sentence pairs")
             if len(pairs[split]) == 0:
                 raise UserError(f"no sentence pair could be built from the {split} text ({len(split_documents)} "
                                 "documents): a pair needs a document of two sentences or more; add text")

@@ -87,10 +87,17 @@ def tokenize_and_group(raw_datasets, tokenize, columns, data_args, training_args
             logger.info("The data is already tokenized (input_ids column): grouping it into blocks only.")
             processed = raw_datasets.remove_columns([name for name in columns if name not in TOKEN_COLUMNS])
         else:
-            processed = raw_datasets.map(tokenize, batched=True, remove_columns=columns, **tokenize_options)
+            processed = raw_datasets.map(tokenize, batched=True, remove_columns=columns, **tokenize_options,
+                                         **_progress_label("Running tokenizer on dataset", data_args))
         if block_size is not None:
-            processed = processed.map(make_blocks, batched=True, **group_options)
+            processed = processed.map(make_blocks, batched=True, **group_options,
+                                      **_progress_label(f"Grouping texts in chunks of {block_size}", data_args))
     return processed
+
+
+def _progress_label(desc, data_args):
+    """The `desc` of a progress bar, as in Hugging Face's scripts; a stream is mapped as it is read, without one."""
+    return {} if data_args.streaming else {"desc": desc}
 
 
 def select_splits(lm_datasets, data_args, training_args, ipu_config, unit, fix):
