@@ -16,19 +16,41 @@ import datasets
 import torch
 import transformers
 import yaml
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
 from .errors import RunFailed, UserError
 
 logger = logging.getLogger("ipu_train")
 
+# --help's groups for the training arguments, in this order, after the script's model and data flags.
+TRAINING_GROUP = "IPU training (this project's flags, and the TrainingArguments flags it changes)"
+INHERITED_GROUP = "TrainingArguments (from transformers)"
+
 
 class ScriptArgumentParser(HfArgumentParser):
-    """HfArgumentParser whose errors are one line (no usage block) and exit code 2."""
+    """HfArgumentParser whose errors are one line (no usage block) and exit code 2, and whose --help shows the IPU
+    flags before the long list inherited from transformers' TrainingArguments."""
 
     def error(self, message):
         raise UserError(message)
+
+    def _add_dataclass_arguments(self, dtype):
+        """A TrainingArguments subclass's flags in two help groups: its own (new, then changed), then the inherited
+        ones. Each flag is built by HfArgumentParser as before: the groups only arrange --help and the usage."""
+        if not (isinstance(dtype, type) and issubclass(dtype, TrainingArguments)):
+            return super()._add_dataclass_arguments(dtype)
+        hints = typing.get_type_hints(dtype)
+        base = TrainingArguments.__dataclass_fields__  # a subclass shares the Field objects it does not redeclare
+        fields = [field for field in dataclasses.fields(dtype) if field.init]
+        new = [field for field in fields if field.name not in base]
+        changed = [field for field in fields if field.name in base and base[field.name] is not field]
+        inherited = [field for field in fields if base.get(field.name) is field]
+        for title, group_fields in ((TRAINING_GROUP, new + changed), (INHERITED_GROUP, inherited)):
+            group = self.add_argument_group(title)
+            for field in group_fields:
+                field.type = hints[field.name]  # as HfArgumentParser does before building a flag
+                self._parse_dataclass_field(group, field)
 
     def parse_script_args(self, argv=None):
         """Flags, or a single .json / .yaml / .yml file holding all of them (the Hugging Face convention)."""
