@@ -232,5 +232,6 @@ def setup_logging(training_args):
     transformers.utils.logging.set_verbosity(level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
-    if training_args.disable_tqdm:
+    if training_args.disable_tqdm:  # every bar: the data's, and transformers' own (loading weights)
         datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
