@@ -16,8 +16,7 @@ from transformers import DataCollatorForPermutationLanguageModeling
 from transformers.data.data_collator import pad_without_fast_tokenizer_warning
 
 from ipu_train.errors import UserError
-
-IGNORE_INDEX = -100  # label of positions the loss skips
+from ipu_train.pipeline.heads import IGNORE_INDEX
 
 
 # ----------------------------------------------------------------------------------------------- grouping

@@ -4,6 +4,8 @@ nothing is downloaded (unlike `evaluate.load("accuracy")`)."""
 import torch
 import torch.distributed as dist
 
+from .pipeline.heads import IGNORE_INDEX
+
 
 def argmax_predictions(logits, labels):
     """`preprocess_logits_for_metrics`: keep the argmax of the (first) logits tensor, drop the rest."""
@@ -34,7 +36,7 @@ class RunningAccuracy:
         preds, labels = torch.as_tensor(eval_pred.predictions), torch.as_tensor(eval_pred.label_ids)
         if self.shift:
             preds, labels = preds[..., :-1], labels[..., 1:]
-        counted = labels != -100
+        counted = labels != IGNORE_INDEX
         self.counts = self.counts + torch.stack([(preds.eq(labels) & counted).sum(), counted.sum()]).double()
         if not compute_result:
             return {}
@@ -49,7 +51,7 @@ def pretraining_batch_statistics(logits, labels):
     separate losses and accuracies can be reported without keeping logits."""
     prediction_logits, relationship_logits = logits[0], logits[1]
     mlm_labels, nsp_labels = labels
-    masked = mlm_labels != -100
+    masked = mlm_labels != IGNORE_INDEX
     token_logits = prediction_logits[masked].float()
     token_labels = mlm_labels[masked]
     nsp_logits = relationship_logits.float().view(-1, 2)

@@ -9,12 +9,12 @@ import logging
 import poptorch
 import torch
 
+from ..config import OUTPUT_MODES
+from ..pipeline.heads import loss_of
 from ..pipeline.stages import transformer_layers
 from .torch import GROUP_SUMS, GroupResult, HostBound
 
 logger = logging.getLogger("ipu_train")
-
-OUTPUT_MODES = {"all": "All", "sum": "Sum", "final": "Final", "default": "Default"}
 
 
 def build_options(ipu_config, *, training, compile_only=False):
@@ -32,7 +32,7 @@ def build_options(ipu_config, *, training, compile_only=False):
         opts.Training.accumulationAndReplicationReductionType(poptorch.ReductionType.Mean)
         if cfg.auto_loss_scaling:
             opts.Training.setAutomaticLossScaling(True)
-        opts.outputMode(getattr(poptorch.OutputMode, OUTPUT_MODES[cfg.output_mode]))
+        opts.outputMode(getattr(poptorch.OutputMode, cfg.output_mode.capitalize()))  # one of OUTPUT_MODES
         opts.setExecutionStrategy(poptorch.PipelinedExecution(poptorch.AutoStage.AutoIncrement))
     else:
         opts.outputMode(poptorch.OutputMode.All)
@@ -143,7 +143,7 @@ class PopTorchBackend:
         returns the group's mean loss, so a non-finite one counts every step of the group as non-finite."""
         batch = next(batches)
         outputs = self.training_model(**batch)
-        loss = _loss_of(outputs).float().mean()
+        loss = loss_of(outputs).float().mean()
         steps = 0
         for _ in range(n_steps):
             on_step_begin()
@@ -185,6 +185,3 @@ class PopTorchBackend:
     def read(self, pending):
         return pending.values()
 
-
-def _loss_of(outputs):
-    return outputs["loss"] if isinstance(outputs, dict) else outputs[0]

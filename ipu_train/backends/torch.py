@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from ..arguments import replicas_per_process
 from ..errors import UserError
 from ..optim import LAMB
-from ..pipeline.heads import enable_serialized_heads
+from ..pipeline.heads import enable_serialized_heads, loss_of
 from ..pipeline.recompute import enable_recompute
 
 logger = logging.getLogger("ipu_train")
@@ -345,7 +345,7 @@ class TorchBackend:
             with module.no_sync() if defer_all_reduce else contextlib.nullcontext():
                 with self.autocast():
                     outputs = module(**batch)
-                loss = _loss_of(outputs).float() / accumulation
+                loss = loss_of(outputs).float() / accumulation
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             step_loss += loss.detach()
             tokens += _input_tokens(batch)
@@ -369,7 +369,7 @@ class TorchBackend:
         self.train_module.train()
         for batch in micro_batches:
             with self.autocast():
-                loss = _loss_of(self.train_module(**self.to_device(batch))).float()
+                loss = loss_of(self.train_module(**self.to_device(batch))).float()
             loss.backward()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -420,9 +420,6 @@ def _without_full_attention_mask(batch):
         return {key: value for key, value in batch.items() if key != "attention_mask"}
     return batch
 
-
-def _loss_of(outputs):
-    return outputs["loss"] if isinstance(outputs, dict) else outputs[0]
 
 
 def _input_tokens(batch):

@@ -24,8 +24,13 @@ import types
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label of positions the loss skips (the collators write it, the metrics skip it)
 VOCAB_ALIGNMENT = 64
+
+
+def loss_of(outputs):
+    """The loss of a model's forward: a ModelOutput (or dict) holds it as "loss", a tuple first."""
+    return outputs["loss"] if isinstance(outputs, dict) else outputs[0]
 
 
 # ---------------------------------------------------------------------------------------------------- chunked loss
