@@ -19,7 +19,7 @@ from ipu_train.errors import UserError
 from ipu_train.loading import (build_model, load_config, load_raw_datasets, load_tokenizer, sequence_length,
                                texts)
 from ipu_train.metrics import RunningAccuracy, argmax_predictions
-from ipu_train.script_args import DataArguments
+from ipu_train.script_args import DataArguments, check_mlm_probability
 from ipu_train.workflow import (columns_to_tokenize, evaluate_and_report, publish, select_splits, start,
                                 tokenize_and_group, train_and_save)
 
@@ -42,8 +42,7 @@ class DataTrainingArguments(DataArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0 < self.mlm_probability < 1:
-            raise UserError(f"--mlm_probability {self.mlm_probability}: use a value between 0 and 1, e.g. 0.15")
+        check_mlm_probability(self.mlm_probability)
 
 
 @main_entry

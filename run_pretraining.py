@@ -26,7 +26,7 @@ from ipu_train.loading import (build_model, column_names, load_config, load_raw_
                                local_data_files, refuse_non_utf8, sequence_length, split_off_validation,
                                text_column)
 from ipu_train.metrics import RunningPretrainingMetrics, pretraining_batch_statistics
-from ipu_train.script_args import DataArguments
+from ipu_train.script_args import DataArguments, check_mlm_probability
 from ipu_train.workflow import evaluate_and_report, publish, select_splits, start, train_and_save
 
 # The runtime's logger: one logger carries the whole run, which CaptureLogger(<script>.logger) sees.
@@ -84,8 +84,7 @@ class DataTrainingArguments(DataArguments):
         if self.streaming and not self.is_already_preprocessed:
             raise UserError("--streaming needs --is_already_preprocessed data: building next-sentence pairs from raw "
                             "text draws random segments from the whole corpus")
-        if not 0 < self.mlm_probability < 1:
-            raise UserError(f"--mlm_probability {self.mlm_probability}: use a value between 0 and 1, e.g. 0.15")
+        check_mlm_probability(self.mlm_probability)
         for flag in ("short_seq_probability", "nsp_probability"):
             if not 0 <= getattr(self, flag) <= 1:
                 raise UserError(f"--{flag} {getattr(self, flag)}: use a probability between 0 and 1")

@@ -94,3 +94,9 @@ class DataArguments:
             raise UserError("--compile_only compiles the training step: add --do_train")
         if training_args.do_train and self.training_source() is None:
             raise UserError("--do_train needs --train_file or --dataset_name")
+
+
+def check_mlm_probability(mlm_probability):
+    """--mlm_probability of the masked-LM scripts (run_mlm.py, run_pretraining.py): a share strictly between 0 and 1."""
+    if not 0 < mlm_probability < 1:
+        raise UserError(f"--mlm_probability {mlm_probability}: use a value between 0 and 1, e.g. 0.15")
