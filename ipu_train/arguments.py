@@ -1,5 +1,6 @@
 """IPUTrainingArguments: every `transformers.TrainingArguments` flag plus the IPU flags users of the IPU examples know,
-and `load_ipu_config`, which turns those flags into the one IPU configuration a run uses."""
+and `load_ipu_config`, which turns those flags into the one IPU configuration a run uses (in the order
+`resolve_ipu_config` owns, which `python -m ipu_train.plan` uses too)."""
 import json
 import logging
 import math
@@ -210,30 +211,39 @@ def _resolve_device_type(requested):
     return requested
 
 
+def resolve_ipu_config(source, pod_type=None, n_ipu=None, overrides=None):
+    """An IPU configuration in the documented order, the one place that owns it: `source` (a directory holding
+    ipu_config.json, a .json file or a hub name; None for the defaults) -> `pod_type` (None resolves per-pod values to
+    their "default") -> `n_ipu` -> `overrides` ("key=value,..."). The training scripts (load_ipu_config) and
+    `python -m ipu_train.plan` both build theirs with it."""
+    from .config import IPUConfig
+
+    ipu_config = IPUConfig() if source is None else IPUConfig.from_pretrained(source)
+    ipu_config = ipu_config.for_pod_type(pod_type)
+    if n_ipu is not None:
+        ipu_config.apply_n_ipu(n_ipu)
+    if overrides:
+        ipu_config.update_from_string(overrides)
+    return ipu_config
+
+
 def load_ipu_config(training_args, model_name_or_path=None):
     """The IPU configuration of a run, built in the documented order: source (--ipu_config_name, else the model
     directory's ipu_config.json, else the defaults) -> --pod_type or --n_ipu -> --ipu_config_overrides ->
     --gradient_accumulation_steps / --gradient_checkpointing / --auto_loss_scaling -> seed = --seed.
     Under torchrun the replication factor follows the world size."""
-    from .config import IPUConfig
-
     args = training_args
     found_with_model = None
+    source = None
     if args.ipu_config_name:
         logger.info("IPU configuration: %s (--ipu_config_name)", args.ipu_config_name)
-        ipu_config = IPUConfig.from_pretrained(args.ipu_config_name)
+        source = args.ipu_config_name
     elif model_name_or_path and os.path.isfile(os.path.join(model_name_or_path, "ipu_config.json")):
         found_with_model = os.path.join(model_name_or_path, "ipu_config.json")
-        ipu_config = IPUConfig.from_pretrained(model_name_or_path)
+        source = model_name_or_path
     else:
         logger.info("IPU configuration: the defaults (no --ipu_config_name, no ipu_config.json with the model)")
-        ipu_config = IPUConfig()
-
-    ipu_config = ipu_config.for_pod_type(args.pod_type)  # None resolves per-pod values to their "default"
-    if args.n_ipu is not None:
-        ipu_config.apply_n_ipu(args.n_ipu)
-    if args.ipu_config_overrides:
-        ipu_config.update_from_string(args.ipu_config_overrides)
+    ipu_config = resolve_ipu_config(source, args.pod_type, args.n_ipu, args.ipu_config_overrides)
 
     command_line = []
     if args.gradient_accumulation_steps is not None:

@@ -85,18 +85,6 @@ def _positive(text):
     return int(text)
 
 
-def load_ipu_config(args):
-    """Source -> pod type -> --n_ipu -> overrides, the order the training scripts use."""
-    from .config import IPUConfig
-
-    ipu_config = IPUConfig.from_pretrained(args.ipu_config).for_pod_type(args.pod_type)
-    if args.n_ipu is not None:
-        ipu_config.apply_n_ipu(args.n_ipu)
-    if args.ipu_config_overrides:
-        ipu_config.update_from_string(args.ipu_config_overrides)
-    return ipu_config
-
-
 def shipped_size(ipu_config_source, model_type):
     """The size a shipped configuration's directory name stands for, when the model type is the one it was written
     for; a .json path counts by its directory."""
@@ -160,19 +148,19 @@ def build_model_skeleton(config, head=None):
 
 
 def render_plan(args) -> str:
+    from .arguments import resolve_ipu_config  # the training scripts' order: source -> pod type -> n_ipu -> overrides
     from .pipeline.stages import build_stage_plan, describe_batch
 
-    ipu_config = load_ipu_config(args)
+    ipu_config = resolve_ipu_config(args.ipu_config, args.pod_type, args.n_ipu, args.ipu_config_overrides)
     config, assumed = load_model_config(args)
     model = build_model_skeleton(config, args.head)
     subject = f"{assumed}: {type(model).__name__}" if assumed else type(model).__name__
     layouts = {}
-    for mode, prefix in (("train", ""), ("eval", "inference_")):
-        getattr(ipu_config, mode)()  # layout attributes read the inference_* values in eval mode
-        layout = f"{prefix}layers_per_ipu={ipu_config.layers_per_ipu}, {prefix}ipus_per_replica="
-        layouts[mode] = (f"{layout}{ipu_config.ipus_per_replica}", build_stage_plan(model, ipu_config))
-    ipu_config.train()
-    (training_layout, training), (inference_layout, inference) = layouts["train"], layouts["eval"]
+    for mode, prefix in (("training", ""), ("inference", "inference_")):
+        with ipu_config.in_mode(mode):  # layout attributes read the inference_* values in inference mode
+            layout = f"{prefix}layers_per_ipu={ipu_config.layers_per_ipu}, {prefix}ipus_per_replica="
+            layouts[mode] = (f"{layout}{ipu_config.ipus_per_replica}", build_stage_plan(model, ipu_config))
+    (training_layout, training), (inference_layout, inference) = layouts["training"], layouts["inference"]
     num_layers = sum(len(stage.layers) for stage in training.stages)
     lines = [
         f"IPU plan: {args.ipu_config} for {subject} ({num_layers} layers, "
