@@ -23,6 +23,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from ipu_train.cli import one_line_errors
 from ipu_train.errors import UserError
 
 KINDS = ("bpe", "wordpiece", "unigram")
@@ -175,14 +176,12 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@one_line_errors()
 def main(argv=None):
+    """Train and save the tokenizer, and return 0; a UserError is one `error:` line and exit code 2."""
     args = parse_args(argv)
-    try:
-        tokenizer = train_tokenizer(args.files, args.kind, args.vocab_size, args.output_dir, style=args.style,
-                                    model_max_length=args.model_max_length, min_frequency=args.min_frequency)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    tokenizer = train_tokenizer(args.files, args.kind, args.vocab_size, args.output_dir, style=args.style,
+                                model_max_length=args.model_max_length, min_frequency=args.min_frequency)
     print(f"saved a {len(tokenizer)}-token {args.kind} tokenizer to {args.output_dir}")
     return 0
 

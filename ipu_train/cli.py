@@ -1,5 +1,6 @@
 """What every script does around its own work: read flags (or one .json/.yaml file), set up logging, refuse an
 output directory that would be clobbered, and turn a user mistake into one line on stderr with exit code 2."""
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -12,7 +13,6 @@ import types
 import typing
 from argparse import ArgumentTypeError
 
-import datasets
 import torch
 import transformers
 import yaml
@@ -28,12 +28,17 @@ TRAINING_GROUP = "IPU training (this project's flags, and the TrainingArguments 
 INHERITED_GROUP = "TrainingArguments (from transformers)"
 
 
-class ScriptArgumentParser(HfArgumentParser):
-    """HfArgumentParser whose errors are one line (no usage block) and exit code 2, and whose --help shows the IPU
-    flags before the long list inherited from transformers' TrainingArguments."""
+class OneLineErrors:
+    """An argparse parser mixin: a flag mistake raises a UserError, which `one_line_errors` (and `main_entry`, built
+    on it) prints as one `error: ...` line with exit code 2 (no usage block)."""
 
     def error(self, message):
         raise UserError(message)
+
+
+class ScriptArgumentParser(OneLineErrors, HfArgumentParser):
+    """HfArgumentParser whose errors are one line (no usage block) and exit code 2, and whose --help shows the IPU
+    flags before the long list inherited from transformers' TrainingArguments."""
 
     def _add_dataclass_arguments(self, dtype):
         """A TrainingArguments subclass's flags in two help groups: its own (new, then changed), then the inherited
@@ -192,22 +197,31 @@ def _first_line(err):
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
+@contextlib.contextmanager
+def one_line_errors():
+    """Around a command (or, as `@one_line_errors()`, its main()): a UserError becomes `error: ...` on stderr and exit
+    code 2, a RunFailed (a full disk, a diverged run) the same with exit code 1; no traceback. The one place that
+    does it: the training scripts (through `main_entry`), `python -m ipu_train.plan` and train_tokenizer.py."""
+    try:
+        yield
+    except (UserError, RunFailed) as err:
+        print(f"error: {_first_line(err)}", file=sys.stderr)
+        sys.exit(err.exit_code)
+
+
 def main_entry(main):
-    """Decorate a script's main(): a UserError becomes `error: ...` on stderr and exit code 2, a RunFailed (a full
-    disk, a diverged run) the same with exit code 1, Ctrl-C outside training (which stops with a checkpoint) exit
-    code 130; no traceback."""
+    """Decorate a training script's main(): `one_line_errors`, plus Ctrl-C outside training (which stops with a
+    checkpoint) as exit code 130 with no traceback, and, under torchrun, a clean exit from the process group."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         distributed = torch.distributed.is_available()
         try:
-            result = main(*args, **kwargs)
-            if distributed and torch.distributed.is_initialized():
-                torch.distributed.barrier()  # every rank is done with the group before any leaves it
-            return result
-        except (UserError, RunFailed) as err:
-            print(f"error: {_first_line(err)}", file=sys.stderr)
-            sys.exit(err.exit_code)
+            with one_line_errors():
+                result = main(*args, **kwargs)
+                if distributed and torch.distributed.is_initialized():
+                    torch.distributed.barrier()  # every rank is done with the group before any leaves it
+                return result
         except KeyboardInterrupt:
             print("error: interrupted (Ctrl-C); checkpoints saved before stay as they are", file=sys.stderr)
             sys.exit(128 + signal.SIGINT)
@@ -222,6 +236,8 @@ def main_entry(main):
 def setup_logging(training_args):
     """Hugging Face example-script logging: INFO on the main process, warnings elsewhere. The scripts and the runtime
     share the "ipu_train" logger, so that each line is written once and `CaptureLogger(run_clm.logger)` sees them."""
+    import datasets  # here, not at the top: `python -m ipu_train.plan` and train_tokenizer.py load no datasets
+
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
                         datefmt="%m/%d/%Y %H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
     if training_args.should_log:  # --log_level defaults to "passive": INFO on the main process, as users expect

@@ -9,6 +9,7 @@ import os
 import sys
 from typing import NamedTuple
 
+from .cli import OneLineErrors, one_line_errors
 from .errors import UserError
 
 # The head each objective's script trains; other model types take the masked-LM head, else the causal-LM one.
@@ -50,7 +51,7 @@ _SHIPPED_SIZES = {
 
 
 def parse_args(argv=None):
-    parser = _OneLineErrors(prog="python -m ipu_train.plan", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m ipu_train.plan", description=__doc__.splitlines()[0])
     parser.add_argument("--ipu_config", "--ipu_config_name", dest="ipu_config", required=True,
                         help="a directory holding ipu_config.json, a .json file, or a hub name")
     model = parser.add_mutually_exclusive_group(required=True)
@@ -71,12 +72,8 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-class _OneLineErrors(argparse.ArgumentParser):
+class _Parser(OneLineErrors, argparse.ArgumentParser):
     """A flag mistake is one `error:` line and exit code 2, like the training scripts' (no usage block)."""
-
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def _positive(text):
@@ -188,13 +185,10 @@ def render_plan(args) -> str:
     return "\n".join(lines)
 
 
+@one_line_errors()
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        print(render_plan(args))
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    """Print the plan and return 0; a mistake (a flag, a key, a file) is one `error:` line and exit code 2."""
+    print(render_plan(parse_args(argv)))
     return 0
 
 

@@ -334,7 +334,9 @@ def test_plan_user_errors_are_one_line_and_exit_2(argv, message, capsys, monkeyp
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.chdir(ROOT)
-    assert main(argv) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("error: ") and captured.err.count("\n") == 1
