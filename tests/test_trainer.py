@@ -65,18 +65,23 @@ def test_one_epoch_runs_whole_groups_of_combined_batches(tmp_path, micro, accumu
 
 
 def test_max_steps_spans_epochs_with_a_new_order_each_epoch(tmp_path):
+    rows = token_rows(8)
+    index = {tuple(row["input_ids"]): i for i, row in enumerate(rows)}
     seen = []
 
-    def recording(rows):
-        seen.append(tuple(rows[0]["input_ids"][:3]))
-        return collate(rows)
+    def recording(batch_rows):
+        seen.append([index[tuple(row["input_ids"])] for row in batch_rows])
+        return collate(batch_rows)
 
     args = make_args(tmp_path, per_device_train_batch_size=2, max_steps=7)
-    trainer = make_trainer(tmp_path, token_rows(8), IPUConfig(device_iterations=2), args=args,
-                           data_collator=recording)
+    trainer = make_trainer(tmp_path, rows, IPUConfig(device_iterations=2), args=args, data_collator=recording)
     trainer.train()
     assert trainer.state.global_step == 7  # the last group is cut short at max_steps
-    assert len(seen) == 7 and seen[:4] != seen[4:] + seen[:1]  # epoch 2 is not epoch 1 replayed
+    # Each epoch reads the permutation drawn from seed + epoch, and epoch 2's is not epoch 1's replayed.
+    layout = BatchLayout(2, 1, 1, 2)
+    first, second = (layout.epoch_order(8, args.seed + epoch, pad=False) for epoch in (0, 1))
+    assert first[:6] != second[:6]  # seed 7 and 8 draw different orders: the check below can tell them apart
+    assert seen == [first[i:i + 2] for i in range(0, 8, 2)] + [second[i:i + 2] for i in range(0, 6, 2)]
     assert math.isclose(trainer.state.epoch, 7 / 4)
 
 
@@ -94,11 +99,39 @@ def test_replicas_split_each_combined_batch_without_overlap(micro, accumulation,
         assert all(len(part) == micro * accumulation for part in per_replica)
 
 
+@pytest.mark.parametrize("samples", [10, 3])
+def test_a_padded_epoch_is_completed_by_repeating_its_permutation(samples):
+    layout = BatchLayout(2, 2, 1, device_iterations=2)  # groups of 8 samples
+    order = layout.epoch_order(samples, seed=5, pad=True)
+    assert len(order) == 8 * -(-samples // 8)
+    assert sorted(order[:samples]) == list(range(samples))  # one shuffled pass first
+    assert order[samples:] == order[:len(order) - samples]  # then the same pass again, cut where the groups end
+    counts = [order.count(i) for i in range(samples)]
+    assert max(counts) - min(counts) <= 1  # every sample is read as often as any other, give or take one
+
+
 def test_resumed_sampler_starts_at_the_step_without_reading_earlier_batches():
     order = list(range(24))
     full = list(ReplicaBatchSampler(order, 2, 2, 2, rank=1))
     resumed = list(ReplicaBatchSampler(order, 2, 2, 2, rank=1, start_step=2))
     assert resumed == full[4:] and len(ReplicaBatchSampler(order, 2, 2, 2, 1, 2)) == len(resumed)
+
+
+def test_a_group_logs_the_mean_loss_of_its_window_and_the_grad_norm_of_its_last_step(tmp_path):
+    # The same four steps, logged at every step, then at the end of groups of two: a window's loss is the mean of
+    # its steps' losses (not their sum) and its grad_norm is the one of its last step (not the group's sum).
+    logs = {}
+    for name, iterations in (("every_step", 1), ("grouped", 2)):
+        args = make_args(tmp_path / name, max_steps=4, logging_steps=iterations, max_grad_norm=1.0)
+        trainer = make_trainer(tmp_path / name, token_rows(8), IPUConfig(device_iterations=iterations), args=args)
+        trainer.train()
+        logs[name] = [entry for entry in trainer.state.log_history if "loss" in entry and "grad_norm" in entry]
+    single, grouped = logs["every_step"], logs["grouped"]
+    assert [entry["step"] for entry in single] == [1, 2, 3, 4] and [entry["step"] for entry in grouped] == [2, 4]
+    assert len({entry["grad_norm"] for entry in single}) == 4  # distinct norms: a sum could not pass for the last
+    for window, entry in zip((single[:2], single[2:]), grouped):
+        assert math.isclose(entry["loss"], (window[0]["loss"] + window[1]["loss"]) / 2, rel_tol=1e-5)
+        assert math.isclose(entry["grad_norm"], window[1]["grad_norm"], rel_tol=1e-5)
 
 
 def test_too_few_samples_for_one_combined_batch_is_a_clear_error(tmp_path):

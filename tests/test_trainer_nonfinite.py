@@ -45,5 +45,8 @@ def test_a_window_of_nan_steps_logs_nan(tmp_path, nan_filter):
 def test_the_filter_keeps_the_finite_mean_and_can_be_turned_off(tmp_path):
     filtered = logged_losses(tmp_path / "on", logging_steps=2, nan_filter=True)
     assert len(filtered) == 2 and all(math.isfinite(loss) for loss in filtered)
+    # Each window of two steps holds one finite loss (steps 1 and 3): its mean is that loss, not half of it.
+    per_step = logged_losses(tmp_path / "each", logging_steps=1, nan_filter=True)
+    assert filtered == pytest.approx([per_step[0], per_step[2]], rel=1e-6)
     unfiltered = logged_losses(tmp_path / "off", logging_steps=2, nan_filter=False)
     assert len(unfiltered) == 2 and all(math.isnan(loss) for loss in unfiltered)
