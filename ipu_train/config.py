@@ -10,6 +10,7 @@ Stored values are what the user wrote: `None` in an `inference_*` field (or in `
 it", so that overriding `layers_per_ipu` also moves an inference layout that was never set. Reading an attribute
 gives the derived value; `to_dict()` gives the stored ones, which makes the round trip exact.
 """
+import contextlib
 import copy
 import difflib
 import json
@@ -17,13 +18,14 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union, get_args, get_origin
 
 from .errors import UserError
 
 logger = logging.getLogger("ipu_train")
 
 IPU_CONFIG_NAME = "ipu_config.json"
+MODES = ("training", "inference")
 POD_TYPES = ("pod4", "pod8", "pod16", "pod32", "pod64")
 OUTPUT_MODES = ("all", "sum", "final", "default")
 METADATA_KEYS = ("optimum_version", "transformers_version")
@@ -139,60 +141,52 @@ FLOAT_OR_LIST = _Kind(
 DICT = _Kind('a JSON object such as {"key": 1}', _to_dict, lambda text: json.loads(text))
 
 
-@dataclass(frozen=True)
-class _Field:
-    name: str
-    kind: _Kind
-    default: Any
-    optional: bool = False  # None is a value: "unset" (seed) or "derive from the training value" (inference_*)
-    null_is_default: bool = False  # older files wrote null for these; read it as the default
-    layout: bool = False  # in inference mode, reading `name` gives `inference_<name>`
+# The type a field is declared with -> its kind; Optional[...] makes null a value.
+_KINDS = {int: INT, bool: BOOL, str: STR, list[int]: INT_LIST, Union[float, list[float]]: FLOAT_OR_LIST, dict: DICT}
 
 
-def _fields():
-    layout_pairs = [
-        ("layers_per_ipu", INT_LIST, [-1]),
-        ("ipus_per_replica", INT, None),
-        ("matmul_proportion", FLOAT_OR_LIST, 0.2),
-        ("embedding_serialization_factor", INT, 1),
-        ("serialized_embedding_splits_per_ipu", INT_LIST, None),
-        ("projection_serialization_factor", INT, 1),
-        ("serialized_projection_splits_per_ipu", INT_LIST, None),
-        ("parallelize_kwargs", DICT, {}),
-    ]
-    fields = []
-    for name, kind, default in layout_pairs:
-        fields.append(
-            _Field(
-                name,
-                kind,
-                default,
-                optional=default is None,
-                null_is_default=name.endswith(("_factor", "_kwargs")),
-                layout=True,
-            )
-        )
-        fields.append(_Field(f"inference_{name}", kind, None, optional=True))
-    fields += [
-        _Field("replication_factor", INT, 1),
-        _Field("inference_replication_factor", INT, 1),
-        _Field("gradient_accumulation_steps", INT, 1),
-        _Field("device_iterations", INT, 1),
-        _Field("inference_device_iterations", INT, 1),
-        _Field("optimizer_state_offchip", BOOL, False),
-        _Field("replicated_tensor_sharding", BOOL, False),
-        _Field("enable_half_partials", BOOL, True),
-        _Field("recompute_checkpoint_every_layer", BOOL, False),
-        _Field("output_mode", STR, "final"),
-        _Field("seed", INT, None, optional=True),
-        _Field("auto_loss_scaling", BOOL, False),
-        _Field("executable_cache_dir", STR, ""),
-        _Field("explicit_ir_inference", BOOL, False),
-    ]
-    return {field.name: field for field in fields}
+def _kind_of(annotation) -> tuple:
+    """(kind, optional) for a field's declared type."""
+    args = get_args(annotation)
+    if get_origin(annotation) is Union and type(None) in args:
+        return _KINDS[Union[tuple(arg for arg in args if arg is not type(None))]], True
+    return _KINDS[annotation], False
 
 
-FIELDS = _fields()
+class Field:
+    """One key of ipu_config.json, declared on IPUConfig as `name: type = Field(default, doc)`. The declared type is
+    what files, code and overrides must give; Optional means null is a value ("unset", or "derive it" where
+    `derive` is given). Reading gives the derived value; an assignment checks this field alone, its type and range
+    (IPUConfig.validate checks the relations)."""
+
+    def __init__(self, default, doc: str, *, layout=False, null_is_default=False, derive=None):
+        self.default = default
+        self.__doc__ = doc
+        self.layout = layout  # in inference mode, reading or assigning `name` goes to `inference_<name>`
+        self.null_is_default = null_is_default  # older files wrote null for these; read it as the default
+        self.derive = derive  # config -> the value a stored None stands for
+
+    def __set_name__(self, owner, name):
+        self.name = name
+        self.kind, self.optional = _kind_of(owner.__annotations__[name])
+
+    def _target(self, obj) -> str:
+        if self.layout and obj._mode == "inference":
+            return f"inference_{self.name}"
+        return self.name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        return copy.deepcopy(obj._derived(self._target(obj)))
+
+    def __set__(self, obj, value):
+        name = self._target(obj)
+        value = _checked(FIELDS[name], value)
+        _check_field(name, value)
+        obj._values[name] = value
+
+
 COUNT_FIELDS = (
     "replication_factor",
     "inference_replication_factor",
@@ -238,7 +232,7 @@ def _is_field(key: str, where: str) -> bool:
     return True
 
 
-def _checked(field: _Field, value: Any) -> Any:
+def _checked(field: Field, value: Any) -> Any:
     """The value normalised to the field's declared type; per-pod dictionaries are checked entry by entry."""
     if value is None and field.null_is_default:
         return copy.deepcopy(field.default)
@@ -255,32 +249,69 @@ def _checked(field: _Field, value: Any) -> Any:
         ) from None
 
 
-class _Attribute:
-    """Descriptor: reads the derived value of a field (the inference variant in inference mode for layout fields);
-    an assignment checks that field alone, its type and range (see IPUConfig.validate for the relations)."""
-
-    def __init__(self, field: _Field):
-        self.field = field
-
-    def _target(self, obj) -> str:
-        if self.field.layout and obj._mode == "inference":
-            return f"inference_{self.field.name}"
-        return self.field.name
-
-    def __get__(self, obj, objtype=None):
-        if obj is None:
-            return self
-        return copy.deepcopy(obj._derived(self._target(obj)))
-
-    def __set__(self, obj, value):
-        name = self._target(obj)
-        value = _checked(FIELDS[name], value)
-        _check_field(name, value)
-        obj._values[name] = value
-
-
 class IPUConfig:
-    """The IPU configuration: `IPUConfig(**values)`, `IPUConfig.from_pretrained(path_or_hub_name, **overrides)`."""
+    """The IPU configuration: `IPUConfig(**values)`, `IPUConfig.from_pretrained(path_or_hub_name, **overrides)`.
+
+    The fields below are the keys of ipu_config.json, in the order it is written; any of them may instead hold a
+    per-pod dictionary ({"pod16": ..., "default": ...}) until `for_pod_type` resolves it."""
+
+    layers_per_ipu: list[int] = Field(
+        [-1], "layers on each IPU of a replica (one pipeline stage each); -1 shares out the remaining layers",
+        layout=True)
+    inference_layers_per_ipu: Optional[list[int]] = Field(
+        None, "layers_per_ipu for evaluation; null: layers_per_ipu",
+        derive=lambda config: config._values["layers_per_ipu"])
+    ipus_per_replica: Optional[int] = Field(
+        None, "IPUs one replica spans; null: the length of layers_per_ipu", layout=True,
+        derive=lambda config: len(config._values["layers_per_ipu"]))
+    inference_ipus_per_replica: Optional[int] = Field(
+        None, "ipus_per_replica for evaluation; null: the length of inference_layers_per_ipu, else ipus_per_replica",
+        derive=lambda config: config._default_inference_ipus_per_replica())
+    matmul_proportion: Union[float, list[float]] = Field(
+        0.2, "share of each IPU's memory for matmul temporaries: one float, or one per IPU", layout=True)
+    inference_matmul_proportion: Optional[Union[float, list[float]]] = Field(
+        None, "matmul_proportion for evaluation; null: matmul_proportion where it fits, else 0.2",
+        derive=lambda config: config._default_inference_matmul_proportion())
+    embedding_serialization_factor: int = Field(
+        1, "the word embedding computed in this many parts on one IPU", layout=True, null_is_default=True)
+    inference_embedding_serialization_factor: Optional[int] = Field(
+        None, "embedding_serialization_factor for evaluation; null: derived from the training embedding layout",
+        derive=lambda config: config._default_inference_factor("embedding"))
+    serialized_embedding_splits_per_ipu: Optional[list[int]] = Field(
+        None, "parts of the word embedding on each IPU (consecutive IPUs); null: not spread", layout=True)
+    inference_serialized_embedding_splits_per_ipu: Optional[list[int]] = Field(
+        None, "serialized_embedding_splits_per_ipu for evaluation; null: the training splits where they fit",
+        derive=lambda config: config._default_inference_splits("embedding"))
+    projection_serialization_factor: int = Field(
+        1, "the output projection computed in this many parts on one IPU", layout=True, null_is_default=True)
+    inference_projection_serialization_factor: Optional[int] = Field(
+        None, "projection_serialization_factor for evaluation; null: derived from the training projection layout",
+        derive=lambda config: config._default_inference_factor("projection"))
+    serialized_projection_splits_per_ipu: Optional[list[int]] = Field(
+        None, "parts of the output projection on each IPU (consecutive IPUs); null: not spread", layout=True)
+    inference_serialized_projection_splits_per_ipu: Optional[list[int]] = Field(
+        None, "serialized_projection_splits_per_ipu for evaluation; null: the training splits where they fit",
+        derive=lambda config: config._default_inference_splits("projection"))
+    parallelize_kwargs: dict = Field(
+        {}, "keyword arguments for the model's parallelisation", layout=True, null_is_default=True)
+    inference_parallelize_kwargs: Optional[dict] = Field(
+        None, "parallelize_kwargs for evaluation; null: parallelize_kwargs",
+        derive=lambda config: config._values["parallelize_kwargs"])
+    replication_factor: int = Field(1, "replicas trained data-parallel")
+    inference_replication_factor: int = Field(1, "replicas evaluating data-parallel")
+    gradient_accumulation_steps: int = Field(1, "micro-batches whose gradients make one optimizer step")
+    device_iterations: int = Field(1, "optimizer steps run per call from the host")
+    inference_device_iterations: int = Field(1, "evaluation batches run per call from the host")
+    optimizer_state_offchip: bool = Field(False, "keep the optimizer state in off-chip memory")
+    replicated_tensor_sharding: bool = Field(False, "shard the optimizer state over the replicas")
+    enable_half_partials: bool = Field(True, "accumulate matmul partial sums in half precision")
+    recompute_checkpoint_every_layer: bool = Field(
+        False, "recompute activations in the backward pass from a checkpoint at each layer")
+    output_mode: str = Field("final", "which results of a call return to the host: one of OUTPUT_MODES")
+    seed: Optional[int] = Field(None, "random seed of the device; null: unset")
+    auto_loss_scaling: bool = Field(False, "adjust the loss scale automatically (half-precision training)")
+    executable_cache_dir: str = Field("", "directory caching compiled executables; empty: no cache")
+    explicit_ir_inference: bool = Field(False, "compile evaluation with explicit IR")
 
     def __init__(self, **values):
         self._mode = "training"
@@ -415,16 +446,31 @@ class IPUConfig:
     def mode(self) -> str:
         return self._mode
 
+    @contextlib.contextmanager
+    def in_mode(self, mode: str):
+        """`with ipu_config.in_mode("inference"):` reads and writes the inference layout inside the block; the
+        previous mode comes back on exit, errors included."""
+        previous = self._mode
+        self._switch(mode)
+        try:
+            yield self
+        finally:
+            self._mode = previous
+
     def train(self) -> "IPUConfig":
-        """Training layout; validated, as the trainer and the plan switch mode before they read it."""
-        self.validate()
-        self._mode = "training"
-        return self
+        """Switch to the training layout for good (optimum-graphcore's API; `in_mode` switches for a block)."""
+        return self._switch("training")
 
     def eval(self) -> "IPUConfig":
-        """Inference layout; validated, as the trainer and the plan switch mode before they read it."""
+        """Switch to the inference layout for good (optimum-graphcore's API; `in_mode` switches for a block)."""
+        return self._switch("inference")
+
+    def _switch(self, mode: str) -> "IPUConfig":
+        # Validated, as the runtime switches mode before it reads the layout.
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
         self.validate()
-        self._mode = "inference"
+        self._mode = mode
         return self
 
     # --- what the runtime asks --------------------------------------------------------------------------------
@@ -468,7 +514,7 @@ class IPUConfig:
     def _derived(self, name: str):
         """The value a field stands for: stored, or derived from the training values when stored as None."""
         stored = self._values[name]
-        derive = _DERIVATIONS.get(name)
+        derive = FIELDS[name].derive
         if stored is not None or derive is None:
             return stored
         self._require_resolved()
@@ -565,6 +611,9 @@ class IPUConfig:
                 raise IPUConfigError(
                     f"{splits_name}={splits} has {len(splits)} entries but {ipus_name}={ipus}: give one entry per IPU"
                 )
+
+
+FIELDS = {name: field for name, field in vars(IPUConfig).items() if isinstance(field, Field)}  # in declared order
 
 
 def _alternatives(value) -> list:
@@ -691,7 +740,7 @@ class _ParseFailure:
     pass
 
 
-def _kind_accepts(field: _Field, value) -> bool:
+def _kind_accepts(field: Field, value) -> bool:
     try:
         field.kind.check(value)
     except (ValueError, TypeError):
@@ -738,22 +787,3 @@ def _download_from_hub(repo_id: str) -> str:
             f"IPU configuration '{repo_id}' is not a local path and the hub has no {IPU_CONFIG_NAME} for it "
             f"({type(error).__name__}): check the name"
         ) from None
-
-
-_DERIVATIONS = {
-    "ipus_per_replica": lambda config: len(config._values["layers_per_ipu"]),
-    "inference_layers_per_ipu": lambda config: config._values["layers_per_ipu"],
-    "inference_ipus_per_replica": IPUConfig._default_inference_ipus_per_replica,
-    "inference_matmul_proportion": IPUConfig._default_inference_matmul_proportion,
-    "inference_parallelize_kwargs": lambda config: config._values["parallelize_kwargs"],
-}
-for _layer in ("embedding", "projection"):
-    _DERIVATIONS[f"inference_serialized_{_layer}_splits_per_ipu"] = (
-        lambda config, layer=_layer: config._default_inference_splits(layer)
-    )
-    _DERIVATIONS[f"inference_{_layer}_serialization_factor"] = (
-        lambda config, layer=_layer: config._default_inference_factor(layer)
-    )
-
-for _name, _field in FIELDS.items():
-    setattr(IPUConfig, _name, _Attribute(_field))

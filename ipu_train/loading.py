@@ -447,8 +447,9 @@ def build_model(model_args, config, tokenizer, auto_class, ipu_config):
     overrides = f" (with --config_overrides {model_args.config_overrides})" if model_args.config_overrides else ""
     logger.info("Model config%s: %s", overrides, model.config)
     num_layers = len(transformer_layers(model))
-    ipu_config.eval().layer_stages(num_layers)
-    ipu_config.train().layer_stages(num_layers)
+    for mode in ("inference", "training"):  # the scripts check the inference layout first
+        with ipu_config.in_mode(mode):
+            ipu_config.layer_stages(num_layers)
     return model
 
 

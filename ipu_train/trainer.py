@@ -604,7 +604,7 @@ class IPUTrainer(Trainer):
                         metric_key_prefix="eval"):
         """Loss summed on the device and read once at the end; predictions (only when metrics need them) moved to
         the host once per inference_device_iterations batches."""
-        args, cfg = self.args, self.ipu_config.eval()
+        args, cfg = self.args, self.ipu_config
         prediction_loss_only = args.prediction_loss_only if prediction_loss_only is None else prediction_loss_only
         ignore_keys = ignore_keys or getattr(getattr(self.model, "config", None), "keys_to_ignore_at_inference", [])
         model = self.model
@@ -615,35 +615,36 @@ class IPUTrainer(Trainer):
         host_preds = host_labels = None
         group_preds, group_labels = [], []
         batch_metrics, metrics_finished = {}, False
-        for inputs, last in _with_last(dataloader):
-            inputs = self.backend.to_device(inputs)
-            outputs = self.backend.eval_outputs(model, inputs)
-            labels = _labels(inputs, self.label_names)
-            size = next(v for v in inputs.values() if torch.is_tensor(v)).shape[0]
-            sums[2] += size
-            if isinstance(outputs, dict) and outputs.get("loss") is not None:
-                sums[0] += outputs["loss"].float() * size
-                sums[1] += size
-            # transformers' ProgressCallback draws the bar (main process, unless --disable_tqdm); evaluate() ends it.
-            self.control = self.callback_handler.on_prediction_step(args, self.state, self.control)
-            if prediction_loss_only:
-                continue
-            logits = _logits(outputs, ignore_keys)
-            if self.preprocess_logits_for_metrics is not None and logits is not None:
-                logits = self.preprocess_logits_for_metrics(logits, labels)
-            if args.batch_eval_metrics:
-                if self.compute_metrics is not None:
-                    batch_metrics = self.compute_metrics(EvalPrediction(predictions=logits, label_ids=labels),
-                                                         compute_result=last)
-                    metrics_finished = last
-                continue
-            group_preds.append(logits)
-            group_labels.append(labels)
-            if len(group_preds) == cfg.inference_device_iterations or last:
-                host_preds = _append(host_preds, group_preds)
-                host_labels = _append(host_labels, group_labels)
-                group_preds, group_labels = [], []
-        self.ipu_config.train()
+        with cfg.in_mode("inference"):  # back to the previous mode on exit, errors included
+            for inputs, last in _with_last(dataloader):
+                inputs = self.backend.to_device(inputs)
+                outputs = self.backend.eval_outputs(model, inputs)
+                labels = _labels(inputs, self.label_names)
+                size = next(v for v in inputs.values() if torch.is_tensor(v)).shape[0]
+                sums[2] += size
+                if isinstance(outputs, dict) and outputs.get("loss") is not None:
+                    sums[0] += outputs["loss"].float() * size
+                    sums[1] += size
+                # transformers' ProgressCallback draws the bar (main process, unless --disable_tqdm); evaluate()
+                # ends it.
+                self.control = self.callback_handler.on_prediction_step(args, self.state, self.control)
+                if prediction_loss_only:
+                    continue
+                logits = _logits(outputs, ignore_keys)
+                if self.preprocess_logits_for_metrics is not None and logits is not None:
+                    logits = self.preprocess_logits_for_metrics(logits, labels)
+                if args.batch_eval_metrics:
+                    if self.compute_metrics is not None:
+                        batch_metrics = self.compute_metrics(EvalPrediction(predictions=logits, label_ids=labels),
+                                                             compute_result=last)
+                        metrics_finished = last
+                    continue
+                group_preds.append(logits)
+                group_labels.append(labels)
+                if len(group_preds) == cfg.inference_device_iterations or last:
+                    host_preds = _append(host_preds, group_preds)
+                    host_labels = _append(host_labels, group_labels)
+                    group_preds, group_labels = [], []
         if args.batch_eval_metrics and self.compute_metrics is not None and not (prediction_loss_only
                                                                                  or metrics_finished):
             # A process with nothing to evaluate (fewer samples than processes) still finishes the metric, which

@@ -6,8 +6,12 @@ import os
 import pytest
 
 from ipu_train import IPUConfig
+from ipu_train.arguments import IPUTrainingArguments
 from ipu_train.config import FIELDS, IPUConfigError
 from ipu_train.errors import UserError
+from ipu_train.trainer import IPUTrainer
+
+from ._trainer_fixtures import collate, tiny_gpt2, token_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "ipu_configs")
@@ -50,6 +54,12 @@ def test_every_attribute_has_its_documented_default():
     assert set(FIELDS) == set(CURRENT_DEFAULTS) | set(inference_variants)
 
 
+def test_every_field_is_declared_on_the_class_with_a_type_and_a_one_line_doc():
+    assert list(FIELDS) == [name for name in IPUConfig.__annotations__]
+    for name, field in FIELDS.items():
+        assert getattr(IPUConfig, name) is field and field.__doc__ and "\n" not in field.__doc__, name
+
+
 def test_inference_variants_follow_the_training_values_until_set():
     config = IPUConfig(layers_per_ipu=[0, 4, 4, 4], matmul_proportion=0.3, embedding_serialization_factor=2,
                        parallelize_kwargs={"use_cache": False})
@@ -78,6 +88,56 @@ def test_eval_mode_reads_and_writes_the_inference_layout():
     assert config.train().embedding_serialization_factor == 1
     assert config.layers_per_ipu == [0, 4, 4, 4]
 
+
+
+def test_in_mode_switches_for_a_block_and_restores_the_previous_mode_errors_included():
+    config = IPUConfig(layers_per_ipu=[0, 4, 4, 4], inference_layers_per_ipu=[7])
+    with config.in_mode("inference") as inside:
+        assert inside is config and config.mode == "inference" and config.layers_per_ipu == [7]
+        with config.in_mode("training"):
+            assert config.layers_per_ipu == [0, 4, 4, 4]
+        assert config.mode == "inference"
+    assert config.mode == "training"
+    with pytest.raises(IPUConfigError, match=r"^inference_layers_per_ipu=\[7\] places 7 layers"):
+        with config.in_mode("inference"):
+            config.layer_stages(12)
+    assert config.mode == "training"
+    config.eval()
+    with pytest.raises(KeyError):
+        with config.in_mode("training"):
+            raise KeyError
+    assert config.mode == "inference"
+
+
+def test_in_mode_validates_before_switching_and_refuses_an_unknown_mode():
+    config = IPUConfig(layers_per_ipu=[0, 4, 4, 4])
+    config.ipus_per_replica = 2
+    with pytest.raises(IPUConfigError, match="has 4 entries but ipus_per_replica=2"):
+        with config.in_mode("inference"):
+            pass
+    assert config.mode == "training"
+    with pytest.raises(ValueError, match="mode 'eval' is not one of training, inference"):
+        with IPUConfig().in_mode("eval"):
+            pass
+
+
+def test_evaluation_loop_raising_leaves_the_config_in_training_mode(tmp_path):
+    config = IPUConfig(inference_device_iterations=2)
+    modes = []
+
+    def failing_collator(rows):
+        modes.append(config.mode)
+        if len(modes) == 2:
+            raise RuntimeError("collator failed")
+        return collate(rows)
+
+    args = IPUTrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to="none",
+                                disable_tqdm=True, device_type="cpu")
+    trainer = IPUTrainer(model=tiny_gpt2(), ipu_config=config, args=args, data_collator=failing_collator,
+                         eval_dataset=token_rows(12))
+    with pytest.raises(RuntimeError, match="collator failed"):
+        trainer.evaluate()
+    assert modes == ["inference", "inference"] and config.mode == "training"
 
 def test_inference_ipus_per_replica_rules_of_the_original():
     assert IPUConfig(layers_per_ipu=[0, 4, 4, 4], inference_layers_per_ipu=[-1]).inference_ipus_per_replica == 1
