@@ -189,6 +189,17 @@ def test_whole_word_masking_masks_whole_words(request, documents, tokenizer_dir)
     assert not ((capped != -100) & (labels == -100)).any()
 
 
+def test_whole_words_fill_the_cap_exactly(bert):
+    # Every token its own word, nearly all of them chosen: each row keeps exactly `cap` words, up to the last that fits.
+    examples = synthetic_batch(bert, rows=32, max_len=40)
+    for example in examples:
+        example["word_ids"] = [None, *range(len(example["input_ids"]) - 2), None]
+    torch.manual_seed(6)
+    collator = DataCollatorForCappedMLM(bert, mlm_probability=0.9, whole_word_masking=True, max_masked_tokens=8)
+    masked = collator(examples)["labels"] != -100
+    assert masked.sum(1).tolist() == [8] * len(examples)
+
+
 def test_wordpiece_boundaries_without_word_ids(bert, documents):
     examples = tokenized_with_word_ids(bert, documents[:50])
     collator = DataCollatorForCappedMLM(bert, whole_word_masking=True)
