@@ -61,6 +61,18 @@ def test_a_checkpoint_is_renamed_into_place_with_a_manifest_of_its_files(uninter
     assert ckpt.incompleteness(uninterrupted / "checkpoint-4") is None
 
 
+@pytest.mark.parametrize("content, size", [(b"8 by", 4), (b"8 bytes!12345678", 16)])
+def test_a_file_whose_size_differs_from_the_manifest_makes_the_checkpoint_incomplete(tmp_path, content, size):
+    folder = tmp_path / "checkpoint-2"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"8 bytes!")
+    ckpt.write_manifest(str(folder), 2, {}, {}, {}, True)
+    assert ckpt.incompleteness(str(folder)) is None
+    # Cut short (a save that never finished) or grown (written over by another run): either way not that save.
+    (folder / "weights.bin").write_bytes(content)
+    assert ckpt.incompleteness(str(folder)) == f"weights.bin has {size} bytes, not the 8 it was saved with"
+
+
 @pytest.mark.parametrize("removed", [("trainer_state.json", "scheduler.pt", "rng_state.pth"), ("model.safetensors",)])
 def test_resume_skips_an_incomplete_newest_checkpoint(text_files, bpe_tokenizer_dir, uninterrupted, tmp_path, caplog,
                                                       removed):

@@ -270,6 +270,16 @@ def test_nsp_pairs_follow_the_bert_recipe():
     assert trimmed_front > 20 and trimmed_back > 20  # the longer segment loses tokens at either end
 
 
+def test_a_pair_without_another_document_to_draw_from_is_labelled_as_the_actual_next():
+    # One document: no random B can be drawn, so every pair takes its actual continuation and is labelled 0.
+    documents, where = synthetic_documents(count=1)
+    pairs = build_nsp_pairs(documents, 64, CLS, SEP, nsp_probability=0.9, seed=4)
+    assert len(pairs["next_sentence_label"]) >= 3 and set(pairs["next_sentence_label"]) == {0}
+    for input_ids, types in zip(pairs["input_ids"], pairs["token_type_ids"]):
+        tokens_a, tokens_b = split_pair(input_ids, types)
+        assert where[tokens_b[0]][1] > where[tokens_a[-1]][1]  # B follows A
+
+
 def test_nsp_pairs_are_deterministic_per_seed():
     documents, _ = synthetic_documents()
     assert build_nsp_pairs(documents, 64, CLS, SEP, seed=1) == build_nsp_pairs(documents, 64, CLS, SEP, seed=1)
