@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, default_data_collator
 
 from ipu_train import IPUTrainer
 from ipu_train.cli import main_entry
+from ipu_train.errors import UserError
 from ipu_train.loading import (build_model, load_config, load_raw_datasets, load_tokenizer, sequence_length,
                                texts)
 from ipu_train.metrics import RunningAccuracy, argmax_predictions
@@ -40,6 +41,9 @@ def main(argv=None):
 
     text, columns = columns_to_tokenize(raw_datasets, training_args)
     block_size = sequence_length(data_args.block_size, "--block_size", tokenizer, config)
+    if block_size < 2:  # a block of one token predicts nothing: every loss would be NaN
+        raise UserError(f"--block_size {block_size}: a causal LM block needs 2 tokens or more (the first has no "
+                        "context to be predicted from), e.g. 128")
 
     def tokenize(examples):
         # Documents are longer than a block until grouped: verbose=False silences the over-length warning.

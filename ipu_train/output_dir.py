@@ -8,6 +8,8 @@ from .errors import UserError
 
 def check_writable(output_dir):
     """`output_dir` must be a directory this process can write into, or a path one can be created at."""
+    if not output_dir or not output_dir.strip():
+        raise UserError("--output_dir is empty: name the directory to write the model and checkpoints to")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise UserError(f"--output_dir {output_dir} is a file, not a directory: choose another --output_dir")
     existing = _nearest_existing(os.path.abspath(output_dir))

@@ -79,6 +79,9 @@ class DataArguments:
     def __post_init__(self):
         if self.training_source() is None and self.validation_file is None:
             raise UserError("no data given: pass --dataset_name, or --train_file / --validation_file")
+        for flag in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, flag) is not None and getattr(self, flag) < 1:
+                raise UserError(f"--{flag} {getattr(self, flag)}: keep at least 1 sample, or drop the flag")
         for flag in ("train_file", "validation_file"):
             path = getattr(self, flag)
             if path is not None and path.rsplit(".", 1)[-1] not in TEXT_EXTENSIONS:

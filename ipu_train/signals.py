@@ -24,6 +24,7 @@ class StopRequest:
         self._previous = {}
 
     def __enter__(self):
+        self._pid = os.getpid()  # data-loader workers forked later inherit the handler: only this process logs
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
             for number in STOP_SIGNALS:
                 self._previous[number] = signal.signal(number, self._handle)
@@ -43,6 +44,8 @@ class StopRequest:
         now = time.monotonic()
         if self.signal_number is None:
             self.signal_number, self._first_at = number, now
-            logger.warning("%s received: %s. Send it again to stop at once.", signal.Signals(number).name, self.then)
+            if os.getpid() == self._pid:
+                logger.warning("%s received: %s. Send it again to stop at once.", signal.Signals(number).name,
+                               self.then)
         elif now - self._first_at > RELAY_WINDOW_SECONDS:
             os._exit(128 + number)

@@ -165,10 +165,13 @@ class IPUTrainer(Trainer):
         if args.device_type != "ipu":
             fit_replication_to_world(ipu_config, args.world_size)
         self.ipu_config = ipu_config
-        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
-                         callbacks=callbacks, optimizers=optimizers,
-                         preprocess_logits_for_metrics=preprocess_logits_for_metrics, **kwargs)
+        try:  # transformers checks the arguments here (e.g. save_strategy "best" needs --metric_for_best_model)
+            super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, processing_class=processing_class,
+                             compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
+                             preprocess_logits_for_metrics=preprocess_logits_for_metrics, **kwargs)
+        except ValueError as err:
+            raise UserError(" ".join(str(err).split())) from None
         self.eval_data_collator = eval_data_collator if eval_data_collator is not None else self.data_collator
         self._set_signature_columns_if_needed()  # from the model's own forward, before any patch of it
         for collator in (self.data_collator, self.eval_data_collator):  # columns a collator reads, the model not
@@ -345,6 +348,7 @@ class IPUTrainer(Trainer):
             with _loading(checkpoint):
                 self.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
                 self._load_callback_state()
+            self.state.compute_steps(self.args, max_steps)  # this run's --logging/eval/save_steps, not the saved ones
         self.state.init_training_references(self, max_steps, num_epochs, trial)
 
     def _log_training_plan(self, layout, num_samples, steps_per_epoch, max_steps):
@@ -527,8 +531,8 @@ class IPUTrainer(Trainer):
         if self.control.should_evaluate:
             metrics = self._evaluate(trial, ignore_keys_for_eval)
             is_new_best = self._determine_best_metric(metrics=metrics, trial=trial)
-            if self.args.save_strategy == "best":
-                self.control.should_save = is_new_best
+            if self.args.save_strategy == "best":  # a stop asked by a signal still saves
+                self.control.should_save = is_new_best or self.stopped_by_signal is not None
         if self.control.should_save:
             self._save_checkpoint(self.model_wrapped, trial)
             self.control = self.callback_handler.on_save(self.args, self.state, self.control)

@@ -137,7 +137,8 @@ def train_and_save(trainer, training_args, last_checkpoint, train_dataset):
         step = trainer.state.global_step
         then = (f"continue from its weights with --model_name_or_path {training_args.output_dir}/checkpoint-{step} "
                 "and another --output_dir (--save_only_model saves no optimizer state)" if training_args.save_only_model
-                else "rerun the same command to resume from its checkpoint")
+                else "rerun the same command without --overwrite_output_dir to resume from its checkpoint"
+                if training_args.overwrite_output_dir else "rerun the same command to resume from its checkpoint")
         logger.warning("Stopped by signal %d at step %d: %s", trainer.stopped_by_signal, step, then)
         raise SystemExit(128 + trainer.stopped_by_signal)
     with StopRequest(then="saving the trained model first") as late:  # written whole, even when a signal comes now

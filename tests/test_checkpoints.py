@@ -298,3 +298,24 @@ def test_a_really_full_disk_stops_with_one_line_and_the_same_command_resumes(tex
     assert mount("64m", "remount")  # space freed
     assert run(command, capsys)[0] == 0
     assert logged_losses(out) == logged_losses(uninterrupted)
+
+
+def test_late_found_mistakes_are_one_line(text_files, bpe_tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    for extra, phrase in ((["--block_size", "1"], "--block_size 1: a causal LM block needs 2 tokens or more"),
+                          (["--max_train_samples", "0"], "--max_train_samples 0: keep at least 1 sample"),
+                          (["--save_strategy", "best"], "metric_for_best_model")):
+        code, line = run(clm_args(text_files, bpe_tokenizer_dir, out, *steps(2)) + extra, capsys)
+        assert code == 2 and phrase in line, (extra, line)
+    code, line = run(clm_args(text_files, bpe_tokenizer_dir, "", *steps(2)), capsys)
+    assert code == 2 and "--output_dir is empty" in line
+
+
+def test_a_resume_takes_this_runs_logging_and_save_steps(text_files, bpe_tokenizer_dir, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted / "checkpoint-4", out / "checkpoint-4")
+    run_clm.main(clm_args(text_files, bpe_tokenizer_dir, out, "--do_train", "--max_steps", "10", "--save_steps", "3",
+                          "--logging_steps", "1"))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-4", "checkpoint-6",
+                                                                 "checkpoint-9"]
+    assert [e["step"] for e in state(out)["log_history"] if "loss" in e][-6:] == [5, 6, 7, 8, 9, 10]
