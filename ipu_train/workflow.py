@@ -11,7 +11,7 @@ from .checkpoint import resume_checkpoint
 from .cli import ScriptArgumentParser, setup_logging
 from .data import group_texts
 from .loading import check_hub_access, column_names, perplexity, require_samples, text_column
-from .errors import UserError
+from .errors import RunFailed, UserError
 from .output_dir import check_writable
 from .script_args import ModelArguments
 from .signals import StopRequest
@@ -142,7 +142,13 @@ def train_and_save(trainer, training_args, last_checkpoint, train_dataset):
         logger.warning("Stopped by signal %d at step %d: %s", trainer.stopped_by_signal, step, then)
         raise SystemExit(128 + trainer.stopped_by_signal)
     with StopRequest(then="saving the trained model first") as late:  # written whole, even when a signal comes now
-        _save_trained(trainer, train_dataset, result)
+        try:
+            _save_trained(trainer, train_dataset, result)
+        except (OSError, RuntimeError) as err:  # a full disk
+            raise RunFailed(f"saving the trained model in {training_args.output_dir} failed "
+                            f"({' '.join(str(err).split())[:200]}); its checkpoints are untouched and each loads with "
+                            "from_pretrained (one at the last step holds the trained model): free space, then rerun") \
+                from None
     if late.requested:
         logger.warning("Signal %d came after training had finished: the run completed", late.signal_number)
 

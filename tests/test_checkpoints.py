@@ -319,3 +319,18 @@ def test_a_resume_takes_this_runs_logging_and_save_steps(text_files, bpe_tokeniz
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-4", "checkpoint-6",
                                                                  "checkpoint-9"]
     assert [e["step"] for e in state(out)["log_history"] if "loss" in e][-6:] == [5, 6, 7, 8, 9, 10]
+
+
+def test_a_full_disk_at_the_final_save_is_one_line(text_files, bpe_tokenizer_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if str(path).endswith("training_args.bin") and "checkpoint" not in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    code, line = run(clm_args(text_files, bpe_tokenizer_dir, out, *steps(4)), capsys)
+    assert code == 1 and line.startswith(f"error: saving the trained model in {out} failed (")
+    assert "No space left on device" in line and ckpt.incompleteness(out / "checkpoint-4") is None
