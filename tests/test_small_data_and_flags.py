@@ -111,7 +111,7 @@ def test_pad_on_batch_axis_still_needs_one_sample(text_files, bpe_tokenizer_dir,
     out = tmp_path / "out"
     argv = clm_args(text_files, bpe_tokenizer_dir, out, "--do_train", "--max_train_samples", "0",
                     "--pad_on_batch_axis")
-    expect_refused(run_clm.main, argv, capsys, out, "has 0 samples", "add data")
+    expect_refused(run_clm.main, argv, capsys, out, "--max_train_samples 0: keep at least 1 sample")
 
 
 # --- contradicting flags -------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from ipu_train.arguments import IPUTrainingArguments
 from ipu_train.backends.torch import ReplicaBatchSampler
 from ipu_train.config import IPUConfig
+from ipu_train.errors import UserError
 from ipu_train.optim import LAMB
 from ipu_train.trainer import BatchLayout, IPUTrainer
 
@@ -363,7 +364,7 @@ def test_a_stream_trains_for_max_steps_over_several_passes_and_evaluates_every_r
                            args=args, data_collator=collator, eval_dataset=Stream(rows))
     assert trainer.train().global_step == 5
     assert collator.samples == 5 * 4  # 7 rows give one combined batch of 4 per pass: 5 passes
-    with pytest.raises(ValueError, match="max_steps"):  # transformers.Trainer refuses it at construction
+    with pytest.raises(UserError, match="max_steps"):  # transformers.Trainer refuses it at construction: one line
         make_trainer(tmp_path, Stream(rows), args=make_args(tmp_path)).train()
     streamed = trainer.evaluate()
     assert math.isclose(streamed["eval_loss"], trainer.evaluate(rows)["eval_loss"], rel_tol=1e-6)
