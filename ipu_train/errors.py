@@ -7,6 +7,12 @@ class UserError(Exception):
     exit_code = 2
 
 
+def one_line(err, limit=None):
+    """An exception's text on one line (at most `limit` characters), or its type's name when it has none."""
+    text = " ".join(str(err).split())[:limit]
+    return text or type(err).__name__
+
+
 class RunFailed(Exception):
     """The run could not go on (a full disk, a diverged loss). What was saved before stays as it was."""
 

@@ -33,7 +33,7 @@ from transformers.trainer_utils import (PREFIX_CHECKPOINT_DIR, EvalLoopOutput, E
 from .arguments import IPUTrainingArguments, fit_replication_to_world, load_ipu_config, replicas_per_process
 from . import checkpoint as ckpt
 from .backends.torch import TorchBackend, group_sums, peak_flops_per_second
-from .errors import RunFailed, UserError
+from .errors import RunFailed, UserError, one_line
 from .signals import StopRequest
 from .pipeline.stages import build_stage_plan, describe_batch
 
@@ -171,7 +171,7 @@ class IPUTrainer(Trainer):
                              compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
                              preprocess_logits_for_metrics=preprocess_logits_for_metrics, **kwargs)
         except ValueError as err:
-            raise UserError(" ".join(str(err).split())) from None
+            raise UserError(one_line(err)) from None
         self.eval_data_collator = eval_data_collator if eval_data_collator is not None else self.data_collator
         self._set_signature_columns_if_needed()  # from the model's own forward, before any patch of it
         for collator in (self.data_collator, self.eval_data_collator):  # columns a collator reads, the model not
@@ -493,11 +493,7 @@ class IPUTrainer(Trainer):
 
     def _agreed_signal(self, number):
         """The signal number every process reports (only the processes that received one know it)."""
-        if self.args.world_size == 1:
-            return number
-        value = torch.tensor([float(number or 0)], device=self.args.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return int(value.item())
+        return int(self._largest_over_processes(number or 0))
 
     def _group_follows(self, done, steps_per_epoch):
         """Whether another group of this epoch follows the one just run."""
@@ -736,7 +732,7 @@ class IPUTrainer(Trainer):
         if self.args.should_save:
             ckpt.remove(staging)
         previous, _ = ckpt.newest_complete(run_dir)
-        reason = " ".join(str(failure).split())[:200] if failure is not None else "another process failed to write"
+        reason = one_line(failure, 200) if failure is not None else "another process failed to write"
         raise RunFailed(f"saving checkpoint-{step} in {run_dir} failed ({reason}); the partial checkpoint was removed "
                         f"and {previous or 'no earlier checkpoint'} is untouched. Free space (or fix the folder), then "
                         "rerun the same command to resume")
@@ -795,12 +791,16 @@ class IPUTrainer(Trainer):
             dist.barrier()
 
     def _any_process(self, flag):
-        """Whether `flag` holds on any process (a host read; only around a save)."""
+        """Whether `flag` holds on any process."""
+        return self._largest_over_processes(float(flag)) > 0
+
+    def _largest_over_processes(self, value):
+        """The largest of every process's `value` (a host read: only around a save or a stop, never in a group)."""
         if self.args.world_size == 1:
-            return flag
-        value = torch.tensor([float(flag)], device=self.args.device)
-        dist.all_reduce(value)
-        return value.item() > 0
+            return value
+        tensor = torch.tensor([float(value)], device=self.args.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor.item()
 
     def _save_optimizer_and_scheduler(self, output_dir):
         # A sharded optimizer (replicated_tensor_sharding) gathers its state on the main process first, with every
@@ -828,7 +828,7 @@ def _loading(checkpoint):
     try:
         yield
     except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as err:
-        reason = " ".join(str(err).split())[:300] or type(err).__name__
+        reason = one_line(err, 300)
         raise UserError(f"checkpoint {checkpoint} cannot be loaded: {reason}") from None
 
 

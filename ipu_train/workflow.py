@@ -11,7 +11,7 @@ from .checkpoint import resume_checkpoint
 from .cli import ScriptArgumentParser, setup_logging
 from .data import group_texts
 from .loading import check_hub_access, column_names, perplexity, require_samples, text_column
-from .errors import RunFailed, UserError
+from .errors import RunFailed, UserError, one_line
 from .output_dir import check_writable
 from .script_args import ModelArguments
 from .signals import StopRequest
@@ -135,22 +135,29 @@ def train_and_save(trainer, training_args, last_checkpoint, train_dataset):
     if trainer.stopped_by_signal is not None:
         trainer.save_state()
         step = trainer.state.global_step
-        then = (f"continue from its weights with --model_name_or_path {training_args.output_dir}/checkpoint-{step} "
-                "and another --output_dir (--save_only_model saves no optimizer state)" if training_args.save_only_model
-                else "rerun the same command without --overwrite_output_dir to resume from its checkpoint"
-                if training_args.overwrite_output_dir else "rerun the same command to resume from its checkpoint")
-        logger.warning("Stopped by signal %d at step %d: %s", trainer.stopped_by_signal, step, then)
+        logger.warning("Stopped by signal %d at step %d: %s", trainer.stopped_by_signal, step,
+                       _how_to_continue(training_args, step))
         raise SystemExit(128 + trainer.stopped_by_signal)
     with StopRequest(then="saving the trained model first") as late:  # written whole, even when a signal comes now
         try:
             _save_trained(trainer, train_dataset, result)
         except (OSError, RuntimeError) as err:  # a full disk
             raise RunFailed(f"saving the trained model in {training_args.output_dir} failed "
-                            f"({' '.join(str(err).split())[:200]}); its checkpoints are untouched and each loads with "
+                            f"({one_line(err, 200)}); its checkpoints are untouched and each loads with "
                             "from_pretrained (one at the last step holds the trained model): free space, then rerun") \
                 from None
     if late.requested:
         logger.warning("Signal %d came after training had finished: the run completed", late.signal_number)
+
+
+def _how_to_continue(training_args, step):
+    """What to run after a signal stopped training at `step`."""
+    if training_args.save_only_model:
+        return (f"continue from its weights with --model_name_or_path {training_args.output_dir}/checkpoint-{step} "
+                "and another --output_dir (--save_only_model saves no optimizer state)")
+    if training_args.overwrite_output_dir:
+        return "rerun the same command without --overwrite_output_dir to resume from its checkpoint"
+    return "rerun the same command to resume from its checkpoint"
 
 
 def _save_trained(trainer, train_dataset, result):
