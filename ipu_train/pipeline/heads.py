@@ -15,7 +15,8 @@ For masked LM the prediction head (transform + decoder) runs only at the masked 
 on masked tokens per sequence keeps the shapes static (for compiled graphs and no host read of the mask count).
 
 `enable_serialized_heads(model, ipu_config)` patches one model instance so that its training forward with labels
-uses these heads; evaluation and calls without labels run the model's own forward unchanged.
+uses these heads; evaluation and calls without labels run the model's own forward unchanged. The training forwards,
+one per head class, live with their model families (families.py).
 """
 import functools
 import inspect
@@ -188,15 +189,17 @@ def enable_serialized_heads(model, ipu_config, max_predictions=None):
     and returns no logits (`logits=None`, `prediction_logits=None`; BERT pretraining keeps its NSP logits). In eval
     mode or without labels the model's own forward runs. Modules, parameters, tied weights and state_dict keys are
     untouched. `max_predictions` is the cap on masked tokens per sequence (static shapes); None means no cap.
-    A model already patched keeps its first patch. Returns False, patching nothing, for an architecture without a
-    serialized head here."""
+    A model already patched keeps its first patch. Returns False, patching nothing, for a class that no model family
+    serves with a training forward (families.py)."""
     if getattr(model, "_serialized_heads", False):
         return True
-    supported = _training_forward_for(model)
+    from .families import serialized_head_of  # the families' training forwards are built on this module's losses
+
+    head = serialized_head_of(model)
     original_function = getattr(model.forward, "__func__", None)
-    if supported is None or original_function is None:
+    if head is None or original_function is None:
         return False
-    training_forward, required_labels = supported
+    training_forward, required_labels = head.training_forward, head.labels
     n_chunks = serialization_factor(ipu_config)
     # Name the positional arguments by hand rather than with Signature.bind: torch.compile traces this cheaply.
     parameters = inspect.signature(model.forward).parameters.values()
@@ -227,79 +230,3 @@ def _has_training_labels(named, required_labels):
         return False
     logits_to_keep = named.get("logits_to_keep", 0)
     return isinstance(logits_to_keep, int) and logits_to_keep == 0
-
-
-def _training_forward_for(model):
-    """(training forward, the labels it needs), or None for an architecture without a serialized head here."""
-    from transformers import BertForMaskedLM, BertForPreTraining, GPT2LMHeadModel, RobertaForMaskedLM
-
-    if isinstance(model, GPT2LMHeadModel):
-        return _gpt2_training_forward, ("labels",)
-    if isinstance(model, BertForPreTraining):
-        return _bert_pretraining_training_forward, ("labels", "next_sentence_label")
-    if isinstance(model, BertForMaskedLM):
-        return _bert_mlm_training_forward, ("labels",)
-    if isinstance(model, RobertaForMaskedLM):
-        return _roberta_mlm_training_forward, ("labels",)
-    return None
-
-
-def _gpt2_training_forward(model, named, extra, n_chunks, max_predictions):
-    from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
-
-    labels = named.pop("labels")
-    named.pop("logits_to_keep", None)
-    outputs = model.transformer(**named, **extra)
-    shift_labels = extra.get("shift_labels")
-    if shift_labels is None:  # position t predicts token t+1; the last position predicts nothing
-        shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-    loss = chunked_lm_loss(outputs.last_hidden_state, model.lm_head.weight, shift_labels, n_chunks,
-                           bias=model.lm_head.bias, num_items_in_batch=extra.get("num_items_in_batch"))
-    # The transformer's other outputs (cache, hidden states, attentions) carry the same names in the LM output.
-    rest = {k: v for k, v in outputs.items() if k != "last_hidden_state"}
-    return CausalLMOutputWithCrossAttentions(loss=loss, logits=None, **rest)
-
-
-def _masked_lm_loss(encoder_outputs, labels, transform, decoder, n_chunks, max_predictions):
-    # Like the models' own CrossEntropyLoss(): a mean over masked tokens, whatever num_items_in_batch says.
-    return sparse_mlm_loss(encoder_outputs.last_hidden_state, labels, transform, decoder.weight, decoder.bias,
-                           max_predictions=max_predictions, n_chunks=n_chunks)
-
-
-def _bert_mlm_training_forward(model, named, extra, n_chunks, max_predictions):
-    from transformers.modeling_outputs import MaskedLMOutput
-
-    labels = named.pop("labels")
-    outputs = model.bert(**named, **extra, return_dict=True)
-    head = model.cls.predictions
-    loss = _masked_lm_loss(outputs, labels, head.transform, head.decoder, n_chunks, max_predictions)
-    return MaskedLMOutput(loss=loss, logits=None, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
-
-
-def _bert_pretraining_training_forward(model, named, extra, n_chunks, max_predictions):
-    from transformers.models.bert.modeling_bert import BertForPreTrainingOutput
-
-    labels, next_sentence_label = named.pop("labels"), named.pop("next_sentence_label")
-    outputs = model.bert(**named, **extra, return_dict=True)
-    head = model.cls.predictions
-    mlm_loss = _masked_lm_loss(outputs, labels, head.transform, head.decoder, n_chunks, max_predictions)
-    nsp_logits = model.cls.seq_relationship(outputs.pooler_output)
-    nsp_loss = F.cross_entropy(nsp_logits.view(-1, 2), next_sentence_label.view(-1))
-    return BertForPreTrainingOutput(loss=mlm_loss + nsp_loss, prediction_logits=None,
-                                    seq_relationship_logits=nsp_logits, hidden_states=outputs.hidden_states,
-                                    attentions=outputs.attentions)
-
-
-def _roberta_mlm_training_forward(model, named, extra, n_chunks, max_predictions):
-    from transformers.modeling_outputs import MaskedLMOutput
-    from transformers.models.roberta.modeling_roberta import gelu
-
-    labels = named.pop("labels")
-    outputs = model.roberta(**named, **extra, return_dict=True)
-    head = model.lm_head
-
-    def transform(x):  # RobertaLMHead.forward without its decoder
-        return head.layer_norm(gelu(head.dense(x)))
-
-    loss = _masked_lm_loss(outputs, labels, transform, head.decoder, n_chunks, max_predictions)
-    return MaskedLMOutput(loss=loss, logits=None, hidden_states=outputs.hidden_states, attentions=outputs.attentions)

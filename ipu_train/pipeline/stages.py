@@ -9,19 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UserError
-
-# Where the repeated blocks live, by architecture; anything else falls back to the longest ModuleList.
-_KNOWN_LAYER_PATHS = (
-    "transformer.h",  # GPT-2 with a head
-    "h",  # GPT2Model
-    "bert.encoder.layer",
-    "roberta.encoder.layer",
-    "encoder.layer",  # BertModel, RobertaModel
-    "distilbert.transformer.layer",
-    "transformer.layer",  # DistilBertModel, XLNet with a head
-    "layer",  # XLNetModel
-)
-_ALBERT_GROUP_PATHS = ("albert.encoder.albert_layer_groups", "encoder.albert_layer_groups")
+from .families import family_layers
 
 
 @dataclass
@@ -140,18 +128,11 @@ def describe_batch(ipu_config, micro_batch: int, inference_micro_batch: int = No
 
 
 def _find_layers(model):
-    """(path of the layer container, the layers as a ModuleList)."""
-    for path in _ALBERT_GROUP_PATHS:
-        groups = _get(model, path)
-        if isinstance(groups, torch.nn.ModuleList):
-            num_layers = model.config.num_hidden_layers
-            per_group = num_layers / model.config.num_hidden_groups
-            # transformers' AlbertTransformer runs group int(i / (layers / groups)) for layer i.
-            return path, torch.nn.ModuleList([groups[int(i / per_group)] for i in range(num_layers)])
-    for path in _KNOWN_LAYER_PATHS:
-        layers = _get(model, path)
-        if isinstance(layers, torch.nn.ModuleList) and len(layers):
-            return path, layers
+    """(path of the layer container, the layers as a ModuleList): where the model's family keeps them, else the
+    longest ModuleList."""
+    known = family_layers(model)
+    if known is not None:
+        return known
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
     if not lists:
         raise UserError(
@@ -160,14 +141,6 @@ def _find_layers(model):
         )
     name, layers = max(lists, key=lambda item: len(item[1]))
     return name, layers
-
-
-def _get(module, path):
-    for part in path.split("."):
-        module = getattr(module, part, None)
-        if module is None:
-            return None
-    return module
 
 
 def _holders(model, layer_ids):
@@ -195,7 +168,7 @@ def _holders(model, layer_ids):
 def _registered_after(model, container_path):
     """Names of the modules registered after the layer container in its parent: they run after the last layer."""
     parent_path, _, container_name = container_path.rpartition(".")
-    parent = _get(model, parent_path) if parent_path else model
+    parent = model.get_submodule(parent_path)
     names = [name for name, _ in parent.named_children()]
     if container_name not in names:
         return set()
