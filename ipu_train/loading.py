@@ -17,6 +17,7 @@ from huggingface_hub.errors import HFValidationError, StrictDataclassError
 from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer
 
 from .errors import UserError
+from .pipeline.families import position_offset
 from .pipeline.stages import transformer_layers
 
 logger = logging.getLogger("ipu_train")
@@ -474,13 +475,12 @@ def fit_embeddings_to_tokenizer(model, tokenizer):
 
 
 def max_positions(config):
-    """Longest sequence the model can take. RoBERTa-style models offset positions by padding_idx + 1."""
+    """Longest sequence the model can take: its position embeddings, less those before the first token's (RoBERTa's
+    padding_idx + 1)."""
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if positions is None or positions <= 0:  # relative-position models such as XLNet (whose config says -1)
         return None
-    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert", "longformer"):
-        positions -= getattr(config, "pad_token_id", 1) + 1
-    return positions
+    return positions - position_offset(config)
 
 
 def sequence_length(requested, flag, tokenizer, config, default=1024):

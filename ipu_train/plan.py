@@ -7,47 +7,9 @@ The model is built from its configuration on the meta device: no weights are dow
 import argparse
 import os
 import sys
-from typing import NamedTuple
 
 from .cli import OneLineErrors, one_line_errors
 from .errors import UserError
-
-# The head each objective's script trains; other model types take the masked-LM head, else the causal-LM one.
-_DEFAULT_HEADS = {"bert": "pretraining", "xlnet": "causal-lm", "gpt2": "causal-lm"}
-
-
-class _Size(NamedTuple):
-    model_type: str
-    name: str
-    sizes: dict
-
-
-# The checkpoint each shipped ipu_configs/<name> was written for, with its published Hugging Face sizes. A bare
-# --model_type would otherwise plan the library's default size, which for XLNet is large and for ALBERT xxlarge.
-# Keyed by directory name: ipu_config.json refuses unknown keys, so it cannot say this itself.
-_SHIPPED_SIZES = {
-    "bert-base": _Size("bert", "BERT base (bert-base-uncased)", dict(
-        vocab_size=30522, num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072)),
-    "bert-large": _Size("bert", "BERT large (bert-large-uncased)", dict(
-        vocab_size=30522, num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, intermediate_size=4096)),
-    "roberta-base": _Size("roberta", "RoBERTa base (roberta-base)", dict(
-        vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
-        num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072)),
-    "roberta-large": _Size("roberta", "RoBERTa large (roberta-large)", dict(
-        vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
-        num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, intermediate_size=4096)),
-    "gpt2": _Size("gpt2", "GPT-2 small (gpt2)", dict(
-        vocab_size=50257, n_positions=1024, n_layer=12, n_embd=768, n_head=12)),
-    "gpt2-medium": _Size("gpt2", "GPT-2 medium (gpt2-medium)", dict(
-        vocab_size=50257, n_positions=1024, n_layer=24, n_embd=1024, n_head=16)),
-    "distilbert-base": _Size("distilbert", "DistilBERT base (distilbert-base-uncased)", dict(
-        vocab_size=30522, n_layers=6, dim=768, n_heads=12, hidden_dim=3072)),
-    "xlnet-base": _Size("xlnet", "XLNet base (xlnet-base-cased)", dict(
-        vocab_size=32000, n_layer=12, d_model=768, n_head=12, d_inner=3072)),
-    "albert-base": _Size("albert", "ALBERT base (albert-base-v2)", dict(
-        vocab_size=30000, embedding_size=128, num_hidden_layers=12, hidden_size=768, num_attention_heads=12,
-        intermediate_size=3072)),
-}
 
 
 def parse_args(argv=None):
@@ -84,10 +46,15 @@ def _positive(text):
 
 def shipped_size(ipu_config_source, model_type):
     """The size a shipped configuration's directory name stands for, when the model type is the one it was written
-    for; a .json path counts by its directory."""
+    for (its family's first); a .json path counts by its directory. A bare --model_type would otherwise plan the
+    library's default size, which for XLNet is large and for ALBERT xxlarge."""
+    from .pipeline.families import family_for_model_type
+
+    family = family_for_model_type(model_type)
+    if family is None or model_type != family.model_types[0]:
+        return None
     directory = os.path.dirname(ipu_config_source) if ipu_config_source.endswith(".json") else ipu_config_source
-    size = _SHIPPED_SIZES.get(os.path.basename(os.path.abspath(directory)))  # abspath: "." and a trailing "/"
-    return size if size and size.model_type == model_type else None
+    return family.shipped_sizes.get(os.path.basename(os.path.abspath(directory)))  # abspath: "." and a trailing "/"
 
 
 def _bare_model_type_config(args):
@@ -127,11 +94,9 @@ def build_model_skeleton(config, head=None):
     """The model with its parameters on the meta device: shapes and structure, no memory, no weights."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForPreTraining
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     if head is None:
-        masked = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-        head = _DEFAULT_HEADS.get(config.model_type, "masked-lm" if masked else "causal-lm")
+        head = default_head(config.model_type)
     auto_class = {
         "causal-lm": AutoModelForCausalLM,
         "masked-lm": AutoModelForMaskedLM,
@@ -142,6 +107,19 @@ def build_model_skeleton(config, head=None):
             return auto_class.from_config(config)
     except ValueError as error:
         raise UserError(f"--head {head} does not exist for model type {config.model_type} ({error})") from None
+
+
+def default_head(model_type):
+    """The head its training script trains: the family's, else masked LM where the model type has one, else causal
+    LM."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    from .pipeline.families import family_for_model_type
+
+    family = family_for_model_type(model_type)
+    if family is not None and family.default_head:
+        return family.default_head
+    return "masked-lm" if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "causal-lm"
 
 
 def render_plan(args) -> str:
