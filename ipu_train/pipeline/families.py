@@ -40,11 +40,13 @@ class ShippedSize:
 
 @dataclass(frozen=True)
 class ModelFamily:
+    """What the runtime knows about one model family; the defaults are the generic rules."""
+
     model_types: tuple  # transformers' config.model_type values; the shipped sizes are of the first
     layer_paths: tuple  # where the repeated blocks live: under the model's head first, then in the bare model
     # From the module at a layer path to one entry per layer, where they differ (ALBERT's shared groups).
     layer_list: Optional[Callable] = None
-    serialized_heads: tuple = ()
+    serialized_heads: tuple = ()  # SerializedHead per head class; none: every class runs its own forward
     positions_after_padding: bool = False  # position ids start at padding_idx + 1 (RoBERTa), so fewer are usable
     default_head: Optional[str] = None  # the head the plan printer builds: causal-lm, masked-lm or pretraining
     shipped_sizes: dict = field(default_factory=dict)  # {ipu_configs directory name: ShippedSize}
@@ -228,7 +230,9 @@ def family_layers(model):
     """(path of the layer container, one entry per layer) from the model's family, or None where it has no entry
     or none of its paths holds a non-empty ModuleList."""
     family = family_of(model)
-    for path in family.layer_paths if family else ():
+    if family is None:
+        return None
+    for path in family.layer_paths:
         try:
             container = model.get_submodule(path)
         except AttributeError:
