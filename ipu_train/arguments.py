@@ -231,7 +231,7 @@ def load_ipu_config(training_args, model_name_or_path=None):
     """The IPU configuration of a run, built in the documented order: source (--ipu_config_name, else the model
     directory's ipu_config.json, else the defaults) -> --pod_type or --n_ipu -> --ipu_config_overrides ->
     --gradient_accumulation_steps / --gradient_checkpointing / --auto_loss_scaling -> seed = --seed.
-    Under torchrun the replication factor follows the world size."""
+    The trainer's ParallelLayout then fits the replication factor to the processes that run."""
     args = training_args
     found_with_model = None
     source = None
@@ -255,9 +255,6 @@ def load_ipu_config(training_args, model_name_or_path=None):
     command_line.append(f"seed={args.seed}")
     ipu_config.update_from_string(",".join(command_line))
 
-    if args.device_type != "ipu":
-        fit_replication_to_world(ipu_config, args.world_size)
-    args.gradient_accumulation_steps = ipu_config.gradient_accumulation_steps
     if found_with_model:
         # Not asked for, yet it sets the batch arithmetic: a warning, visible with quieter logging too.
         logger.warning("IPU configuration: %s, found in the model directory (no --ipu_config_name); with the flags "
@@ -275,29 +272,3 @@ KEY_SETTINGS = ("layers_per_ipu", "ipus_per_replica", "gradient_accumulation_ste
 def _key_settings(ipu_config):
     return ", ".join(f"{key}={json.dumps(getattr(ipu_config, key))}" for key in KEY_SETTINGS)
 
-
-def fit_replication_to_world(ipu_config, world_size):
-    """On PyTorch the replicas run on the processes: replication_factor follows the world size when left at its
-    default of 1; a multiple of the world size runs its extra replicas inside each process, as further micro-batches
-    of the same optimizer step (see replicas_per_process); any other value is an error. Evaluation shards over the
-    same processes, likewise."""
-    for key in ("replication_factor", "inference_replication_factor"):
-        value = getattr(ipu_config, key)
-        if value % world_size == 0:
-            continue
-        if value != 1:
-            fits = ", ".join(str(n) for n in range(1, value + 1) if value % n == 0)
-            raise UserError(
-                f"{key}={value} does not divide over the {world_size} process(es) that run: launch `torchrun "
-                f"--nproc_per_node N` with N one of {fits}, or pass --ipu_config_overrides {key}={world_size}")
-        logger.info("%s = %d, from the number of processes", key, world_size)
-        ipu_config.update_from_string(f"{key}={world_size}")
-    return ipu_config
-
-
-def replicas_per_process(ipu_config, world_size):
-    """Training replicas each process runs: more than one when the configuration asks for more replicas than there
-    are processes (`--n_ipu 8` on one GPU). Each process then runs gradient_accumulation_steps x this many
-    micro-batches per optimizer step, the slices of all its replicas in turn: the same combined batch and the same
-    mean loss as that many replicas side by side."""
-    return max(ipu_config.replication_factor // world_size, 1)

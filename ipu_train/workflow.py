@@ -7,6 +7,7 @@ import datasets
 from transformers import set_seed
 
 from .arguments import IPUTrainingArguments, load_ipu_config
+from .parallel import replicas_that_fit
 from .checkpoint import resume_checkpoint
 from .cli import ScriptArgumentParser, setup_logging
 from .data import group_texts
@@ -113,7 +114,9 @@ def select_splits(lm_datasets, data_args, training_args, ipu_config, unit, fix):
                 require_samples(train_dataset, 1, f"the training data ({unit})", f"{fix}, or add data")
             else:
                 # One data-loader item: micro-batch x accumulation x replicas x device iterations.
-                combined_batch = training_args.per_device_train_batch_size * ipu_config.batch_size_factor()
+                replicas = replicas_that_fit(ipu_config, "replication_factor", training_args.world_size)
+                combined_batch = (training_args.per_device_train_batch_size * ipu_config.gradient_accumulation_steps
+                                  * replicas * ipu_config.device_iterations)
                 require_samples(train_dataset, combined_batch, f"the training data ({unit})",
                                 "pass --pad_on_batch_axis to complete the batch with repeated samples, or "
                                 f"{fix}, --per_device_train_batch_size, --gradient_accumulation_steps or "

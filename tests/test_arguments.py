@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import HfArgumentParser
 
-from ipu_train.arguments import (IPUTrainingArguments, compile_by_default, fit_replication_to_world, load_ipu_config,
-                                  replicas_per_process)
+from ipu_train.arguments import IPUTrainingArguments, compile_by_default, load_ipu_config
+from ipu_train.parallel import ParallelLayout
 from ipu_train.config import IPUConfig
 from ipu_train.errors import UserError
 
@@ -32,6 +32,7 @@ def test_command_line_flags_override_the_file_and_its_overrides(tmp_path):
     assert config.gradient_accumulation_steps == 8  # the command line wins over the overrides
     assert config.auto_loss_scaling is True and config.seed == 3
     assert config.embedding_serialization_factor == 4  # from the file
+    ParallelLayout.build(config, args)  # where the training arguments take the configuration's accumulation
     assert args.gradient_accumulation_steps == 8 and args.overwrite_output_dir
 
 
@@ -40,7 +41,7 @@ def test_values_not_given_on_the_command_line_leave_the_configuration_alone(tmp_
     config = load_ipu_config(args)
     assert config.gradient_accumulation_steps == 6
     assert config.recompute_checkpoint_every_layer is True  # the file's value: no --gradient_checkpointing given
-    assert args.gradient_accumulation_steps == 6
+    assert ParallelLayout.build(config, args).accumulation == args.gradient_accumulation_steps == 6
 
 
 def test_gradient_checkpointing_turns_recompute_on(tmp_path):
@@ -62,19 +63,30 @@ def test_the_source_is_logged_once(tmp_path, caplog):
 
 def test_pod_type_and_n_ipu_set_replicas_that_one_process_runs_in_turn(tmp_path):
     assert load_ipu_config(parse(tmp_path, "--ipu_config_name", GPT2_CONFIG, "--n_ipu", "4")).replication_factor == 1
-    config = load_ipu_config(parse(tmp_path, "--ipu_config_name", GPT2_CONFIG, "--pod_type", "pod16"))
-    assert config.replication_factor == 4 and replicas_per_process(config, 1) == 4
-    config = load_ipu_config(parse(tmp_path, "--ipu_config_name", GPT2_CONFIG, "--n_ipu", "8"))
-    assert config.replication_factor == 2 and replicas_per_process(config, 1) == 2
+    for flags, replicas in ((("--pod_type", "pod16"), 4), (("--n_ipu", "8"), 2)):
+        args = parse(tmp_path, "--ipu_config_name", GPT2_CONFIG, *flags)
+        config = load_ipu_config(args)
+        layout = ParallelLayout.build(config, args)
+        assert config.replication_factor == layout.replicas == layout.replicas_per_process == replicas
+        assert layout.micro_batches_per_step == replicas * config.gradient_accumulation_steps
 
 
-def test_replication_follows_the_world_size_when_left_at_its_default():
-    config = fit_replication_to_world(IPUConfig(), world_size=4)
+def _world(tmp_path, processes, rank=0):
+    """Training arguments as a process of a `processes`-process torchrun sees them."""
+    args = parse(tmp_path)
+    return types.SimpleNamespace(**{**vars(args), "device_type": "cpu", "world_size": processes,
+                                    "process_index": rank, "should_save": rank == 0})
+
+
+def test_replication_follows_the_world_size_when_left_at_its_default(tmp_path):
+    config = IPUConfig()
+    layout = ParallelLayout.build(config, _world(tmp_path, 4, rank=1))
     assert config.replication_factor == 4 and config.inference_replication_factor == 4
-    assert replicas_per_process(fit_replication_to_world(IPUConfig(replication_factor=8), world_size=4), 4) == 2
+    assert (layout.processes, layout.rank, layout.replicas_per_process, layout.writes_files) == (4, 1, 1, False)
+    assert ParallelLayout.build(IPUConfig(replication_factor=8), _world(tmp_path, 4)).replicas_per_process == 2
     with pytest.raises(UserError, match=r"replication_factor=2 does not divide over the 4 process\(es\) that run: "
                                         r"launch `torchrun --nproc_per_node N` with N one of 1, 2"):
-        fit_replication_to_world(IPUConfig(replication_factor=2), world_size=4)
+        ParallelLayout.build(IPUConfig(replication_factor=2), _world(tmp_path, 4))
 
 
 def test_a_json_file_holds_the_same_fields(tmp_path):
