@@ -23,23 +23,22 @@ from dataclasses import dataclass
 
 import datasets
 import torch
-import torch.distributed as dist
 from transformers import Trainer
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_pt_utils import nested_concat, nested_numpify
 from transformers.trainer_utils import (PREFIX_CHECKPOINT_DIR, EvalLoopOutput, EvalPrediction, SaveStrategy,
                                         TrainOutput, denumpify_detensorize)
 
-from .arguments import IPUTrainingArguments, fit_replication_to_world, load_ipu_config, replicas_per_process
+from .arguments import IPUTrainingArguments, load_ipu_config
 from . import checkpoint as ckpt
-from .backends.torch import TorchBackend, group_sums, peak_flops_per_second
+from .backends import make_backend
+from .backends.base import DeviceSums, EvalSums
 from .errors import RunFailed, UserError, one_line
+from .parallel import ParallelLayout
 from .signals import StopRequest
 from .pipeline.stages import build_stage_plan, describe_batch
 
 logger = logging.getLogger("ipu_train")
-
-SCALER_NAME = "scaler.pt"
 
 
 @dataclass
@@ -72,6 +71,53 @@ class BatchLayout:
         while len(order) < length:
             order += order[:length - len(order)]
         return order[:length]
+
+
+@dataclass
+class LoopState:
+    """What the training loop carries from group to group, on the host."""
+    loss: float = 0.0  # the run's step losses (finite ones), summed; a resumed run starts from its checkpoint's
+    finite: float = 0.0  # the steps counted in `loss`
+    steps: int = 0  # optimizer steps, samples, tokens and model FLOPs of this run (all processes)
+    samples: int = 0
+    tokens: int = 0
+    flops: int = 0
+    window_loss: float = 0.0  # the same since the last log
+    window_finite: float = 0.0
+    window_steps: int = 0
+    stop_requested: bool = False  # by a signal, on some process; once asked, it stays asked
+    diverged: bool = False  # too many non-finite losses in a row
+    ends_nonfinite: bool = False  # the last step read had a non-finite loss
+
+    def add_group(self, sums, steps, samples, tokens, flops):
+        """A group's host values: its GroupSums and its counts over all processes."""
+        self.stop_requested |= sums.stop_requested > 0
+        self.diverged = sums.diverged > 0
+        self.ends_nonfinite = sums.ends_nonfinite > 0
+        self.steps += steps
+        self.samples += samples
+        self.tokens += tokens
+        self.flops += flops
+        self.loss += sums.loss
+        self.finite += sums.finite_steps
+        self.window_loss += sums.loss
+        self.window_finite += sums.finite_steps
+        self.window_steps += steps
+
+    def take_window_loss(self):
+        """The mean loss since the last log, then a new window. A window whose every loss was NaN/inf gives NaN:
+        divergence shows, it is not filtered away."""
+        mean = self.window_loss / self.window_finite if self.window_finite else float("nan")
+        self.window_loss, self.window_finite, self.window_steps = 0.0, 0.0, 0
+        return mean
+
+    @property
+    def mean_loss(self):
+        return self.loss / self.finite if self.finite else float("nan")
+
+    def totals(self):
+        """What a checkpoint keeps, so that a resumed run's train_loss covers the whole run."""
+        return {"loss": self.loss, "finite": self.finite}
 
 
 class DeviceBatches:
@@ -157,13 +203,7 @@ class IPUTrainer(Trainer):
             raise TypeError(f"IPUTrainer needs IPUTrainingArguments, got {type(args).__name__}")
         if ipu_config is None:
             ipu_config = load_ipu_config(args)
-        if args.gradient_accumulation_steps not in (None, ipu_config.gradient_accumulation_steps):
-            raise UserError(
-                f"--gradient_accumulation_steps {args.gradient_accumulation_steps} disagrees with the IPU "
-                f"configuration's {ipu_config.gradient_accumulation_steps}: build it with load_ipu_config(args)")
-        args.gradient_accumulation_steps = ipu_config.gradient_accumulation_steps
-        if args.device_type != "ipu":
-            fit_replication_to_world(ipu_config, args.world_size)
+        self.layout = ParallelLayout.build(ipu_config, args)
         self.ipu_config = ipu_config
         try:  # transformers checks the arguments here (e.g. save_strategy "best" needs --metric_for_best_model)
             super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
@@ -177,7 +217,7 @@ class IPUTrainer(Trainer):
         for collator in (self.data_collator, self.eval_data_collator):  # columns a collator reads, the model not
             self._signature_columns += [name for name in getattr(collator, "consumed_columns", ())
                                         if name not in self._signature_columns]
-        self.backend = self._make_backend()
+        self.backend = make_backend(args, ipu_config, self.layout)
         # Read the next group's first step ahead of each group's host read (see _prefetch_allowed).
         self.read_ahead = args.device_type == "cuda"
         # Read a quiet group's sums after launching the next group (see _training_loop).
@@ -185,12 +225,6 @@ class IPUTrainer(Trainer):
         unused = ipu_config.unused_on_pytorch() if args.device_type != "ipu" else []
         if unused:
             logger.info("IPU configuration fields with no effect on %s: %s", args.device_type, ", ".join(unused))
-
-    def _make_backend(self):
-        if self.args.device_type == "ipu":
-            from .backends.poptorch import PopTorchBackend
-            return PopTorchBackend(self.args, self.ipu_config)
-        return TorchBackend(self.args, self.ipu_config)
 
     # --- optimizer ---------------------------------------------------------------------------------------------
 
@@ -212,8 +246,8 @@ class IPUTrainer(Trainer):
         self._memory_tracker.start()
         self.is_in_train = True
         dataset = self._training_dataset()
-        layout = BatchLayout(args.per_device_train_batch_size, cfg.gradient_accumulation_steps,
-                             cfg.replication_factor, cfg.device_iterations)
+        layout = BatchLayout(args.per_device_train_batch_size, self.layout.accumulation, self.layout.replicas,
+                             cfg.device_iterations)
         if _is_stream(dataset):
             if args.max_steps <= 0:
                 raise UserError("a streamed training set has no length: pass --max_steps")
@@ -252,10 +286,10 @@ class IPUTrainer(Trainer):
         if checkpoint is not None:
             with _loading(checkpoint):
                 self._load_optimizer_and_scheduler(checkpoint)
-                self._load_scaler(checkpoint)
+                self.backend.load_state(checkpoint)
         self._geometry_saved, self._resumed_from = geometry, checkpoint
         # The run's training loss covers the steps before a resume too.
-        self._loss_totals = dict(manifest["train_loss_totals"]) if manifest else {"loss": 0.0, "finite": 0.0}
+        self._loop = LoopState(**manifest["train_loss_totals"]) if manifest else LoopState()
         self.backend.attach(self.optimizer, self.lr_scheduler)
         for attr in ("model", "optimizer", "lr_scheduler"):
             setattr(self.callback_handler, attr, getattr(self, attr))
@@ -284,7 +318,7 @@ class IPUTrainer(Trainer):
         """What a checkpoint's data position is counted in (optimizer steps of this batch layout, epochs of this many
         samples): a resume must have the same."""
         return {"micro_batch": layout.micro_batch, "accumulation": layout.accumulation, "replicas": layout.replicas,
-                "device_iterations": layout.device_iterations, "processes": self.args.world_size,
+                "device_iterations": layout.device_iterations, "processes": self.layout.processes,
                 "train_samples": num_samples, "pad_on_batch_axis": bool(self.args.pad_on_batch_axis)}
 
     def _training_dataset(self):
@@ -306,8 +340,8 @@ class IPUTrainer(Trainer):
         """Micro-batches of this replica from a stream, pass after pass: rows are cut into combined batches (an
         incomplete last one is dropped) and each replica collates its slice. A stream only reads forward, so a
         resumed run reads past the rows of the steps already trained (without collating them)."""
-        rank, micro = self.args.process_index, layout.micro_batch
-        micro_batches = layout.accumulation * replicas_per_process(self.ipu_config, self.args.world_size)
+        rank, micro = self.layout.rank, layout.micro_batch
+        micro_batches = self.layout.micro_batches_per_step
         per_process = micro * micro_batches
         to_skip = start_step * layout.step_samples
         for stream_epoch in itertools.count():
@@ -358,23 +392,19 @@ class IPUTrainer(Trainer):
                     "streamed" if num_samples is None else f"{num_samples:,}", steps_per_epoch, max_steps)
         logger.info("  %s", describe_batch(cfg, args.per_device_train_batch_size, args.per_device_eval_batch_size))
         logger.info("  Device %s, precision %s, %d process(es)", self.backend.device, args.precision,
-                    args.world_size)
+                    self.layout.processes)
         logger.info("  %s", build_stage_plan(self.model, cfg).describe())
         if cfg.ipus_per_replica > 1 and args.device_type != "ipu":
             logger.info("  The %d pipeline stages of each replica all run on its one device (%s)",
                         cfg.ipus_per_replica, self.backend.device)
 
     def _training_loop(self, dataset, layout, steps_per_epoch, checkpoint, trial, ignore_keys_for_eval, stop):
-        args, state = self.args, self.state
+        args, state, loop = self.args, self.state, self._loop
         start_time = time.time()
         self._initial_num_input_tokens_seen = state.num_input_tokens_seen
         # Compilation happens in the first group; CUDA graphs are recorded in the second (the first runs warm-up).
         compile_groups = (2 if args.cuda_graphs else 1) if args.torch_compile else 0
         meter = ThroughputMeter(args.throughput_warmup_steps + compile_groups * layout.device_iterations)
-        totals = {**self._loss_totals, "steps": 0, "samples": 0, "tokens": 0, "flops": 0}
-        self._loss_totals = totals  # what a checkpoint saves, so that a resumed run's train_loss covers the whole run
-        self._status = {"stop_requested": False, "diverged": False, "ends_nonfinite": False}
-        self._since_log = {"loss": 0.0, "finite": 0.0, "steps": 0}
         self._clear_earlier_runs(self._get_output_dir(trial=trial))
         self.control = self.callback_handler.on_train_begin(args, state, self.control)
         if args.eval_on_start:
@@ -394,91 +424,77 @@ class IPUTrainer(Trainer):
             unread = None  # a quiet group whose sums are read once the next group is launched
             while done < steps_per_epoch and state.global_step < state.max_steps:
                 n_steps = min(layout.device_iterations, steps_per_epoch - done, state.max_steps - state.global_step)
-                result, flags = self._run_group(batches, n_steps, epoch, done, steps_per_epoch, stop)
+                result, asked = self._run_group(batches, n_steps, epoch, done, steps_per_epoch, stop)
                 done += result.steps
                 goes_on = self._group_follows(done, steps_per_epoch)
-                if self._prefetch_allowed(flags, goes_on):
+                if self._prefetch_allowed(asked, goes_on):
                     batches.prefetch(layout.accumulation)
                 if unread is not None:
-                    self._read_group(unread, totals, meter)
+                    self._read_group(unread, meter)  # host sync: the previous, quiet group's sums
                     self._stop_if_diverged()
                     unread = None
                 # Nothing to log, evaluate or save: the next group need not wait for this read. Not before the
                 # throughput clock starts, which it does when the group that ends the warm-up is read.
-                if (self.defer_quiet_reads and meter.started and goes_on and not any(flags.values())
-                        and not self._status["stop_requested"]):
+                if self.defer_quiet_reads and meter.started and goes_on and not asked and not loop.stop_requested:
                     unread = result
                     continue
-                grad_norm = self._read_group(result, totals, meter)
+                grad_norm = self._read_group(result, meter)  # host sync: this group's sums
                 self._stop_if_diverged()
-                if self._status["stop_requested"] and state.global_step < state.max_steps:
+                if loop.stop_requested and state.global_step < state.max_steps:
                     # A signal: every process saves here and stops (a run already at its end just ends).
                     self.stopped_by_signal = self._agreed_signal(stop.signal_number)
-                    flags["should_save"] = self.control.should_training_stop = True
+                    asked.add("should_save")
+                    self.control.should_training_stop = True
                 paused = time.perf_counter()
-                self._act_on(flags, grad_norm, trial, ignore_keys_for_eval, start_time)
+                self._maybe_log_save_evaluate(asked, grad_norm, trial, ignore_keys_for_eval, start_time)
                 meter.pause(time.perf_counter() - paused)
                 if self.control.should_epoch_stop or self.control.should_training_stop:
                     break
             if self.stopped_by_signal is not None:  # saved: no end-of-epoch evaluation or save before exiting
                 break
             self.control = self.callback_handler.on_epoch_end(args, state, self.control)
-            self._act_on({k: getattr(self.control, k) for k in _ACTIONS}, None, trial, ignore_keys_for_eval,
-                         start_time)
+            self._maybe_log_save_evaluate({key for key in _ACTIONS if getattr(self.control, key)}, None, trial,
+                                          ignore_keys_for_eval, start_time)
             if self.control.should_training_stop:
                 break
-        if self._status["ends_nonfinite"]:
+        if loop.ends_nonfinite:
             self._refuse_nonfinite("the loss of the last step was NaN or inf")
-        return self._finalize_training(start_time, meter, totals)
+        return self._finalize_training(start_time, meter)
 
     def _run_group(self, batches, n_steps, epoch, done, steps_per_epoch, stop):
-        """Run one group; the callbacks see every optimizer step, and what they ask for (log, evaluate, save)
-        is gathered and acted on at the group's end."""
+        """Run one group of up to `n_steps` optimizer steps with no host read; the callbacks see every step, and
+        what they ask for (log, evaluate, save) is gathered, to be acted on at the group's end. Returns the group's
+        result (its sums on their way to the host) and the actions asked for."""
         args, state = self.args, self.state
-        flags = dict.fromkeys(_ACTIONS, False)
-        position = {"done": done}
-
-        def step_begin():
+        asked = set()
+        group = self.backend.new_group()
+        for step in range(1, n_steps + 1):
             self.control = self.callback_handler.on_step_begin(args, state, self.control)
-
-        def step_end():
-            position["done"] += 1
+            group.step(batches)
             state.global_step += 1
-            state.epoch = epoch + position["done"] / steps_per_epoch
+            state.epoch = epoch + (done + step) / steps_per_epoch
             self.control = self.callback_handler.on_step_end(args, state, self.control)
-            for key in _ACTIONS:
-                flags[key] = flags[key] or getattr(self.control, key)
-            return self.control.should_epoch_stop or self.control.should_training_stop
+            asked.update(key for key in _ACTIONS if getattr(self.control, key))
+            if self.control.should_epoch_stop or self.control.should_training_stop:
+                break
+        return group.finish(stop.requested), asked
 
-        return self.backend.run_group(batches, n_steps, step_begin, step_end, lambda: stop.requested), flags
-
-    def _read_group(self, result, totals, meter):
-        """The group's one host read: its sums join the run's totals, the logging window and the throughput meter.
+    def _read_group(self, result, meter):
+        """The group's one host read: its sums join the loop's totals, its logging window and the throughput meter.
         Returns the gradient norm to log, or None."""
-        sums = group_sums(self.backend.read(result.sums))
-        loss_sum, finite, tokens, grad_norm = (sums[key] for key in ("loss", "finite_steps", "tokens", "grad_norm"))
-        # Flags raised by any replica; a stop, once asked for, stays asked for.
-        self._status["stop_requested"] |= sums["stop_requested"] > 0
-        self._status["diverged"] = sums["diverged"] > 0
-        self._status["ends_nonfinite"] = sums["ends_nonfinite"] > 0
-        world = self.args.world_size
-        counts = (result.steps, result.samples * world, int(tokens), result.flops * world)
-        for key, value in zip(("steps", "samples", "tokens", "flops"), counts):
-            totals[key] += value
-        totals["loss"] += loss_sum
-        totals["finite"] += finite
-        self._since_log["loss"] += loss_sum
-        self._since_log["finite"] += finite
-        self._since_log["steps"] += result.steps
-        self.state.num_input_tokens_seen += int(tokens)
+        sums = self.backend.read(result.sums)
+        processes = self.layout.processes
+        counts = (result.steps, result.samples * processes, int(sums.tokens), result.flops * processes)
+        self._loop.add_group(sums, *counts)
+        self.state.num_input_tokens_seen += int(sums.tokens)
         self.current_flos += result.flops
-        meter.group_done(totals["steps"], *counts)
+        meter.group_done(self._loop.steps, *counts)
         reported = self.args.max_grad_norm and self.backend.reports_grad_norm
-        return grad_norm / world if reported else None
+        return sums.grad_norm / processes if reported else None
 
     def _stop_if_diverged(self):
         """Too many non-finite losses in a row: stop with one line, before any NaN weights are saved."""
-        if self._status["diverged"]:
+        if self._loop.diverged:
             self._refuse_nonfinite(f"the loss was NaN or inf for {self.args.max_consecutive_nonfinite_steps} "
                                    "optimizer steps in a row")
 
@@ -493,7 +509,7 @@ class IPUTrainer(Trainer):
 
     def _agreed_signal(self, number):
         """The signal number every process reports (only the processes that received one know it)."""
-        return int(self._largest_over_processes(number or 0))
+        return int(self.layout.largest_over_processes(number or 0, self.args.device))
 
     def _group_follows(self, done, steps_per_epoch):
         """Whether another group of this epoch follows the one just run."""
@@ -501,27 +517,25 @@ class IPUTrainer(Trainer):
         return (done < steps_per_epoch and self.state.global_step < self.state.max_steps
                 and not (control.should_epoch_stop or control.should_training_stop))
 
-    def _prefetch_allowed(self, flags, group_follows):
+    def _prefetch_allowed(self, asked, group_follows):
         """The next group's first step may be read ahead when this group ends with nothing but logging: the host
         random state that a checkpoint saves, or that an evaluation's collator draws from, is then the one of a run
         without read-ahead, so a resumed run stays exact. It is on with CUDA only (`read_ahead`): there the host
         random state serves the collator alone (dropout draws on the device) and the copies are asynchronous; on the
         CPU every copy is synchronous anyway, and dropout shares that state with the collator."""
-        return (self.read_ahead and group_follows
-                and not (flags["should_save"] or flags["should_evaluate"]))
+        return self.read_ahead and group_follows and not asked & {"should_save", "should_evaluate"}
 
-    def _act_on(self, flags, grad_norm, trial, ignore_keys_for_eval, start_time):
-        """Log, evaluate and save at a group boundary, as transformers.Trainer does after a step."""
-        for key, value in flags.items():
-            setattr(self.control, key, value)
-        if self.control.should_log and self._since_log["steps"] > 0:
-            # A window whose every loss was NaN/inf logs NaN: divergence shows, it is not filtered away.
-            finite = self._since_log["finite"]
-            logs = {"loss": self._since_log["loss"] / finite if finite else float("nan")}
+    def _maybe_log_save_evaluate(self, asked, grad_norm, trial, ignore_keys_for_eval, start_time):
+        """Log, evaluate and save (the actions `asked` for) at a group boundary, as transformers.Trainer does after a
+        step."""
+        loop = self._loop
+        for key in _ACTIONS:
+            setattr(self.control, key, key in asked)
+        if self.control.should_log and loop.window_steps > 0:
+            logs = {"loss": loop.take_window_loss()}
             if grad_norm is not None:
                 logs["grad_norm"] = grad_norm
             logs["learning_rate"] = self.backend.last_learning_rate  # the rate of the group's last step
-            self._since_log = {"loss": 0.0, "finite": 0.0, "steps": 0}
             self.store_flos()
             self.log(logs, start_time)
         if self.control.should_evaluate:
@@ -535,30 +549,29 @@ class IPUTrainer(Trainer):
         for key in _ACTIONS:
             setattr(self.control, key, False)
 
-    def _finalize_training(self, start_time, meter, totals):
+    def _finalize_training(self, start_time, meter):
         # This name (transformers.Trainer's) is one that the memory tracker accepts as the caller of its
         # stop_and_update_metrics: --skip_memory_metrics false works.
+        loop = self._loop
         runtime = time.time() - start_time
-        train_loss = totals["loss"] / totals["finite"] if totals["finite"] else float("nan")
-        counts = (totals["steps"], totals["samples"], totals["tokens"], totals["flops"])
-        throughput = meter.metrics(runtime, counts)
+        throughput = meter.metrics(runtime, (loop.steps, loop.samples, loop.tokens, loop.flops))
         model_flops = throughput.pop("model_flops_per_second")
         metrics = {"train_runtime": round(runtime, 4), **throughput}
-        peak = peak_flops_per_second(self.backend.device, self.args.precision)
+        peak = self.backend.peak_flops_per_second()
         if self.backend.device.type == "cuda":
             metrics["train_model_flops_per_second"] = model_flops
             if peak is not None:
-                metrics["train_mfu"] = model_flops / (peak * self.args.world_size)
+                metrics["train_mfu"] = model_flops / (peak * self.layout.processes)
         self.store_flos()
         metrics["total_flos"] = self.state.total_flos
-        metrics["train_loss"] = train_loss
+        metrics["train_loss"] = loop.mean_loss
         self._memory_tracker.stop_and_update_metrics(metrics)
         self.log(metrics)
         if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
             self._load_best_model()
         self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
         self.is_in_train = False
-        return TrainOutput(self.state.global_step, train_loss, metrics)
+        return TrainOutput(self.state.global_step, loop.mean_loss, metrics)
 
     def _compile_only(self, dataset, layout):
         """--compile_only: compile the training step on its first micro-batches (forward and backward; the weights
@@ -589,11 +602,11 @@ class IPUTrainer(Trainer):
 
     def _inference_loader(self, dataset, description):
         """This process's share of the samples, each exactly once: a contiguous block of a map-style dataset (so
-        the shares concatenate in dataset order; their sizes differ by one at most), every world_size-th
+        the shares concatenate in dataset order; their sizes differ by one at most), every processes-th
         micro-batch of a stream."""
         collator = self._collator(dataset, description, self.eval_data_collator)
         dataset = self._without_unused_columns(dataset, description)
-        world, rank, micro = self.args.world_size, self.args.process_index, self.args.per_device_eval_batch_size
+        world, rank, micro = self.layout.processes, self.layout.rank, self.args.per_device_eval_batch_size
         if _is_stream(dataset):
             return (collator(rows) for i, rows in enumerate(_chunked(dataset, micro)) if i % world == rank)
         base, extra = divmod(len(dataset), world)
@@ -611,7 +624,7 @@ class IPUTrainer(Trainer):
         model.eval()
         self._log_evaluation_plan(dataloader, description)
         self.callback_handler.eval_dataloader = dataloader  # the length of transformers' progress bar
-        sums = torch.zeros(3, device=self.backend.device)  # sum of batch loss x size, samples with a loss, samples
+        sums = DeviceSums(EvalSums, self.backend.device)
         host_preds = host_labels = None
         group_preds, group_labels = [], []
         batch_metrics, metrics_finished = {}, False
@@ -621,10 +634,10 @@ class IPUTrainer(Trainer):
                 outputs = self.backend.eval_outputs(model, inputs)
                 labels = _labels(inputs, self.label_names)
                 size = next(v for v in inputs.values() if torch.is_tensor(v)).shape[0]
-                sums[2] += size
+                sums.add("samples", size)
                 if isinstance(outputs, dict) and outputs.get("loss") is not None:
-                    sums[0] += outputs["loss"].float() * size
-                    sums[1] += size
+                    sums.add("loss", outputs["loss"].float() * size)
+                    sums.add("counted", size)
                 # transformers' ProgressCallback draws the bar (main process, unless --disable_tqdm); evaluate()
                 # ends it.
                 self.control = self.callback_handler.on_prediction_step(args, self.state, self.control)
@@ -653,7 +666,7 @@ class IPUTrainer(Trainer):
             batch_metrics = self.compute_metrics(EvalPrediction(predictions=nothing, label_ids=nothing),
                                                  compute_result=True)
 
-        loss_sum, counted, num_samples = self.backend.read(self.backend.to_host(sums))
+        totals = self.backend.read(self.backend.to_host(sums))  # host sync: the evaluation's one read
         metrics = {}
         if not prediction_loss_only and not args.batch_eval_metrics:
             host_preds, host_labels = self._gather(host_preds), self._gather(host_labels)
@@ -662,12 +675,12 @@ class IPUTrainer(Trainer):
         elif args.batch_eval_metrics:
             metrics = batch_metrics or {}
         metrics = denumpify_detensorize(metrics)
-        if counted:
-            metrics["loss"] = loss_sum / counted
+        if totals.counted:
+            metrics["loss"] = totals.loss / totals.counted
         metrics = {k if k.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{k}": v
                    for k, v in metrics.items()}
         return EvalLoopOutput(predictions=host_preds, label_ids=host_labels, metrics=metrics,
-                              num_samples=int(num_samples))
+                              num_samples=int(totals.samples))
 
     def _log_evaluation_plan(self, dataloader, description):
         """transformers' evaluation header, in its words: the samples of all processes, the micro-batch size."""
@@ -681,12 +694,10 @@ class IPUTrainer(Trainer):
 
     def _gather(self, arrays):
         """Concatenate every process's share in process order, which is the dataset order."""
-        if self.args.world_size == 1 or arrays is None:
+        if arrays is None or not self.layout.distributed:
             return arrays
-        shares = [None] * self.args.world_size
-        dist.all_gather_object(shares, arrays)
         result = None
-        for share in shares:
+        for share in self.layout.gather_objects(arrays):
             if share is not None:
                 result = share if result is None else nested_concat(result, share, padding_index=-100)
         return result
@@ -696,7 +707,7 @@ class IPUTrainer(Trainer):
     def save_model(self, output_dir=None, _internal_call=False):
         """Model (safetensors, loadable with from_pretrained), tokenizer, training_args.bin and ipu_config.json."""
         super().save_model(output_dir, _internal_call=_internal_call)
-        if self.args.should_save:
+        if self.layout.writes_files:
             self.ipu_config.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
 
     def _save_checkpoint(self, model, trial):
@@ -706,7 +717,7 @@ class IPUTrainer(Trainer):
         code 1) on every process. Weights that follow a non-finite loss are not saved: the last finite checkpoint
         stays the newest."""
         args, step = self.args, self.state.global_step
-        if self._status["ends_nonfinite"]:
+        if self._loop.ends_nonfinite:
             logger.warning("Not saving checkpoint-%d: the loss of its last step was NaN or inf, so its weights may be "
                            "too; the last finite checkpoint stays the newest", step)
             return
@@ -715,7 +726,7 @@ class IPUTrainer(Trainer):
         staging = ckpt.staging_path(final)
         self._agree_on_save(step, run_dir, staging, lambda: self._write_checkpoint(staging, run_dir, step))
         self._agree_on_save(step, run_dir, staging, lambda: self._publish(staging, final, step))
-        if args.should_save:
+        if self.layout.writes_files:
             ckpt.rotate(run_dir, args.save_total_limit, keep=(final, self.state.best_model_checkpoint))
         if args.push_to_hub:
             self._push_from_checkpoint(final)
@@ -729,7 +740,7 @@ class IPUTrainer(Trainer):
             failure = err
         if not self._any_process(failure is not None):
             return
-        if self.args.should_save:
+        if self.layout.writes_files:
             ckpt.remove(staging)
         previous, _ = ckpt.newest_complete(run_dir)
         reason = one_line(failure, 200) if failure is not None else "another process failed to write"
@@ -738,9 +749,8 @@ class IPUTrainer(Trainer):
                         "rerun the same command to resume")
 
     def _publish(self, staging, final, step):
-        if self.args.should_save:
-            ckpt.write_manifest(staging, step, self._model_signature, self._geometry_saved,
-                                {key: self._loss_totals[key] for key in ("loss", "finite")},
+        if self.layout.writes_files:
+            ckpt.write_manifest(staging, step, self._model_signature, self._geometry_saved, self._loop.totals(),
                                 resumable=not self.args.save_only_model)
             ckpt.publish(staging, final)
 
@@ -757,9 +767,9 @@ class IPUTrainer(Trainer):
                 self.state.best_model_checkpoint = best
         if not args.save_only_model:
             self._save_optimizer_and_scheduler(folder)
-            self._save_scaler(folder)
+            self.backend.save_state(folder)
             self._save_rng_state(folder)
-        if args.should_save:
+        if self.layout.writes_files:
             for callback in self.callback_handler.callbacks + [self.control]:
                 if isinstance(callback, ExportableState):
                     name = callback.__class__.__name__
@@ -773,10 +783,10 @@ class IPUTrainer(Trainer):
         """Before the first step: staging folders of saves that never finished go, and with --overwrite_output_dir
         the checkpoints of earlier runs too (the one resumed from stays), so that a later resume can never pick up
         another run's work, even when this one stops before its first save."""
-        if self.args.should_save:
+        if self.layout.writes_files:
             for folder in ckpt.leftover_staging(run_dir):
                 ckpt.remove(folder)
-        if getattr(self.args, "overwrite_output_dir", False) and self.args.should_save:
+        if getattr(self.args, "overwrite_output_dir", False) and self.layout.writes_files:
             resumed = os.path.abspath(self._resumed_from) if self._resumed_from else None
             earlier = [f for f in ckpt.checkpoints_in(run_dir) if os.path.abspath(f) != resumed]
             if earlier:
@@ -784,23 +794,11 @@ class IPUTrainer(Trainer):
                             len(earlier), run_dir, ", ".join(os.path.basename(f) for f in earlier))
             for folder in earlier:
                 ckpt.remove(folder)
-        self._barrier()
-
-    def _barrier(self):
-        if self.args.world_size > 1:
-            dist.barrier()
+        self.layout.barrier()
 
     def _any_process(self, flag):
         """Whether `flag` holds on any process."""
-        return self._largest_over_processes(float(flag)) > 0
-
-    def _largest_over_processes(self, value):
-        """The largest of every process's `value` (a host read: only around a save or a stop, never in a group)."""
-        if self.args.world_size == 1:
-            return value
-        tensor = torch.tensor([float(value)], device=self.args.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return tensor.item()
+        return self.layout.largest_over_processes(float(flag), self.args.device) > 0
 
     def _save_optimizer_and_scheduler(self, output_dir):
         # A sharded optimizer (replicated_tensor_sharding) gathers its state on the main process first, with every
@@ -808,15 +806,6 @@ class IPUTrainer(Trainer):
         if hasattr(self.optimizer, "consolidate_state_dict"):  # torch's ZeroRedundancyOptimizer
             self.optimizer.consolidate_state_dict(to=0)
         super()._save_optimizer_and_scheduler(output_dir)
-
-    def _save_scaler(self, output_dir):
-        if self.backend.scaler is not None and self.args.should_save:
-            torch.save(self.backend.scaler.state_dict(), os.path.join(output_dir, SCALER_NAME))
-
-    def _load_scaler(self, checkpoint):
-        path = os.path.join(checkpoint, SCALER_NAME)
-        if self.backend.scaler is not None and os.path.isfile(path):
-            self.backend.scaler.load_state_dict(torch.load(path, weights_only=True))
 
 
 _ACTIONS = ("should_log", "should_evaluate", "should_save")

@@ -172,8 +172,10 @@ def cpu_optimizer(tmp_path, *flags):
     """The optimizer the CPU backend builds for a small model's decay / no-decay parameter groups."""
     from ipu_train.backends.torch import TorchBackend
     from ipu_train.config import IPUConfig
+    from ipu_train.parallel import ParallelLayout
 
-    backend = TorchBackend(parse(tmp_path, *flags), IPUConfig())
+    args = parse(tmp_path, *flags)
+    backend = TorchBackend(args, IPUConfig(), ParallelLayout.build(IPUConfig(), args))
     model = torch.nn.Linear(4, 2)
     return backend.create_optimizer([{"params": [model.weight], "weight_decay": 0.01},
                                      {"params": [model.bias], "weight_decay": 0.0}])
@@ -251,9 +253,10 @@ def test_the_sharded_optimizer_takes_the_chosen_class_and_arguments(tmp_path):
 
     from ipu_train.backends.torch import TorchBackend
     from ipu_train.config import IPUConfig
+    from ipu_train.parallel import ParallelLayout
 
-    backend = TorchBackend(parse(tmp_path, "--optim", "sgd", "--learning_rate", "0.3", "--optim_args",
-                                 "momentum=0.8"), IPUConfig())
+    args = parse(tmp_path, "--optim", "sgd", "--learning_rate", "0.3", "--optim_args", "momentum=0.8")
+    backend = TorchBackend(args, IPUConfig(), ParallelLayout.build(IPUConfig(), args))
     backend.shard_optimizer_state = True  # as with replicated_tensor_sharding under torchrun
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
     try:

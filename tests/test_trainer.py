@@ -176,18 +176,23 @@ def host_read_recorder(monkeypatch):
 
 
 def _watch_groups(trainer, state):
-    run_group = trainer.backend.run_group
+    """Mark the time from a group's start to its finish as inside it; record each group's steps."""
+    new_group = trainer.backend.new_group
     groups = []
 
-    def watched(*args, **kwargs):
+    def watched():
+        group = new_group()
+        finish = group.finish
         state["inside"] = True
-        try:
-            result = run_group(*args, **kwargs)
-        finally:
+
+        def finished(stop_requested):
+            result = finish(stop_requested)
             state["inside"] = False
-        groups.append(result.steps)
-        return result
-    trainer.backend.run_group = watched
+            groups.append(result.steps)
+            return result
+        group.finish = finished
+        return group
+    trainer.backend.new_group = watched
     return groups
 
 

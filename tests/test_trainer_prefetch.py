@@ -12,6 +12,7 @@ from transformers import BertConfig, BertForMaskedLM, TrainerCallback
 from ipu_train.backends.torch import TorchBackend
 from ipu_train.config import IPUConfig
 from ipu_train.errors import UserError
+from ipu_train.parallel import ParallelLayout
 from ipu_train.trainer import DeviceBatches
 
 from ._trainer_fixtures import collate, losses, tiny_gpt2, token_rows
@@ -183,7 +184,8 @@ def test_deferred_reads_log_and_count_what_in_place_reads_do(tmp_path, logging_s
 def _cpu_backend():
     args = types.SimpleNamespace(device=torch.device("cpu"), world_size=1, process_index=0, precision="fp32",
                                  loss_scaling=None, cuda_graphs=False)
-    return TorchBackend(args, IPUConfig())
+    return TorchBackend(args, IPUConfig(), ParallelLayout(processes=1, rank=0, replicas=1, accumulation=1,
+                                                          writes_files=True))
 
 
 def test_an_attention_mask_of_ones_is_dropped_and_a_padding_mask_kept():
@@ -235,10 +237,13 @@ def _backend_args(world_size=1):
 ])
 def test_cuda_graphs_refuse_accumulation_and_several_processes(world_size, accumulation, replicas, message):
     with pytest.raises(UserError, match=message) as error:
+        layout = ParallelLayout(processes=world_size, rank=0, replicas=replicas, accumulation=accumulation,
+                                writes_files=True)
         TorchBackend(_backend_args(world_size), IPUConfig(gradient_accumulation_steps=accumulation,
-                                                          replication_factor=replicas))
+                                                          replication_factor=replicas), layout)
     assert "\n" not in str(error.value)
 
 
 def test_cuda_graphs_accept_one_process_without_accumulation():
-    assert TorchBackend(_backend_args(), IPUConfig()).cuda_graphs
+    layout = ParallelLayout(processes=1, rank=0, replicas=1, accumulation=1, writes_files=True)
+    assert TorchBackend(_backend_args(), IPUConfig(), layout).cuda_graphs

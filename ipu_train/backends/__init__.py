@@ -1,0 +1,10 @@
+"""The backends that run training steps: PyTorch (CPU, CUDA) and PopTorch (IPU), behind `base.Backend`."""
+
+
+def make_backend(args, ipu_config, layout):
+    """The backend for --device: PopTorch's is imported only on IPU (its module imports the Poplar SDK)."""
+    if args.device_type == "ipu":
+        from .poptorch import PopTorchBackend
+        return PopTorchBackend(args, ipu_config, layout)
+    from .torch import TorchBackend
+    return TorchBackend(args, ipu_config, layout)

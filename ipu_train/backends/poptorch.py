@@ -9,10 +9,9 @@ import logging
 import poptorch
 import torch
 
-from ..config import OUTPUT_MODES
 from ..pipeline.heads import loss_of
 from ..pipeline.stages import transformer_layers
-from .torch import GROUP_SUMS, GroupResult, HostBound
+from .base import DeviceSums, GroupResult, GroupSums, PendingHostRead
 
 logger = logging.getLogger("ipu_train")
 
@@ -75,13 +74,13 @@ def _checkpoint_output(module, inputs, output):
     return poptorch.recomputationCheckpoint(output)
 
 
-class PopTorchBackend:
-    """The trainer's backend interface (see TorchBackend) over poptorch.trainingModel / inferenceModel."""
+class PopTorchBackend:  # implements backends.base.Backend
+    """The trainer's backend interface over poptorch.trainingModel / inferenceModel."""
 
     reports_grad_norm = False  # PopTorch clips inside the device program and does not return the norm
 
-    def __init__(self, args, ipu_config):
-        self.args, self.ipu_config = args, ipu_config
+    def __init__(self, args, ipu_config, layout):
+        self.args, self.ipu_config, self.layout = args, ipu_config, layout
         self.device = torch.device("cpu")  # the host: PopTorch moves the data itself
         self.precision = args.precision
         self.scaler = None  # loss scaling is the optimizer's (loss_scaling) and the options' (automatic)
@@ -138,32 +137,8 @@ class PopTorchBackend:
     def to_device(self, batch):
         return batch
 
-    def run_group(self, batches, n_steps, on_step_begin, on_step_end, stop_requested):
-        """One device call runs the group's device_iterations steps; the callbacks then see each step. PopTorch
-        returns the group's mean loss, so a non-finite one counts every step of the group as non-finite."""
-        batch = next(batches)
-        outputs = self.training_model(**batch)
-        loss = loss_of(outputs).float().mean()
-        steps = 0
-        for _ in range(n_steps):
-            on_step_begin()
-            self.last_learning_rate = self.lr_scheduler.get_last_lr()[0]
-            self.lr_scheduler.step()
-            steps += 1
-            if on_step_end():
-                break
-        self.training_model.setOptimizer(self.optimizer)  # the new learning rate, for the next group
-        tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
-        samples = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
-        finite = bool(torch.isfinite(loss))
-        self.nonfinite_run = 0 if finite else self.nonfinite_run + steps
-        limit = self.args.max_consecutive_nonfinite_steps
-        values = {"loss": loss * steps if finite else 0.0, "finite_steps": steps if finite else 0, "tokens": tokens,
-                  "grad_norm": 0.0, "stop_requested": float(stop_requested()),
-                  "diverged": float(bool(limit) and self.nonfinite_run >= limit),
-                  "ends_nonfinite": float(not finite)}
-        sums = torch.stack([torch.as_tensor(values[name], dtype=torch.float32) for name in GROUP_SUMS])
-        return GroupResult(steps, samples, 0, HostBound(sums))
+    def new_group(self):
+        return _PopTorchGroup(self)
 
     def compile_step(self, micro_batches):
         self.training_model.compile(**micro_batches[0])
@@ -179,9 +154,54 @@ class PopTorchBackend:
             outputs["loss"] = outputs["loss"].float().mean()  # one loss per replica and iteration
         return outputs
 
-    def to_host(self, tensor):
-        return HostBound(tensor)  # PopTorch returns host tensors, already summed over the replicas
+    def to_host(self, sums):
+        return PendingHostRead(sums)  # PopTorch returns host tensors, already summed over the replicas
 
     def read(self, pending):
-        return pending.values()
+        return pending.result()
+
+    def peak_flops_per_second(self):
+        return None  # MFU is reported on CUDA only
+
+    def save_state(self, folder):
+        """Nothing beyond the optimizer's state: loss scaling lives in the optimizer and the options."""
+
+    def load_state(self, folder):
+        """Nothing beyond the optimizer's state (see save_state)."""
+
+
+class _PopTorchGroup:
+    """One device call runs the group's device_iterations steps, at its first `step`; each `step` then advances the
+    learning-rate schedule. PopTorch returns the group's mean loss, so a non-finite one counts every step of the
+    group as non-finite."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.batch = self.loss = None
+        self.steps = 0
+
+    def step(self, batches):
+        backend = self.backend
+        if self.batch is None:
+            self.batch = next(batches)
+            self.loss = loss_of(backend.training_model(**self.batch)).float().mean()
+        backend.last_learning_rate = backend.lr_scheduler.get_last_lr()[0]
+        backend.lr_scheduler.step()
+        self.steps += 1
+
+    def finish(self, stop_requested):
+        backend, batch, steps = self.backend, self.batch, self.steps
+        backend.training_model.setOptimizer(backend.optimizer)  # the new learning rate, for the next group
+        tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+        samples = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
+        finite = bool(torch.isfinite(self.loss))
+        backend.nonfinite_run = 0 if finite else backend.nonfinite_run + steps
+        limit = backend.args.max_consecutive_nonfinite_steps
+        sums = DeviceSums(GroupSums, backend.device)
+        for name, value in (("loss", self.loss * steps if finite else 0.0), ("finite_steps", steps if finite else 0),
+                            ("tokens", tokens), ("stop_requested", float(stop_requested)),
+                            ("diverged", float(bool(limit) and backend.nonfinite_run >= limit)),
+                            ("ends_nonfinite", float(not finite))):
+            sums.put(name, value)
+        return GroupResult(steps, samples, 0, backend.to_host(sums))
 

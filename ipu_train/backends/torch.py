@@ -1,10 +1,9 @@
 """The PyTorch backend (CPU and CUDA): device, precision, data-parallel replicas (DDP), compilation, the optimizer and
-the training step. Nothing here reads a device value on the host: `run_group` leaves its results on the device and
+the training step. Nothing here reads a device value on the host: a training group leaves its sums on the device and
 `read` brings them back in one transfer per group of `device_iterations` optimizer steps."""
 import contextlib
 import logging
 import os
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -12,13 +11,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ..arguments import replicas_per_process
 from ..errors import UserError
 from ..optim import LAMB
 from ..pipeline.heads import enable_serialized_heads, loss_of
 from ..pipeline.recompute import enable_recompute
+from .base import DeviceSums, GroupResult, GroupSums, PendingHostRead
 
 logger = logging.getLogger("ipu_train")
+
+SCALER_NAME = "scaler.pt"  # the fp16 loss scaler's state in a checkpoint
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets, matched in this order against
 # torch.cuda.get_device_name() (so "A100" is tried before "A10", "L40S" before "L4"). MFU is reported only for bf16
@@ -61,49 +62,6 @@ class StaticLossScale:
         self.loss_scale = state["scale"]
 
 
-class HostBound:
-    """Values on their way to the host. On CUDA they are copied into pinned memory without waiting, behind an event
-    recorded where they are final in stream order, so that `values()` waits for the kernels before that point only,
-    not for the ones launched after it (a group's sums read once the next group is launched). Elsewhere the tensor
-    is read as it is."""
-
-    def __init__(self, tensor):
-        self._ready = None
-        if tensor.device.type == "cuda":
-            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            host.copy_(tensor, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-            tensor = host
-        self._tensor = tensor
-
-    def values(self):
-        if self._ready is not None:
-            self._ready.synchronize()
-        return self._tensor.tolist()
-
-
-# What a group sends to the host, summed over the replicas, in this order: the sum of its (finite) step losses, the
-# steps summed, input tokens, the last gradient norm; then three flags, each > 0 when some replica raised it: a stop
-# was requested (a signal), the loss was non-finite for max_consecutive_nonfinite_steps steps in a row, the group's
-# last step had a non-finite loss (its weights may be NaN: no checkpoint is saved from them).
-GROUP_SUMS = ("loss", "finite_steps", "tokens", "grad_norm", "stop_requested", "diverged", "ends_nonfinite")
-
-
-def group_sums(values):
-    """The host values of a group's sums, by name."""
-    return dict(zip(GROUP_SUMS, values))
-
-
-@dataclass
-class GroupResult:
-    """One group of optimizer steps: counts known on the host, sums on their way to it."""
-    steps: int
-    samples: int  # this replica's samples
-    flops: int  # model FLOPs of this replica (forward and backward)
-    sums: HostBound  # GROUP_SUMS, summed over the replicas
-
-
 class ReplicaBatchSampler:
     """This replica's micro-batches, step after step from `start_step`. Step s consumes the combined batch
     order[s*C : (s+1)*C] with C = micro_batch x accumulation x replicas; replica r takes its slice
@@ -134,23 +92,19 @@ def allow_half_partials(ipu_config, device):
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = ipu_config.enable_half_partials
 
 
-class TorchBackend:
+class TorchBackend:  # implements backends.base.Backend
     """Owns the training module (the model, compiled and wrapped in DDP as asked), optimizer, scheduler and scaler."""
 
     reports_grad_norm = True
 
-    def __init__(self, args, ipu_config):
-        self.args, self.ipu_config = args, ipu_config
+    def __init__(self, args, ipu_config, layout):
+        self.args, self.ipu_config, self.layout = args, ipu_config, layout
         self.device = args.device
-        self.world_size, self.rank = args.world_size, args.process_index
-        folded = replicas_per_process(ipu_config, self.world_size)
-        # Micro-batches per optimizer step in this process: its replicas' gradient accumulation, one after another.
-        self.micro_batches_per_step = ipu_config.gradient_accumulation_steps * folded
-        if folded > 1:
+        if layout.replicas_per_process > 1:
             logger.info("%d replicas on %d process(es): each process runs %d replicas as %d micro-batches per "
                         "optimizer step (the same global batch and losses; torchrun --nproc_per_node %d runs them "
-                        "in parallel)", ipu_config.replication_factor, self.world_size, folded,
-                        self.micro_batches_per_step, ipu_config.replication_factor)
+                        "in parallel)", layout.replicas, layout.processes, layout.replicas_per_process,
+                        layout.micro_batches_per_step, layout.replicas)
         self.precision = args.precision
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.scaler = self._loss_scaler()
@@ -163,9 +117,9 @@ class TorchBackend:
         self.nonfinite_run = torch.zeros((), dtype=torch.int64, device=self.device)
         self.non_embedding_params = 0
         # replicated_tensor_sharding: each replica keeps the optimizer state of its share of the parameters (ZeRO-1).
-        self.shard_optimizer_state = ipu_config.replicated_tensor_sharding and self.world_size > 1
+        self.shard_optimizer_state = ipu_config.replicated_tensor_sharding and layout.distributed
         if self.shard_optimizer_state:
-            logger.info("Optimizer state sharded over the %d replicas (replicated_tensor_sharding)", self.world_size)
+            logger.info("Optimizer state sharded over the %d replicas (replicated_tensor_sharding)", layout.processes)
         if ipu_config.optimizer_state_offchip:
             logger.info("optimizer_state_offchip: not applied on PyTorch yet; the optimizer state stays on %s",
                         self.device.type)
@@ -174,12 +128,13 @@ class TorchBackend:
         """CUDA graph trees (torch.compile's reduce-overhead mode) hand out gradients that live in the graph's memory
         pool: a second backward before the optimizer step overwrites them (gradient accumulation silently loses
         micro-batches, pytorch/pytorch#169545), and DDP's reducer copies gradients between graph replays."""
-        if self.micro_batches_per_step > 1:
+        if self.layout.micro_batches_per_step > 1:
             raise UserError(f"--cuda_graphs needs one micro-batch per step (this run has "
-                            f"{self.micro_batches_per_step}: gradient_accumulation_steps x replicas per process): pass "
-                            "--gradient_accumulation_steps 1 with one replica per process, or drop --cuda_graphs")
-        if self.world_size > 1:
-            raise UserError(f"--cuda_graphs runs in one process ({self.world_size} run): drop --cuda_graphs "
+                            f"{self.layout.micro_batches_per_step}: gradient_accumulation_steps x replicas per "
+                            "process): pass --gradient_accumulation_steps 1 with one replica per process, or drop "
+                            "--cuda_graphs")
+        if self.layout.distributed:
+            raise UserError(f"--cuda_graphs runs in one process ({self.layout.processes} run): drop --cuda_graphs "
                             "under torchrun")
 
     # --- precision ---------------------------------------------------------------------------------------------
@@ -219,7 +174,7 @@ class TorchBackend:
         if args.torch_compile:
             self.compile(model)
         module = model
-        if self.world_size > 1:
+        if self.layout.distributed:
             module = DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=bool(args.ddp_find_unused_parameters),
@@ -265,8 +220,9 @@ class TorchBackend:
     def train_loader(self, dataset, collator, order, start_step, seed):
         """This replica's micro-batches for one epoch whose global sample order is `order`. The loader draws its
         worker seeds from its own generator, so the global RNG (dropout, masking) is untouched by its creation."""
-        sampler = ReplicaBatchSampler(order, self.args.per_device_train_batch_size, self.micro_batches_per_step,
-                                      self.world_size, self.rank, start_step)
+        layout = self.layout
+        sampler = ReplicaBatchSampler(order, self.args.per_device_train_batch_size, layout.micro_batches_per_step,
+                                      layout.processes, layout.rank, start_step)
         return self._loader(dataset, collator, sampler, seed)
 
     def eval_loader(self, dataset, collator, indices):
@@ -293,43 +249,18 @@ class TorchBackend:
 
     # --- the step ------------------------------------------------------------------------------------------------
 
-    def run_group(self, batches, n_steps, on_step_begin, on_step_end, stop_requested):
-        """Up to `n_steps` optimizer steps on micro-batches already on the device, drawn from `batches`
-        (gradient_accumulation_steps per step) with no host read of a device value; stops early when on_step_end()
-        returns True. `stop_requested()` (a host flag) travels with the group's sums, so that every replica learns of
-        a stop asked of any of them at the same group boundary."""
-        sums = torch.zeros(len(GROUP_SUMS), device=self.device)
-        steps = samples = flops = 0
-        for _ in range(n_steps):
-            on_step_begin()
-            micro_batches = [next(batches) for _ in range(self.micro_batches_per_step)]
-            step_loss, tokens, grad_norm = self.train_step(micro_batches)
-            finite = torch.isfinite(step_loss)
-            if self.args.logging_nan_inf_filter:  # as transformers.Trainer: NaN/inf losses left out of the mean
-                sums[0] += torch.where(finite, step_loss, torch.zeros_like(step_loss))
-                sums[1] += finite
-            else:
-                sums[0] += step_loss
-                sums[1] += 1
-            sums[2] += tokens
-            if grad_norm is not None:
-                sums[3] = grad_norm
-            self._count_nonfinite(finite, sums)
-            steps += 1
-            samples += sum(_batch_size(b) for b in micro_batches)
-            flops += sum(self.batch_flops(b) for b in micro_batches)
-            if on_step_end():
-                break
-        sums[4] = float(stop_requested())
-        sums[6] = self.nonfinite_run > 0
-        return GroupResult(steps, samples, flops, self.to_host(sums))
+    def peak_flops_per_second(self):
+        return peak_flops_per_second(self.device, self.precision)
 
-    def _count_nonfinite(self, finite, sums):
+    def new_group(self):
+        return _TorchGroup(self)
+
+    def count_nonfinite(self, finite, sums):
         """The run of consecutive non-finite losses, on the device; `diverged` is raised when it reaches the limit."""
         self.nonfinite_run = torch.where(finite, torch.zeros_like(self.nonfinite_run), self.nonfinite_run + 1)
         limit = self.args.max_consecutive_nonfinite_steps
         if limit:
-            sums[5] = torch.maximum(sums[5], (self.nonfinite_run >= limit).float())
+            sums.raise_flag("diverged", self.nonfinite_run >= limit)
 
     def train_step(self, micro_batches):
         """One optimizer step: the loss of each micro-batch divided by their number (mean over micro-batches, as
@@ -341,7 +272,7 @@ class TorchBackend:
         step_loss = torch.zeros((), device=self.device)
         tokens = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
-            defer_all_reduce = self.world_size > 1 and i < accumulation - 1
+            defer_all_reduce = self.layout.distributed and i < accumulation - 1
             with module.no_sync() if defer_all_reduce else contextlib.nullcontext():
                 with self.autocast():
                     outputs = module(**batch)
@@ -396,16 +327,60 @@ class TorchBackend:
             return _cloned(outputs)
         return outputs
 
-    def to_host(self, tensor):
-        """Start the host read of `tensor` where it is final: summed over the replicas (an all-reduce, itself on the
-        device), then on its way to the host (`HostBound`)."""
-        if self.world_size > 1:
-            dist.all_reduce(tensor)
-        return HostBound(tensor)
+    def to_host(self, sums):
+        """Start the host read of `sums` where they are final: summed over the processes (an all-reduce, itself on
+        the device), then on their way to the host."""
+        if self.layout.distributed:
+            dist.all_reduce(sums.tensor)
+        return PendingHostRead(sums)
 
     def read(self, pending):
-        """The one host read: the values of a `to_host` result."""
-        return pending.values()
+        return pending.result()
+
+    # --- checkpoints ---------------------------------------------------------------------------------------------
+
+    def save_state(self, folder):
+        if self.scaler is not None and self.layout.writes_files:
+            torch.save(self.scaler.state_dict(), os.path.join(folder, SCALER_NAME))
+
+    def load_state(self, folder):
+        path = os.path.join(folder, SCALER_NAME)
+        if self.scaler is not None and os.path.isfile(path):
+            self.scaler.load_state_dict(torch.load(path, weights_only=True))
+
+
+class _TorchGroup:
+    """A group of optimizer steps on micro-batches already on the device (gradient_accumulation_steps x replicas in
+    this process per step), its sums accumulated on the device."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.sums = DeviceSums(GroupSums, backend.device)
+        self.steps = self.samples = self.flops = 0
+
+    def step(self, batches):
+        backend, sums = self.backend, self.sums
+        micro_batches = [next(batches) for _ in range(backend.layout.micro_batches_per_step)]
+        step_loss, tokens, grad_norm = backend.train_step(micro_batches)
+        finite = torch.isfinite(step_loss)
+        if backend.args.logging_nan_inf_filter:  # as transformers.Trainer: NaN/inf losses left out of the mean
+            sums.add("loss", torch.where(finite, step_loss, torch.zeros_like(step_loss)))
+            sums.add("finite_steps", finite)
+        else:
+            sums.add("loss", step_loss)
+            sums.add("finite_steps", 1)
+        sums.add("tokens", tokens)
+        if grad_norm is not None:
+            sums.put("grad_norm", grad_norm)
+        backend.count_nonfinite(finite, sums)
+        self.steps += 1
+        self.samples += sum(_batch_size(b) for b in micro_batches)
+        self.flops += sum(backend.batch_flops(b) for b in micro_batches)
+
+    def finish(self, stop_requested):
+        self.sums.put("stop_requested", float(stop_requested))
+        self.sums.put("ends_nonfinite", self.backend.nonfinite_run > 0)
+        return GroupResult(self.steps, self.samples, self.flops, self.backend.to_host(self.sums))
 
 
 def _without_full_attention_mask(batch):
