@@ -1,6 +1,9 @@
 """Evaluation metrics computed locally, batch by batch: each batch's logits are reduced to argmax predictions on the
 device and folded into running counts, so neither logits nor predictions accumulate over the evaluation set and
 nothing is downloaded (unlike `evaluate.load("accuracy")`)."""
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
@@ -45,9 +48,29 @@ class RunningAccuracy:
         return {self.name: correct / max(total, 1)}
 
 
+@dataclass(frozen=True)
+class PretrainingSums:
+    """One evaluation batch (or all of them) of MLM + NSP, as sums: they add over batches and processes. They travel
+    through the evaluation loop as one tensor row, the fields in this order."""
+    mlm_loss: float  # cross-entropy summed over the masked tokens
+    masked: float  # masked tokens
+    mlm_correct: float  # masked tokens predicted right
+    nsp_loss: float  # cross-entropy summed over the sentence pairs
+    pairs: float
+    nsp_correct: float
+
+    @classmethod
+    def row(cls, **values):
+        """The fields' device values as one (1, fields) tensor row."""
+        return torch.stack([values[field.name] for field in dataclasses.fields(cls)]).view(1, -1)
+
+    def metrics(self):
+        return {"mlm_loss": self.mlm_loss / max(self.masked, 1), "mlm_accuracy": self.mlm_correct / max(self.masked, 1),
+                "nsp_loss": self.nsp_loss / max(self.pairs, 1), "nsp_accuracy": self.nsp_correct / max(self.pairs, 1)}
+
+
 def pretraining_batch_statistics(logits, labels):
-    """`preprocess_logits_for_metrics` for MLM + NSP: reduce one batch to six sums on the device — masked-LM loss
-    sum, masked-token count, correct masked predictions, NSP loss sum, pair count, correct NSP predictions — so the
+    """`preprocess_logits_for_metrics` for MLM + NSP: reduce one batch to its `PretrainingSums` on the device, so the
     separate losses and accuracies can be reported without keeping logits."""
     prediction_logits, relationship_logits = logits[0], logits[1]
     mlm_labels, nsp_labels = labels
@@ -56,29 +79,28 @@ def pretraining_batch_statistics(logits, labels):
     token_labels = mlm_labels[masked]
     nsp_logits = relationship_logits.float().view(-1, 2)
     nsp_labels = nsp_labels.view(-1)
-    stats = torch.stack([
-        torch.nn.functional.cross_entropy(token_logits, token_labels, reduction="sum"),
-        masked.sum().float(),
-        token_logits.argmax(-1).eq(token_labels).sum().float(),
-        torch.nn.functional.cross_entropy(nsp_logits, nsp_labels, reduction="sum"),
-        torch.tensor(float(nsp_labels.numel()), device=nsp_logits.device),
-        nsp_logits.argmax(-1).eq(nsp_labels).sum().float(),
-    ])
-    return stats.view(1, -1)
+    return PretrainingSums.row(
+        mlm_loss=torch.nn.functional.cross_entropy(token_logits, token_labels, reduction="sum"),
+        masked=masked.sum().float(),
+        mlm_correct=token_logits.argmax(-1).eq(token_labels).sum().float(),
+        nsp_loss=torch.nn.functional.cross_entropy(nsp_logits, nsp_labels, reduction="sum"),
+        pairs=torch.tensor(float(nsp_labels.numel()), device=nsp_logits.device),
+        nsp_correct=nsp_logits.argmax(-1).eq(nsp_labels).sum().float())
 
 
 class RunningPretrainingMetrics:
     """`compute_metrics` folding `pretraining_batch_statistics` over the evaluation set (per batch or all at once)."""
 
+    width = len(dataclasses.fields(PretrainingSums))
+
     def __init__(self):
-        self.totals = torch.zeros(6, dtype=torch.float64)
+        self.totals = torch.zeros(self.width, dtype=torch.float64)
 
     def __call__(self, eval_pred, compute_result=True):
-        batch = torch.as_tensor(eval_pred.predictions).reshape(-1, 6).sum(0).double()
+        batch = torch.as_tensor(eval_pred.predictions).reshape(-1, self.width).sum(0).double()
         self.totals = self.totals.to(batch.device) + batch
         if not compute_result:
             return {}
-        mlm_loss, masked, mlm_correct, nsp_loss, pairs, nsp_correct = _summed_over_processes(self.totals).tolist()
-        self.totals = torch.zeros(6, dtype=torch.float64)
-        return {"mlm_loss": mlm_loss / max(masked, 1), "mlm_accuracy": mlm_correct / max(masked, 1),
-                "nsp_loss": nsp_loss / max(pairs, 1), "nsp_accuracy": nsp_correct / max(pairs, 1)}
+        sums = PretrainingSums(*_summed_over_processes(self.totals).tolist())
+        self.totals = torch.zeros(self.width, dtype=torch.float64)
+        return sums.metrics()
