@@ -134,7 +134,7 @@ class SyntheticTokens(torch.utils.data.Dataset):
 
 
 def flops_per_token(model, seq):
-    """6·N + 12·L·H·S, N all parameters: the convention of shared/bench/hf_baseline_gpu.py."""
+    """6·N + 12·L·H·S, N all parameters: the convention of benchmarks/hf_baseline_gpu.py."""
     cfg = model.config
     return 6 * sum(p.numel() for p in model.parameters()) + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq
 

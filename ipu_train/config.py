@@ -1,7 +1,7 @@
 """IPUConfig: the schema of `ipu_config.json`, loading and saving, overrides, validation, layer -> stage map.
 
-The attribute set, defaults and behaviour follow optimum-graphcore's IPUConfig (see
-`shared/reference/ipu-semantics.md`), with its known gaps fixed: deprecated keys are accepted with a warning,
+The attribute set, defaults and behaviour follow optimum-graphcore's IPUConfig (its
+`optimum/graphcore/ipu_configuration.py`), with its known gaps fixed: deprecated keys are accepted with a warning,
 string overrides use the declared field types, and every change is validated: a field alone when it is assigned,
 the relations between fields by `update()`, `validate()` and every method the runtime calls, so that fields can be
 assigned one at a time through inconsistent states (as optimum-graphcore code does).
@@ -37,7 +37,8 @@ DEPRECATED_KEYS = {
     "decompose_grad_sum": "it no longer changes the compiled program",
     "execute_encoder_on_cpu_for_generation": "it was never implemented",
 }
-# Fields that keep meaning on IPUs only; the trainer logs them once when set (see DESIGN.md's mapping table).
+# Fields that keep meaning on IPUs only; the trainer logs them once when set (the README's "IPU configurations"
+# says what each becomes on PyTorch).
 IPU_ONLY_FIELDS = (
     "matmul_proportion",
     "inference_matmul_proportion",
