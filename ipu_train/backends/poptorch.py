@@ -10,6 +10,7 @@ import poptorch
 import torch
 
 from ..pipeline.heads import loss_of
+from ..pipeline.families import stage0_modules
 from ..pipeline.stages import transformer_layers
 from .base import DeviceSums, GroupResult, GroupSums, PendingHostRead
 
@@ -56,11 +57,12 @@ def build_options(ipu_config, *, training, compile_only=False):
 
 
 def annotate_stages(model, ipu_config, recompute):
-    """Embeddings on IPU 0 and each layer in a BeginBlock on its IPU (optimum-graphcore's placement); a
-    recomputation checkpoint on each layer output when asked."""
+    """The model family's stage-0 modules (the embeddings) on IPU 0 and each layer in a BeginBlock on its IPU
+    (optimum-graphcore's placement); a recomputation checkpoint on each layer output when asked."""
     layers = transformer_layers(model)
     stage_of = ipu_config.layer_stages(len(layers))
-    poptorch.BeginBlock(model.get_input_embeddings(), "Embedding", ipu_id=0)
+    for index, module in enumerate(stage0_modules(model)):
+        poptorch.BeginBlock(module, "Embedding" if index == 0 else f"Embedding{index}", ipu_id=0)
     for index, (layer, ipu) in enumerate(zip(layers, stage_of)):
         poptorch.BeginBlock(layer, f"Layer{index}", ipu_id=ipu)
         if recompute:
