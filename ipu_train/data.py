@@ -12,7 +12,7 @@ import re
 from typing import Any, ClassVar
 
 import torch
-from transformers import DataCollatorForPermutationLanguageModeling
+from transformers import DataCollatorForLanguageModeling, DataCollatorForPermutationLanguageModeling
 from transformers.data.data_collator import pad_without_fast_tokenizer_warning
 
 from ipu_train.errors import UserError
@@ -46,49 +46,41 @@ def masked_token_cap(seq_len: int, probability: float) -> int:
 
 
 @dataclasses.dataclass
-class DataCollatorForCappedMLM:
-    """Pad a list of tokenized examples and mask them for MLM, keeping at most a fixed number of masked tokens.
+class DataCollatorForCappedMLM(DataCollatorForLanguageModeling):
+    """transformers' MLM collator with a static cap on the masked tokens of each sequence.
 
-    - Each maskable token (not a special token, not padding) is selected with probability `mlm_probability`;
-      selected tokens become the mask token 80% of the time, a random non-special token 10%, and stay 10%
-      (`mask_replace_prob`, `random_replace_prob`). `labels` hold the original ids there and -100 elsewhere.
-    - `max_masked_tokens`: None (no cap: evaluation, which must never drop a masked token), an int, or "auto" =
-      `masked_token_cap(L, mlm_probability)` for the padded length L. Where more tokens were selected, a random
-      subset of `cap` tokens is kept, so a pipelined model can gather a fixed number of predictions.
-      `dataclasses.replace(collator, max_masked_tokens=None)` gives the evaluation collator.
-    - `whole_word_masking`: words are selected with probability `mlm_probability` and masked whole (the 80/10/10
-      choice is still per token, as in BERT's whole-word release); under a cap, whole words are kept in random
-      order while they fit. Word boundaries come from a `word_ids` column (`encoding.word_ids(i)` at tokenization,
-      None for special tokens): exact for every fast tokenizer, including byte-level BPE. Without that column a
-      WordPiece tokenizer's "##" continuation pieces mark the boundaries; other tokenizers then raise.
+    - Masking is the parent's: each maskable token (or word) is selected with probability `mlm_probability`, then
+      80% `[MASK]` / 10% a random token of the whole vocabulary / 10% kept (`mask_replace_prob`,
+      `random_replace_prob`); labels hold the original ids there and -100 elsewhere. Whole-word masking
+      (`whole_word_mask`, or `whole_word_masking` as the scripts spell it) masks every selected word with `[MASK]`,
+      as transformers does.
+    - Added here, `max_masked_tokens`: None (no cap: evaluation, which must never drop a masked token), an int, or
+      "auto" = `masked_token_cap(L, mlm_probability)` for the padded length L. Where more were selected, a random
+      subset of whole words (single tokens without whole-word masking) is kept while it fits under the cap, so a
+      pipelined model can gather a fixed number of predictions. `dataclasses.replace(collator,
+      max_masked_tokens=None)` gives the evaluation collator.
+    - Word boundaries come from a `word_ids` column (`encoding.word_ids(i)` at tokenization, None for special
+      tokens): exact for every fast tokenizer, including byte-level BPE. Without that column a WordPiece
+      tokenizer's "##" continuation pieces mark them; other tokenizers then raise.
     - `token_type_ids` and `next_sentence_label` pass through; `word_ids` and `special_tokens_mask` are consumed.
     """
 
     consumed_columns: ClassVar[tuple[str, ...]] = ("word_ids", "special_tokens_mask")  # read here, not by the model
 
-    tokenizer: Any
-    mlm_probability: float = 0.15
     max_masked_tokens: int | str | None = None
-    whole_word_masking: bool = False
-    pad_to_multiple_of: int | None = None
-    mask_replace_prob: float = 0.8
-    random_replace_prob: float = 0.1
+    whole_word_masking: dataclasses.InitVar[bool] = False  # the scripts' name for the parent's `whole_word_mask`
 
-    def __post_init__(self):
+    def __post_init__(self, whole_word_masking):
         if self.tokenizer.mask_token_id is None or self.tokenizer.pad_token_id is None:
             raise UserError("masked LM needs a tokenizer with mask and padding tokens: use one made for BERT or "
                             "RoBERTa (train_tokenizer.py --type wordpiece, or --type bpe --style roberta)")
-        if not 0 < self.mlm_probability < 1:
-            raise ValueError(f"mlm_probability must be between 0 and 1, got {self.mlm_probability}")
         if not (self.max_masked_tokens in (None, "auto")
                 or (isinstance(self.max_masked_tokens, int) and self.max_masked_tokens >= 1)):
             raise ValueError(f"max_masked_tokens must be None, 'auto' or an int >= 1; got {self.max_masked_tokens!r}")
-        if min(self.mask_replace_prob, self.random_replace_prob) < 0 \
-                or self.mask_replace_prob + self.random_replace_prob > 1:
-            raise ValueError("mask_replace_prob and random_replace_prob must be non-negative and sum to at most 1")
-        special = set(self.tokenizer.all_special_ids)
-        self._special_ids = torch.tensor(sorted(special), dtype=torch.long)
-        self._replacement_ids = torch.tensor([i for i in range(len(self.tokenizer)) if i not in special])
+        if self.return_tensors != "pt":
+            raise ValueError("the cap is applied to torch batches: return_tensors must be 'pt'")
+        self.whole_word_mask = self.whole_word_mask or whole_word_masking
+        super().__post_init__()
         self._continuation = None  # per-vocabulary "##" flags, built on first use without a word_ids column
 
     def cap_for(self, seq_len: int) -> int | None:
@@ -96,60 +88,62 @@ class DataCollatorForCappedMLM:
             return masked_token_cap(seq_len, self.mlm_probability)
         return self.max_masked_tokens
 
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        word_ids = [example.get("word_ids") for example in examples]
-        examples = [{key: value for key, value in example.items()
-                     if key not in ("word_ids", "special_tokens_mask", "labels")} for example in examples]
-        batch = pad_without_fast_tokenizer_warning(
-            self.tokenizer, examples, return_tensors="pt", pad_to_multiple_of=self.pad_to_multiple_of)
-        input_ids = batch["input_ids"]
-        maskable = ~torch.isin(input_ids, self._special_ids)
-        if "attention_mask" in batch:
-            maskable &= batch["attention_mask"].bool()
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.whole_word_mask:
+            examples = self._with_word_offsets(examples)
+        return super().torch_call([{key: value for key, value in example.items() if key != "word_ids"}
+                                   for example in examples])
 
-        if self.whole_word_masking:
-            words = self._word_index(input_ids, word_ids, maskable)
-            selected = self._select_whole_words(words)
-        else:
-            selected = maskable & (torch.rand(input_ids.shape) < self.mlm_probability)
-            selected = self._cap_tokens(selected)
+    def torch_mask_tokens(self, inputs, special_tokens_mask=None, offset_mapping=None):
+        inputs, labels = super().torch_mask_tokens(inputs, special_tokens_mask, offset_mapping)
+        if not self.whole_word_mask:  # whole words were capped when chosen, in _whole_word_mask
+            masked = labels != IGNORE_INDEX
+            each_token_a_word = torch.arange(masked.shape[1]).expand_as(masked)
+            dropped = masked & ~self._within_cap(masked, each_token_a_word)
+            inputs[dropped] = labels[dropped]  # labels hold the original ids of masked tokens
+            labels[dropped] = IGNORE_INDEX
+        return inputs, labels
 
-        labels = torch.where(selected, input_ids, IGNORE_INDEX)
-        batch["input_ids"] = self._corrupt(input_ids.clone(), selected)
-        batch["labels"] = labels
-        return dict(batch)
+    def _whole_word_mask(self, word_ids, mask):
+        """The parent's whole words (-1: special token), capped before their tokens are replaced."""
+        selected = torch.as_tensor(super()._whole_word_mask(word_ids, mask))
+        return self._within_cap(selected, torch.as_tensor(word_ids)).numpy()
 
-    def _cap_tokens(self, selected: torch.Tensor) -> torch.Tensor:
-        cap = self.cap_for(selected.shape[1])
-        if cap is None or cap >= selected.shape[1]:
+    def _within_cap(self, selected: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        """`selected`, less whole words dropped in a random order until each row holds at most `cap` tokens."""
+        rows, length = selected.shape
+        cap = self.cap_for(length)
+        if cap is None or cap >= length:
             return selected
-        # Random priorities, selected tokens first: the first `cap` positions of each row are the ones kept.
-        priority = torch.where(selected, torch.rand(selected.shape), 2.0)
-        kept = torch.zeros_like(selected)
-        kept.scatter_(1, priority.argsort(dim=1)[:, :cap], True)
-        return kept & selected
+        slot = words.clamp(min=0)  # word ids run up to `length`; -1 (special tokens, never selected) joins slot 0
+        word_size = torch.zeros(rows, length + 1, dtype=torch.long).scatter_add_(1, slot, selected.long())
+        chosen = word_size > 0
+        order = torch.where(chosen, torch.rand(chosen.shape, generator=self.generator), 2.0).argsort(dim=1)
+        running = word_size.gather(1, order).cumsum(dim=1)
+        fits = torch.zeros_like(chosen).scatter_(1, order, running <= cap)
+        return selected & fits.gather(1, slot)
 
-    def _word_index(self, input_ids, word_ids, maskable) -> torch.Tensor:
-        """Per token, the index of its word within the row (0, 1, ...), -1 for special tokens and padding."""
-        if any(ids is None for ids in word_ids):
-            starts = ~self._continuation_flags()[input_ids]
-        else:
-            ids = self._pad_word_ids(word_ids, input_ids.shape[1])
-            previous = torch.cat([torch.full_like(ids[:, :1], -1), ids[:, :-1]], dim=1)
-            starts = ids != previous
-        previous_maskable = torch.cat([torch.zeros_like(maskable[:, :1]), maskable[:, :-1]], dim=1)
-        starts = maskable & (starts | ~previous_maskable)
-        return torch.where(maskable, starts.long().cumsum(dim=1) - 1, -1)
+    def _with_word_offsets(self, examples):
+        # transformers finds words from character offsets, which pre-tokenized data lacks and tokenizer.pad does
+        # not pad: each row's word ids become offsets in which a token continues a word where it starts at the
+        # previous token's end, padded here to the length tokenizer.pad gives the batch.
+        longest = max(len(example["input_ids"]) for example in examples)
+        multiple = self.pad_to_multiple_of or 1
+        length = -(-longest // multiple) * multiple
+        with_offsets = []
+        for example in examples:
+            words = self._word_ids(example)
+            starts = torch.arange(len(words)) + words
+            offsets = torch.stack([starts, starts + 1], dim=1)
+            padding = torch.zeros(length - len(words), 2, dtype=torch.long)
+            pieces = (padding, offsets) if self.tokenizer.padding_side == "left" else (offsets, padding)
+            with_offsets.append({**example, "offset_mapping": torch.cat(pieces).tolist()})
+        return with_offsets
 
-    def _pad_word_ids(self, word_ids, length) -> torch.Tensor:
-        padded = torch.full((len(word_ids), length), -1, dtype=torch.long)
-        for row, ids in enumerate(word_ids):
-            ids = torch.tensor([-1 if i is None else i for i in ids], dtype=torch.long)
-            if self.tokenizer.padding_side == "left":
-                padded[row, length - len(ids):] = ids
-            else:
-                padded[row, :len(ids)] = ids
-        return padded
+    def _word_ids(self, example) -> torch.Tensor:
+        if example.get("word_ids") is not None:
+            return torch.tensor([-1 if word is None else word for word in example["word_ids"]], dtype=torch.long)
+        return (~self._continuation_flags()[torch.tensor(example["input_ids"])]).long().cumsum(dim=0)
 
     def _continuation_flags(self) -> torch.Tensor:
         if self._continuation is None:
@@ -163,33 +157,6 @@ class DataCollatorForCappedMLM:
                 flags[index] = token.startswith(prefix)
             self._continuation = flags
         return self._continuation
-
-    def _select_whole_words(self, words: torch.Tensor) -> torch.Tensor:
-        rows, length = words.shape
-        word_count = int(words.max()) + 1 if words.numel() else 0
-        if word_count == 0:
-            return torch.zeros_like(words, dtype=torch.bool)
-        valid = words >= 0
-        slot = words.clamp(min=0)
-        word_length = torch.zeros(rows, word_count, dtype=torch.long).scatter_add_(1, slot, valid.long())
-        chosen = (word_length > 0) & (torch.rand(rows, word_count) < self.mlm_probability)
-        cap = self.cap_for(length)
-        if cap is not None:
-            # Keep chosen words in a random order while their token count fits under the cap.
-            order = torch.where(chosen, torch.rand(rows, word_count), 2.0).argsort(dim=1)
-            running = torch.gather(word_length * chosen, 1, order).cumsum(dim=1)
-            fits = torch.zeros_like(chosen).scatter_(1, order, running <= cap)
-            chosen &= fits
-        return valid & torch.gather(chosen, 1, slot)
-
-    def _corrupt(self, input_ids: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-        draw = torch.rand(input_ids.shape)
-        to_mask = selected & (draw < self.mask_replace_prob)
-        to_random = selected & ~to_mask & (draw < self.mask_replace_prob + self.random_replace_prob)
-        input_ids[to_mask] = self.tokenizer.mask_token_id
-        choices = torch.randint(len(self._replacement_ids), (int(to_random.sum()),))
-        input_ids[to_random] = self._replacement_ids[choices]
-        return input_ids
 
 
 # ----------------------------------------------------------------------------------------------- NSP pairs

@@ -55,13 +55,13 @@ def test_masked_token_cap_is_a_multiple_of_16_above_two_sigma():
         assert cap % 16 == 0 and mean + 2 * math.sqrt(mean * 0.85) <= cap < mean + 2 * math.sqrt(mean * 0.85) + 16
 
 
-def synthetic_batch(tokenizer, rows=512, max_len=128, seed=0):
-    """[CLS] random word pieces [SEP] of random lengths (so the batch is padded)."""
+def synthetic_batch(tokenizer, rows=512, max_len=128, seed=0, full=False):
+    """[CLS] random word pieces [SEP] of random lengths (so the batch is padded), or all of `max_len` if `full`."""
     generator = torch.Generator().manual_seed(seed)
     first_plain = max(tokenizer.all_special_ids) + 1
     examples = []
     for _ in range(rows):
-        length = int(torch.randint(max_len // 2, max_len - 1, (1,), generator=generator))
+        length = max_len - 2 if full else int(torch.randint(max_len // 2, max_len - 1, (1,), generator=generator))
         body = torch.randint(first_plain, len(tokenizer), (length,), generator=generator).tolist()
         ids = [tokenizer.cls_token_id, *body, tokenizer.sep_token_id]
         examples.append({"input_ids": ids, "token_type_ids": [0] * len(ids), "attention_mask": [1] * len(ids)})
@@ -89,27 +89,31 @@ def test_dynamic_masking_statistics(bert):
     as_mask = (inputs == bert.mask_token_id).float().mean()
     kept = (inputs == original[masked]).float().mean()
     assert as_mask == pytest.approx(0.8, abs=0.02)
-    assert kept == pytest.approx(0.1 + 0.1 / (len(bert) - 5), abs=0.02)
+    assert kept == pytest.approx(0.1 + 0.1 / len(bert), abs=0.02)  # a random token is drawn from the whole vocabulary
     assert 1 - as_mask - kept == pytest.approx(0.1, abs=0.02)
-    assert not torch.isin(inputs[inputs != bert.mask_token_id], torch.tensor(bert.all_special_ids)).any()
 
 
-def test_cap_keeps_a_subset_and_uncapped_keeps_all(bert):
-    examples = synthetic_batch(bert, rows=256)
-    outputs = {}
-    for cap in (None, "auto", 12):
+@pytest.mark.parametrize("probability, max_len, full, cap", [
+    (0.15, 128, False, 12),
+    (0.5, 256, True, "auto"),  # 254 maskable tokens: the cap, 144, is 2 sigma above the mean, so some rows exceed it
+])
+def test_cap_keeps_a_subset_and_uncapped_keeps_all(bert, probability, max_len, full, cap):
+    examples = synthetic_batch(bert, rows=512, max_len=max_len, full=full)
+    masked = {}
+    for max_masked_tokens in (None, cap):
         torch.manual_seed(1)
-        outputs[cap] = DataCollatorForCappedMLM(bert, max_masked_tokens=cap)(examples)["labels"] != -100
-    uncapped = outputs[None]
-    length = uncapped.shape[1]
-    auto = masked_token_cap(length, 0.15)
-    assert uncapped.sum(1).max() > 12  # the fixture does exceed the small cap, so capping is exercised
-    for cap, limit in (("auto", auto), (12, 12)):
-        capped = outputs[cap]
-        assert capped.sum(1).max() <= limit
-        assert not (capped & ~uncapped).any()  # the cap only drops selected tokens
-        assert torch.equal(capped.sum(1), uncapped.sum(1).clamp(max=limit))
-    assert DataCollatorForCappedMLM(bert, max_masked_tokens="auto").cap_for(length) == auto
+        collator = DataCollatorForCappedMLM(bert, mlm_probability=probability, max_masked_tokens=max_masked_tokens)
+        batch = collator(examples)
+        masked[max_masked_tokens] = batch["labels"] != -100
+    uncapped, capped = masked[None], masked[cap]
+    limit = collator.cap_for(uncapped.shape[1])
+    assert limit == (12 if cap == 12 else masked_token_cap(uncapped.shape[1], probability))
+    assert uncapped.sum(1).max() > limit  # the fixture does exceed the cap, so capping is exercised
+    assert not (capped & ~uncapped).any()  # the cap only drops selected tokens
+    assert torch.equal(capped.sum(1), uncapped.sum(1).clamp(max=limit))
+    original = padded_originals(bert, examples, capped.shape[1])
+    assert torch.equal(batch["labels"][capped], original[capped])
+    assert torch.equal(batch["input_ids"][~capped], original[~capped])  # dropped tokens are restored
 
 
 def test_evaluation_collator_has_no_cap(bert):
@@ -178,10 +182,15 @@ def test_whole_word_masking_masks_whole_words(request, documents, tokenizer_dir)
     examples = tokenized_with_word_ids(tokenizer, documents[:200])
     assert any(len(set(e["word_ids"])) < len(e["word_ids"]) - 2 for e in examples)  # multi-piece words exist
     torch.manual_seed(4)
-    labels = DataCollatorForCappedMLM(tokenizer, whole_word_masking=True)(examples)["labels"]
+    batch = DataCollatorForCappedMLM(tokenizer, whole_word_masking=True)(examples)
+    labels = batch["labels"]
     masked = assert_whole_words(examples, labels)
     total = sum(sum(w is not None for w in e["word_ids"]) for e in examples)
     assert masked / total == pytest.approx(0.15, abs=0.03)
+    selected = labels != -100
+    original = padded_originals(tokenizer, examples, labels.shape[1])
+    assert torch.equal(labels[selected], original[selected])
+    assert (batch["input_ids"][selected] == tokenizer.mask_token_id).all()  # transformers: whole words all [MASK]
 
     torch.manual_seed(4)
     capped = DataCollatorForCappedMLM(tokenizer, whole_word_masking=True, max_masked_tokens=8)(examples)["labels"]
@@ -198,6 +207,17 @@ def test_whole_words_fill_the_cap_exactly(bert):
     collator = DataCollatorForCappedMLM(bert, mlm_probability=0.9, whole_word_masking=True, max_masked_tokens=8)
     masked = collator(examples)["labels"] != -100
     assert masked.sum(1).tolist() == [8] * len(examples)
+
+
+def test_whole_word_evaluation_collator_keeps_whole_words_uncapped(bert, documents):
+    examples = tokenized_with_word_ids(bert, documents[:50])
+    training = DataCollatorForCappedMLM(bert, mlm_probability=0.9, whole_word_masking=True, max_masked_tokens=8)
+    evaluation = dataclasses.replace(training, max_masked_tokens=None)
+    assert evaluation.whole_word_mask and training == DataCollatorForCappedMLM(
+        bert, mlm_probability=0.9, whole_word_mask=True, max_masked_tokens=8)  # transformers' name for the option
+    labels = evaluation(examples)["labels"]
+    assert_whole_words(examples, labels)
+    assert (labels != -100).sum(1).max() > 8
 
 
 def test_wordpiece_boundaries_without_word_ids(bert, documents):
