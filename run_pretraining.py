@@ -183,7 +183,7 @@ def main(argv=None):
         train_collator = DataCollatorForCappedMLM(
             tokenizer, mlm_probability=data_args.mlm_probability,
             max_masked_tokens=masked_token_cap(max_seq_length, data_args.mlm_probability),
-            whole_word_masking=data_args.whole_word_masking,
+            whole_word_mask=data_args.whole_word_masking,
             pad_to_multiple_of=max_seq_length if data_args.pad_to_max_length else 8)
         eval_collator = dataclasses.replace(train_collator, max_masked_tokens=None)
     with_accuracy = training_args.do_eval and not training_args.prediction_loss_only

@@ -52,8 +52,7 @@ class DataCollatorForCappedMLM(DataCollatorForLanguageModeling):
     - Masking is the parent's: each maskable token (or word) is selected with probability `mlm_probability`, then
       80% `[MASK]` / 10% a random token of the whole vocabulary / 10% kept (`mask_replace_prob`,
       `random_replace_prob`); labels hold the original ids there and -100 elsewhere. Whole-word masking
-      (`whole_word_mask`, or `whole_word_masking` as the scripts spell it) masks every selected word with `[MASK]`,
-      as transformers does.
+      (`whole_word_mask`) masks every selected word with `[MASK]`, as transformers does.
     - Added here, `max_masked_tokens`: None (no cap: evaluation, which must never drop a masked token), an int, or
       "auto" = `masked_token_cap(L, mlm_probability)` for the padded length L. Where more were selected, a random
       subset of whole words (single tokens without whole-word masking) is kept while it fits under the cap, so a
@@ -68,9 +67,8 @@ class DataCollatorForCappedMLM(DataCollatorForLanguageModeling):
     consumed_columns: ClassVar[tuple[str, ...]] = ("word_ids", "special_tokens_mask")  # read here, not by the model
 
     max_masked_tokens: int | str | None = None
-    whole_word_masking: dataclasses.InitVar[bool] = False  # the scripts' name for the parent's `whole_word_mask`
 
-    def __post_init__(self, whole_word_masking):
+    def __post_init__(self):
         if self.tokenizer.mask_token_id is None or self.tokenizer.pad_token_id is None:
             raise UserError("masked LM needs a tokenizer with mask and padding tokens: use one made for BERT or "
                             "RoBERTa (train_tokenizer.py --type wordpiece, or --type bpe --style roberta)")
@@ -79,7 +77,6 @@ class DataCollatorForCappedMLM(DataCollatorForLanguageModeling):
             raise ValueError(f"max_masked_tokens must be None, 'auto' or an int >= 1; got {self.max_masked_tokens!r}")
         if self.return_tensors != "pt":
             raise ValueError("the cap is applied to torch batches: return_tensors must be 'pt'")
-        self.whole_word_mask = self.whole_word_mask or whole_word_masking
         super().__post_init__()
         self._continuation = None  # per-vocabulary "##" flags, built on first use without a word_ids column
 

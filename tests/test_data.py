@@ -182,7 +182,7 @@ def test_whole_word_masking_masks_whole_words(request, documents, tokenizer_dir)
     examples = tokenized_with_word_ids(tokenizer, documents[:200])
     assert any(len(set(e["word_ids"])) < len(e["word_ids"]) - 2 for e in examples)  # multi-piece words exist
     torch.manual_seed(4)
-    batch = DataCollatorForCappedMLM(tokenizer, whole_word_masking=True)(examples)
+    batch = DataCollatorForCappedMLM(tokenizer, whole_word_mask=True)(examples)
     labels = batch["labels"]
     masked = assert_whole_words(examples, labels)
     total = sum(sum(w is not None for w in e["word_ids"]) for e in examples)
@@ -193,7 +193,7 @@ def test_whole_word_masking_masks_whole_words(request, documents, tokenizer_dir)
     assert (batch["input_ids"][selected] == tokenizer.mask_token_id).all()  # transformers: whole words all [MASK]
 
     torch.manual_seed(4)
-    capped = DataCollatorForCappedMLM(tokenizer, whole_word_masking=True, max_masked_tokens=8)(examples)["labels"]
+    capped = DataCollatorForCappedMLM(tokenizer, whole_word_mask=True, max_masked_tokens=8)(examples)["labels"]
     assert_whole_words(examples, capped, cap=8)
     assert not ((capped != -100) & (labels == -100)).any()
 
@@ -204,17 +204,16 @@ def test_whole_words_fill_the_cap_exactly(bert):
     for example in examples:
         example["word_ids"] = [None, *range(len(example["input_ids"]) - 2), None]
     torch.manual_seed(6)
-    collator = DataCollatorForCappedMLM(bert, mlm_probability=0.9, whole_word_masking=True, max_masked_tokens=8)
+    collator = DataCollatorForCappedMLM(bert, mlm_probability=0.9, whole_word_mask=True, max_masked_tokens=8)
     masked = collator(examples)["labels"] != -100
     assert masked.sum(1).tolist() == [8] * len(examples)
 
 
 def test_whole_word_evaluation_collator_keeps_whole_words_uncapped(bert, documents):
     examples = tokenized_with_word_ids(bert, documents[:50])
-    training = DataCollatorForCappedMLM(bert, mlm_probability=0.9, whole_word_masking=True, max_masked_tokens=8)
+    training = DataCollatorForCappedMLM(bert, mlm_probability=0.9, whole_word_mask=True, max_masked_tokens=8)
     evaluation = dataclasses.replace(training, max_masked_tokens=None)
-    assert evaluation.whole_word_mask and training == DataCollatorForCappedMLM(
-        bert, mlm_probability=0.9, whole_word_mask=True, max_masked_tokens=8)  # transformers' name for the option
+    assert evaluation.whole_word_mask and not training.random_replace_prob  # transformers: every word [MASK]
     labels = evaluation(examples)["labels"]
     assert_whole_words(examples, labels)
     assert (labels != -100).sum(1).max() > 8
@@ -222,7 +221,7 @@ def test_whole_word_evaluation_collator_keeps_whole_words_uncapped(bert, documen
 
 def test_wordpiece_boundaries_without_word_ids(bert, documents):
     examples = tokenized_with_word_ids(bert, documents[:50])
-    collator = DataCollatorForCappedMLM(bert, whole_word_masking=True)
+    collator = DataCollatorForCappedMLM(bert, whole_word_mask=True)
     torch.manual_seed(5)
     with_ids = collator(examples)["labels"]
     torch.manual_seed(5)
@@ -233,7 +232,7 @@ def test_wordpiece_boundaries_without_word_ids(bert, documents):
 def test_whole_words_without_word_ids_need_wordpiece(roberta_tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(roberta_tokenizer_dir)
     with pytest.raises(ValueError, match="word_ids"):
-        DataCollatorForCappedMLM(tokenizer, whole_word_masking=True)([{"input_ids": tokenizer("a b c")["input_ids"]}])
+        DataCollatorForCappedMLM(tokenizer, whole_word_mask=True)([{"input_ids": tokenizer("a b c")["input_ids"]}])
 
 
 # ----------------------------------------------------------------------------------------------- NSP pairs
