@@ -99,7 +99,6 @@ class TrainingGroup(Protocol):
 
 class Backend(Protocol):
     device: torch.device
-    scaler: Optional[object]  # the loss scaler, if any (fp16)
     last_learning_rate: Optional[float]  # the rate of the last optimizer step run (a host float)
     reports_grad_norm: bool  # whether GroupSums.grad_norm holds the gradient norm
 
