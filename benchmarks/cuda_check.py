@@ -7,7 +7,7 @@
 - a GPT-2 patched with the serialized head gives the unpatched model's loss and gradients on the GPU.
 Then one measurement: forward and backward of the GPT-2 head at the benchmark's size, plain (logits +
 cross-entropy), chunked, and chunked with the vocabulary padded to a multiple of 64 (the default), to show what the
-aligned matmuls are worth on this card. Last, a check: a group's sums on their way to the host (`HostBound`) start
+aligned matmuls are worth on this card. Last, a check: a group's sums on their way to the host (`PendingHostRead`) start
 their copy with no host synchronisation and are read without waiting for kernels launched after them.
 Prints one line per check and exits non-zero on the first failure."""
 import sys
@@ -16,7 +16,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from ipu_train.backends.torch import HostBound
+from ipu_train.backends.base import DeviceSums, EvalSums, PendingHostRead
 from ipu_train.optim import LAMB
 from ipu_train.pipeline.heads import chunked_lm_loss, enable_serialized_heads, sparse_mlm_loss
 
@@ -96,19 +96,22 @@ def check_no_host_sync():
 def check_deferred_read_waits_for_its_own_kernels():
     import time
 
-    sums = torch.arange(4.0, device=DEVICE)
+    sums = DeviceSums(EvalSums, DEVICE)
+    sums.tensor.copy_(torch.arange(3.0, device=DEVICE))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        pending = HostBound(sums * 2)  # starting the copy makes no host synchronisation
+        sums.tensor *= 2
+        pending = PendingHostRead(sums)  # starting the copy makes no host synchronisation
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda._sleep(4 * 10 ** 9)  # about two seconds of device work launched after the copy
     started = time.perf_counter()
-    values = pending.values()
+    values = pending.result()
     waited = time.perf_counter() - started
     torch.cuda.synchronize()
-    report("a HostBound read waits for its own kernels only", values == [0.0, 2.0, 4.0, 6.0] and waited < 0.5,
+    report("a PendingHostRead waits for its own kernels only",
+           values == EvalSums(loss=0.0, counted=2.0, samples=4.0) and waited < 0.5,
            f"read {values} after {waited * 1e3:.1f} ms while about 2 s of later device work ran")
 
 
