@@ -82,6 +82,14 @@ class ParallelLayout:
         return values
 
 
+def check_replication(ipu_config, args):
+    """Refuse, before any work, replicas that cannot be spread over the processes that run; the trainer's layout
+    fits them later, when it is built."""
+    if args.device_type != "ipu":
+        for key in REPLICATION_KEYS:
+            replicas_that_fit(ipu_config, key, args.world_size)
+
+
 def replicas_that_fit(ipu_config, key, processes):
     """What `key` (a replication factor) becomes on `processes` processes: the world size when left at 1, itself when
     a multiple of it; any other value is a one-line error listing what fits."""

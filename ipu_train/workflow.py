@@ -7,7 +7,7 @@ import datasets
 from transformers import set_seed
 
 from .arguments import IPUTrainingArguments, load_ipu_config
-from .parallel import replicas_that_fit
+from .parallel import check_replication, replicas_that_fit
 from .checkpoint import resume_checkpoint
 from .cli import ScriptArgumentParser, setup_logging
 from .data import group_texts
@@ -26,7 +26,8 @@ TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "special_token
 def start(data_arguments_class, argv=None, model_arguments_class=ModelArguments):
     """Parse the flags (or one .json/.yaml file) into model, data and training arguments; set up logging; check that
     --output_dir can be written; find the checkpoint to resume from (or refuse a non-empty --output_dir); check that
-    --push_to_hub can upload; load the IPU configuration; seed everything. Nothing is processed, and nothing
+    --push_to_hub can upload; load the IPU configuration and check that its replicas fit the processes; seed
+    everything. Nothing is processed, and nothing
     written, before these checks.
     Returns (model_args, data_args, training_args, ipu_config, last_checkpoint)."""
     parser = ScriptArgumentParser((model_arguments_class, data_arguments_class, IPUTrainingArguments))
@@ -37,6 +38,7 @@ def start(data_arguments_class, argv=None, model_arguments_class=ModelArguments)
     last_checkpoint = resume_checkpoint(training_args)
     check_hub_access(training_args)
     ipu_config = load_ipu_config(training_args, model_args.model_name_or_path)
+    check_replication(ipu_config, training_args)
     set_seed(training_args.seed)
     return model_args, data_args, training_args, ipu_config, last_checkpoint
 

@@ -302,3 +302,16 @@ def test_pretraining_reads_an_empty_csv_cell_as_an_empty_document(text_files, wo
     run_pretraining.main(pretraining_args(text_files, wordpiece_tokenizer_dir, out, "--do_train", "--max_steps", "2",
                                           "--train_file", str(csv), "--validation_file", str(csv)))
     assert (out / "model.safetensors").is_file()
+
+
+def test_replicas_that_do_not_fit_the_processes_are_refused_before_any_data(text_files, bpe_tokenizer_dir, tmp_path,
+                                                                           capsys, monkeypatch):
+    from ipu_train.arguments import IPUTrainingArguments
+
+    monkeypatch.setattr(IPUTrainingArguments, "world_size", property(lambda self: 4))  # as under torchrun
+    monkeypatch.setattr(run_clm, "load_raw_datasets", lambda *a, **k: pytest.fail("data read"))
+    out = tmp_path / "out"
+    argv = clm_args(text_files, bpe_tokenizer_dir, out, "--do_train", "--max_steps", "2",
+                    "--ipu_config_overrides", "replication_factor=6")
+    expect_refused(run_clm.main, argv, capsys, out, "replication_factor=6 does not divide over the 4 process(es)",
+                   "--nproc_per_node N` with N one of 1, 2, 3, 6")
