@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from ipu_train.backends.base import Backend, DeviceSums, GroupSums, PendingHostRead, TrainingGroup
+from ipu_train.arguments import IPUTrainingArguments
 from ipu_train.backends.torch import TorchBackend
+from ipu_train.config import IPUConfig
+from ipu_train.parallel import ParallelLayout
 
 from .test_poptorch_backend import backend_module, poptorch  # noqa: F401 (a fixture)
 
@@ -26,8 +29,12 @@ def _check_implements(cls, protocol):
         assert list(inspect.signature(getattr(cls, name)).parameters) == list(expected.parameters), name
 
 
-def test_the_torch_backend_implements_the_interface():
+def test_the_torch_backend_implements_the_interface(tmp_path):
     _check_implements(TorchBackend, Backend)
+    args = IPUTrainingArguments(output_dir=str(tmp_path), device_type="cpu")
+    backend = TorchBackend(args, IPUConfig(), ParallelLayout.build(IPUConfig(), args))
+    for name in Backend.__annotations__:
+        assert hasattr(backend, name), f"TorchBackend lacks the attribute {name}"
     from ipu_train.backends.torch import _TorchGroup
     _check_implements(_TorchGroup, TrainingGroup)
 

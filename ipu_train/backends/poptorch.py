@@ -117,9 +117,7 @@ class PopTorchBackend:  # implements backends.base.Backend
         self.training_model = poptorch.trainingModel(self.model, options=options, optimizer=optimizer)
 
     def train_loader(self, dataset, collator, order, start_step, seed):
-        cfg = self.ipu_config
-        first = (start_step * self.args.per_device_train_batch_size * cfg.gradient_accumulation_steps
-                 * cfg.replication_factor)
+        first = start_step * self.args.per_device_train_batch_size * self.layout.accumulation * self.layout.replicas
         subset = torch.utils.data.Subset(dataset, order[first:])
         return self._loader(build_options(self.ipu_config, training=True), subset, collator,
                             self.args.per_device_train_batch_size, drop_last=True)
