@@ -6,11 +6,14 @@ checkpointed RNG state reproduce the masks on resume. The NSP builder is seeded 
 """
 import dataclasses
 import functools
+import itertools
 import math
 import random
 import re
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from transformers import DataCollatorForLanguageModeling, DataCollatorForPermutationLanguageModeling
 from transformers.data.data_collator import pad_without_fast_tokenizer_warning
@@ -59,8 +62,8 @@ class DataCollatorForCappedMLM(DataCollatorForLanguageModeling):
       pipelined model can gather a fixed number of predictions. `dataclasses.replace(collator,
       max_masked_tokens=None)` gives the evaluation collator.
     - Word boundaries come from a `word_ids` column (`encoding.word_ids(i)` at tokenization, None for special
-      tokens): exact for every fast tokenizer, including byte-level BPE. Without that column a WordPiece
-      tokenizer's "##" continuation pieces mark them; other tokenizers then raise.
+      tokens): exact for every fast tokenizer, including byte-level BPE. Without that column (and for examples given as
+      lists of ids) a WordPiece tokenizer's "##" continuation pieces mark them; other tokenizers then raise.
     - `token_type_ids` and `next_sentence_label` pass through; `word_ids` and `special_tokens_mask` are consumed.
     """
 
@@ -85,13 +88,19 @@ class DataCollatorForCappedMLM(DataCollatorForLanguageModeling):
             return masked_token_cap(seq_len, self.mlm_probability)
         return self.max_masked_tokens
 
-    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        if self.whole_word_mask:
-            examples = self._with_word_offsets(examples)
-        return super().torch_call([{key: value for key, value in example.items() if key != "word_ids"}
-                                   for example in examples])
+    def torch_call(self, examples: list[dict[str, Any] | list[int]]) -> dict[str, torch.Tensor]:
+        if not isinstance(examples[0], Mapping):  # lists of ids: the parent pads them, WordPiece pieces give words
+            return super().torch_call(examples)
+        stripped = [{key: value for key, value in example.items() if key != "word_ids"} for example in examples]
+        if self.whole_word_mask and examples[0].get("word_ids") is not None:
+            offsets = self._offsets(self._padded_word_ids(examples)).numpy()
+            for example, row in zip(stripped, offsets):
+                example["offset_mapping"] = row  # rows of one array: tokenizer.pad stacks them, no list of pairs
+        return super().torch_call(stripped)
 
     def torch_mask_tokens(self, inputs, special_tokens_mask=None, offset_mapping=None):
+        if self.whole_word_mask and offset_mapping is None:  # no word_ids column: "##" pieces continue a word
+            offset_mapping = self._offsets((~self._continuation_flags()[inputs]).long().cumsum(dim=1))
         inputs, labels = super().torch_mask_tokens(inputs, special_tokens_mask, offset_mapping)
         if not self.whole_word_mask:  # whole words were capped when chosen, in _whole_word_mask
             masked = labels != IGNORE_INDEX
@@ -102,9 +111,16 @@ class DataCollatorForCappedMLM(DataCollatorForLanguageModeling):
         return inputs, labels
 
     def _whole_word_mask(self, word_ids, mask):
-        """The parent's whole words (-1: special token), capped before their tokens are replaced."""
-        selected = torch.as_tensor(super()._whole_word_mask(word_ids, mask))
-        return self._within_cap(selected, torch.as_tensor(word_ids)).numpy()
+        """The parent's whole words (-1: special token), capped before their tokens are replaced.
+
+        A word is selected where any of its tokens is: a scatter over word ids, O(B·L) where the parent compares
+        every pair of tokens (a [B, L, L] array). Word ids run from -1 to L: slot id + 1 of L + 2, slot 0 never chosen.
+        """
+        words = torch.from_numpy(word_ids)
+        slot = words + 1
+        chosen = torch.zeros(words.shape[0], words.shape[1] + 2, dtype=torch.bool)
+        chosen.scatter_reduce_(1, slot, torch.as_tensor(mask) & (words >= 0), "amax")
+        return self._within_cap(chosen.gather(1, slot), words).numpy()
 
     def _within_cap(self, selected: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
         """`selected`, less whole words dropped in a random order until each row holds at most `cap` tokens."""
@@ -120,27 +136,28 @@ class DataCollatorForCappedMLM(DataCollatorForLanguageModeling):
         fits = torch.zeros_like(chosen).scatter_(1, order, running <= cap)
         return selected & fits.gather(1, slot)
 
-    def _with_word_offsets(self, examples):
-        # transformers finds words from character offsets, which pre-tokenized data lacks and tokenizer.pad does
-        # not pad: each row's word ids become offsets in which a token continues a word where it starts at the
-        # previous token's end, padded here to the length tokenizer.pad gives the batch.
-        longest = max(len(example["input_ids"]) for example in examples)
-        multiple = self.pad_to_multiple_of or 1
-        length = -(-longest // multiple) * multiple
-        with_offsets = []
-        for example in examples:
-            words = self._word_ids(example)
-            starts = torch.arange(len(words)) + words
-            offsets = torch.stack([starts, starts + 1], dim=1)
-            padding = torch.zeros(length - len(words), 2, dtype=torch.long)
-            pieces = (padding, offsets) if self.tokenizer.padding_side == "left" else (offsets, padding)
-            with_offsets.append({**example, "offset_mapping": torch.cat(pieces).tolist()})
-        return with_offsets
+    @staticmethod
+    def _offsets(words: torch.Tensor) -> torch.Tensor:
+        # transformers finds words from character offsets, which pre-tokenized data lacks: a token continues a word
+        # where it starts at the previous token's end, so each token's word index becomes [i + word, i + word + 1).
+        starts = torch.arange(words.shape[1]) + words
+        return torch.stack([starts, starts + 1], dim=2)
 
-    def _word_ids(self, example) -> torch.Tensor:
-        if example.get("word_ids") is not None:
-            return torch.tensor([-1 if word is None else word for word in example["word_ids"]], dtype=torch.long)
-        return (~self._continuation_flags()[torch.tensor(example["input_ids"])]).long().cumsum(dim=0)
+    def _padded_word_ids(self, examples) -> torch.Tensor:
+        """The `word_ids` column as one [B, L] tensor (-1: special token or padding), padded as tokenizer.pad pads."""
+        lengths = torch.tensor([len(example["input_ids"]) for example in examples])
+        multiple = self.pad_to_multiple_of or 1
+        length = -(-int(lengths.max()) // multiple) * multiple
+        column = itertools.chain.from_iterable(example["word_ids"] for example in examples)
+        words = torch.from_numpy(np.array(list(column), dtype=float)).nan_to_num(-1).long()  # None: NaN, then -1
+        position = torch.arange(length)
+        if self.tokenizer.padding_side == "left":
+            real = position >= length - lengths[:, None]
+        else:
+            real = position < lengths[:, None]
+        padded = torch.full((len(examples), length), -1)
+        padded[real] = words  # row-major, as the column runs
+        return padded
 
     def _continuation_flags(self) -> torch.Tensor:
         if self._continuation is None:

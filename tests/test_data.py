@@ -1,11 +1,13 @@
 """ipu_train.data: grouping, capped dynamic masking, whole-word masking, NSP pairs, PLM batches."""
 import dataclasses
 import math
+import warnings
 
 import datasets
 import pytest
 import torch
-from transformers import AutoTokenizer, DataCollatorForPermutationLanguageModeling, XLNetConfig, XLNetLMHeadModel
+from transformers import (AutoTokenizer, DataCollatorForLanguageModeling, DataCollatorForPermutationLanguageModeling,
+                          XLNetConfig, XLNetLMHeadModel)
 
 from ipu_train.data import (DataCollatorForCappedMLM, DataCollatorForPLM, build_nsp_pairs, group_texts,
                             masked_token_cap, nsp_pair_builder, read_text_documents, split_sentences)
@@ -231,8 +233,93 @@ def test_wordpiece_boundaries_without_word_ids(bert, documents):
 
 def test_whole_words_without_word_ids_need_wordpiece(roberta_tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(roberta_tokenizer_dir)
-    with pytest.raises(ValueError, match="word_ids"):
-        DataCollatorForCappedMLM(tokenizer, whole_word_mask=True)([{"input_ids": tokenizer("a b c")["input_ids"]}])
+    ids = tokenizer("a b c")["input_ids"]
+    for examples in ([{"input_ids": ids}], [ids]):
+        with pytest.raises(ValueError, match="word_ids"):
+            DataCollatorForCappedMLM(tokenizer, whole_word_mask=True)(examples)
+
+
+def test_evaluation_copy_does_not_repeat_the_whole_word_warning(bert):
+    with pytest.warns(UserWarning, match="Random token replacement"):
+        training = DataCollatorForCappedMLM(bert, whole_word_mask=True, max_masked_tokens=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the copy gets mask_replace_prob=1 from the training collator: no warning
+        dataclasses.replace(training, max_masked_tokens=None)
+
+
+class QuadraticWholeWords(DataCollatorForCappedMLM):
+    """The previous whole-word path, as the reference: offsets as per-row Python lists of pairs, and transformers'
+    own [B, L, L] same-word comparison."""
+
+    def torch_call(self, examples):
+        longest = max(len(example["input_ids"]) for example in examples)
+        multiple = self.pad_to_multiple_of or 1
+        length = -(-longest // multiple) * multiple
+        rows = []
+        for example in examples:
+            if example.get("word_ids") is not None:
+                words = torch.tensor([-1 if word is None else word for word in example["word_ids"]])
+            else:
+                words = (~self._continuation_flags()[torch.tensor(example["input_ids"])]).long().cumsum(dim=0)
+            starts = torch.arange(len(words)) + words
+            offsets = torch.stack([starts, starts + 1], dim=1)
+            padding = torch.zeros(length - len(words), 2, dtype=torch.long)
+            pieces = (padding, offsets) if self.tokenizer.padding_side == "left" else (offsets, padding)
+            rows.append({**{key: value for key, value in example.items() if key != "word_ids"},
+                         "offset_mapping": torch.cat(pieces).tolist()})
+        return DataCollatorForLanguageModeling.torch_call(self, rows)
+
+    def _whole_word_mask(self, word_ids, mask):
+        selected = torch.as_tensor(DataCollatorForLanguageModeling._whole_word_mask(word_ids, mask))
+        return self._within_cap(selected, torch.as_tensor(word_ids)).numpy()
+
+
+def test_whole_word_hook_matches_the_parents(bert):
+    collator = DataCollatorForCappedMLM(bert, whole_word_mask=True)  # uncapped: the hook is the parent's selection
+    generator = torch.Generator().manual_seed(0)
+    for rows, length in [(1, 1), (3, 7), (8, 64), (2, 500)]:
+        word_ids = torch.randint(-1, length + 1, (rows, length), generator=generator).numpy()  # any order, 0 and -1
+        mask = torch.rand(rows, length, generator=generator) < 0.3  # also on -1, which the parent ignores
+        expected = DataCollatorForLanguageModeling._whole_word_mask(word_ids, mask)
+        assert (collator._whole_word_mask(word_ids, mask) == expected).all()
+
+
+def random_word_ids(length, generator):
+    """None, words of 1-4 pieces (a None between segments now and then), None."""
+    words, word = [], 0
+    while len(words) < length - 2:
+        if torch.rand(1, generator=generator) < 0.03:
+            words.append(None)
+        words.extend([word] * int(torch.randint(1, 5, (1,), generator=generator)))
+        word += 1
+    return [None, *words[:length - 2], None]
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_whole_words_match_the_quadratic_reference(wordpiece_tokenizer_dir, padding_side):
+    # Same seed, same masks and replacements as the previous implementation, with and without a word_ids column.
+    tokenizer = AutoTokenizer.from_pretrained(wordpiece_tokenizer_dir, padding_side=padding_side)
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(24):
+        rows, max_len = [(1, 9), (4, 40), (16, 128), (3, 300)][trial % 4]
+        examples = synthetic_batch(tokenizer, rows=rows, max_len=max_len, seed=trial, full=trial % 5 == 0)
+        for example in examples:
+            example["word_ids"] = random_word_ids(len(example["input_ids"]), generator)
+            if trial % 3 == 0:
+                example["special_tokens_mask"] = [int(word is None) for word in example["word_ids"]]
+        options = dict(mlm_probability=[0.15, 0.5, 0.9][trial % 3], max_masked_tokens=[None, "auto", 3][trial % 3],
+                       pad_to_multiple_of=[None, 8][trial % 2], whole_word_mask=True, seed=trial)
+        without_word_ids = [{key: value for key, value in e.items() if key != "word_ids"} for e in examples]
+        new, reference = DataCollatorForCappedMLM(tokenizer, **options), QuadraticWholeWords(tokenizer, **options)
+        for batch in (examples, without_word_ids, examples):  # the generators run on from call to call
+            expected = reference(batch)
+            got = new(batch)
+            assert got.keys() == expected.keys()
+            assert all(torch.equal(got[key], expected[key]) for key in got)
+        as_lists = new([e["input_ids"] for e in examples])  # lists of ids: "##" pieces, as dicts without word_ids
+        expected = reference([{"input_ids": e["input_ids"]} for e in examples])
+        assert torch.equal(as_lists["input_ids"], expected["input_ids"])
+        assert torch.equal(as_lists["labels"], expected["labels"])
 
 
 # ----------------------------------------------------------------------------------------------- NSP pairs
