@@ -611,7 +611,8 @@ class IPUTrainer(Trainer):
             return (collator(rows) for i, rows in enumerate(_chunked(dataset, micro)) if i % world == rank)
         base, extra = divmod(len(dataset), world)
         first = rank * base + min(rank, extra)
-        return self.backend.eval_loader(dataset, collator, list(range(first, first + base + (rank < extra))))
+        return self.backend.eval_loader(dataset, collator, list(range(first, first + base + (rank < extra))),
+                                        self.label_names)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
@@ -631,7 +632,7 @@ class IPUTrainer(Trainer):
         with cfg.in_mode("inference"):  # back to the previous mode on exit, errors included
             for inputs, last in _with_last(dataloader):
                 inputs = self.backend.to_device(inputs)
-                outputs = self.backend.eval_outputs(model, inputs)
+                outputs, inputs = self.backend.eval_outputs(model, inputs)
                 labels = _labels(inputs, self.label_names)
                 size = next(v for v in inputs.values() if torch.is_tensor(v)).shape[0]
                 sums.add("samples", size)

@@ -1,9 +1,10 @@
-"""The IPU backend against a recording double of the `poptorch` module (the Poplar SDK is not installable here):
-the options it sets for training and inference, a BeginBlock per layer on its IPU, recomputation checkpoints, the
-trainingModel wrapping with PopTorch's optimizer, and a whole IPUTrainer run through it."""
+"""The IPU backend against the strict PopTorch double (tests/poptorch_double.py: PopTorch 3.4's names, argument
+checks and refusals, each citing its source; the Poplar SDK is not installable here): the options of each mode,
+blocks placed once per layout with the tied head on IPU 0, one loss per training executable, the two executables
+taking the IPUs in turn, evaluation in static shapes with the padding left out, the loss of each output mode, the
+seed set once, and PopTorch's optimizers."""
 import importlib
 import sys
-import types
 
 import pytest
 import torch
@@ -11,135 +12,15 @@ import torch
 from ipu_train.config import IPUConfig
 
 from ._trainer_fixtures import collate, tiny_gpt2, token_rows
-
-
-class Chain:
-    """Records every method call made on it (under a dotted name) and returns itself, so calls can be chained."""
-
-    def __init__(self, log, prefix=""):
-        self._log, self._prefix = log, prefix
-
-    def __getattr__(self, name):
-        def call(*args, **kwargs):
-            self._log.append((self._prefix + name, args, kwargs))
-            return self
-        return call
-
-
-class Options(Chain):
-    def __init__(self):
-        super().__init__([])
-        self.Training = Chain(self._log, "Training.")
-        self.TensorLocations = Chain(self._log, "TensorLocations.")
-        self.Precision = Chain(self._log, "Precision.")
-
-    def calls(self, name):
-        return [args for called, args, _ in self._log if called == name]
-
-    def value(self, name, default=1):
-        found = self.calls(name)
-        return found[-1][0] if found else default
-
-
-def make_poptorch():
-    fake = types.ModuleType("poptorch")
-    fake.blocks, fake.checkpoints, fake.wrapped = [], [], []
-    fake.Options = Options
-    fake.ReductionType = types.SimpleNamespace(Mean="Mean", Sum="Sum")
-    fake.OutputMode = types.SimpleNamespace(All="All", Sum="Sum", Final="Final", Default="Default")
-    fake.AutoStage = types.SimpleNamespace(AutoIncrement="AutoIncrement")
-    fake.DataLoaderMode = types.SimpleNamespace(Sync="Sync", Async="Async", AsyncRebatched="AsyncRebatched")
-    fake.PipelinedExecution = lambda stage: ("PipelinedExecution", stage)
-    fake.ShardedExecution = lambda: ("ShardedExecution",)
-    fake.TensorLocationSettings = lambda: Chain(fake_settings, "")
-    fake_settings = fake.settings = []
-
-    def begin_block(module, user_id, ipu_id):
-        fake.blocks.append((user_id, ipu_id))
-        return module
-
-    def recomputation_checkpoint(tensor):
-        fake.checkpoints.append(tuple(tensor.shape))
-        return tensor
-
-    class TrainingModel:
-        """Stands in for the device: one call runs device_iterations optimizer steps of GA micro-batches."""
-
-        def __init__(self, model, options, optimizer):
-            self.model, self.options, self.optimizer = model, options, optimizer
-            self.set_optimizer_calls, self.compiled = 0, False
-
-        def __call__(self, **batch):
-            opts = self.options
-            steps = opts.value("deviceIterations")
-            micro = len(batch["input_ids"]) // steps
-            losses = []
-            for step in range(steps):
-                rows = {k: v[step * micro:(step + 1) * micro] for k, v in batch.items()}
-                loss = self.model(**rows).loss
-                loss.backward()
-                self.optimizer.step()
-                self.optimizer.zero_grad()
-                losses.append(loss.detach())
-            return {"loss": torch.stack(losses)}
-
-        def setOptimizer(self, optimizer):
-            self.set_optimizer_calls += 1
-
-        def compile(self, **batch):
-            self.compiled = True
-
-    def training_model(model, options, optimizer):
-        wrapper = TrainingModel(model, options, optimizer)
-        fake.wrapped.append(("trainingModel", wrapper))
-        return wrapper
-
-    def inference_model(model, options):
-        fake.wrapped.append(("inferenceModel", options))
-        return lambda **batch: model(**batch)
-
-    def data_loader(options, dataset, batch_size, shuffle, drop_last, collate_fn, num_workers, mode):
-        factor = (options.value("replicationFactor") * options.value("deviceIterations")
-                  * options.value("Training.gradientAccumulation"))
-        return torch.utils.data.DataLoader(dataset, batch_size=batch_size * factor, shuffle=shuffle,
-                                           drop_last=drop_last, collate_fn=collate_fn)
-
-    class AdamW(torch.optim.AdamW):
-        def __init__(self, params, lr, betas, eps, loss_scaling, bias_correction, max_grad_norm):
-            super().__init__(params, lr=lr, betas=betas, eps=eps)
-            self.poptorch_kwargs = dict(loss_scaling=loss_scaling, bias_correction=bias_correction,
-                                        max_grad_norm=max_grad_norm)
-
-    class LAMB(torch.optim.AdamW):
-        def __init__(self, params, lr, betas, eps, loss_scaling, bias_correction):
-            super().__init__(params, lr=lr, betas=betas, eps=eps)
-            self.poptorch_kwargs = dict(loss_scaling=loss_scaling, bias_correction=bias_correction)
-
-    class SGD(torch.optim.SGD):
-        def __init__(self, params, lr, loss_scaling, max_grad_norm, momentum=0.0, dampening=0.0, nesterov=False):
-            super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov)
-            self.poptorch_kwargs = dict(loss_scaling=loss_scaling, max_grad_norm=max_grad_norm)
-
-    class RMSprop(torch.optim.RMSprop):  # PopTorch's takes no max_grad_norm
-        def __init__(self, params, lr, loss_scaling, alpha=0.99, eps=1e-8, momentum=0.0, centered=False):
-            super().__init__(params, lr=lr, alpha=alpha, eps=eps, momentum=momentum, centered=centered)
-            self.poptorch_kwargs = dict(loss_scaling=loss_scaling)
-
-    fake.BeginBlock = begin_block
-    fake.recomputationCheckpoint = recomputation_checkpoint
-    fake.trainingModel = training_model
-    fake.inferenceModel = inference_model
-    fake.DataLoader = data_loader
-    fake.optim = types.SimpleNamespace(AdamW=AdamW, LAMB=LAMB, SGD=SGD, RMSprop=RMSprop)
-    return fake
+from .poptorch_double import _BlockHook, make_strict_poptorch
 
 
 @pytest.fixture
 def poptorch(monkeypatch):
-    fake = make_poptorch()
-    monkeypatch.setitem(sys.modules, "poptorch", fake)
+    strict = make_strict_poptorch()
+    monkeypatch.setitem(sys.modules, "poptorch", strict)
     monkeypatch.delitem(sys.modules, "ipu_train.backends.poptorch", raising=False)
-    yield fake
+    yield strict
     sys.modules.pop("ipu_train.backends.poptorch", None)
 
 
@@ -149,86 +30,188 @@ def backend_module():
 
 def gpt2_pod16():
     return IPUConfig.from_pretrained("ipu_configs/gpt2").for_pod_type("pod16").update(
-        gradient_accumulation_steps=8, seed=5, auto_loss_scaling=True, executable_cache_dir="/tmp/exe")
+        gradient_accumulation_steps=16, seed=5, auto_loss_scaling=True, executable_cache_dir="/tmp/exe")
 
 
 def test_training_options_follow_the_configuration(poptorch):
     opts = backend_module().build_options(gpt2_pod16(), training=True)
-    assert opts.calls("replicationFactor") == [(4,)]
-    assert opts.calls("autoRoundNumIPUs") == [(True,)]
-    assert opts.calls("deviceIterations") == [(2,)]
-    assert opts.calls("Training.gradientAccumulation") == [(8,)]
-    assert opts.calls("Training.accumulationAndReplicationReductionType") == [("Mean",)]
-    assert opts.calls("Training.setAutomaticLossScaling") == [(True,)]
-    assert opts.calls("outputMode") == [("Final",)]
-    assert opts.calls("randomSeed") == [(5,)]
-    assert opts.calls("setExecutionStrategy") == [(("PipelinedExecution", "AutoIncrement"),)]
-    assert opts.calls("setAvailableMemoryProportion") == [({"IPU0": 0.25, "IPU1": 0.25, "IPU2": 0.25, "IPU3": 0.25},)]
-    assert opts.calls("enableExecutableCaching") == [("/tmp/exe",)]
-    assert opts.calls("Precision.enableStochasticRounding") == [(True,)]
-    assert opts.calls("Precision.setPartialsType") == [(torch.float16,)]
-    assert opts.calls("useOfflineIpuTarget") == []
-    # optimizer state off chip and sharded over the 4 replicas
-    assert [(name, args) for name, args, _ in poptorch.settings] == [("useOnChipStorage", (False,)),
-                                                                     ("useReplicatedTensorSharding", (True,))]
+    assert (opts.replication_factor, opts.device_iterations, opts.Training.gradient_accumulation) == (4, 2, 16)
+    assert opts.auto_round_num_ipus and opts.random_seed == 5
+    assert opts.Training.accumulation_and_replication_reduction_type == poptorch.ReductionType.Mean
+    assert opts.output_mode == poptorch.OutputMode.Final
+    assert type(opts._execution_strategy) is poptorch.PipelinedExecution
+    assert opts.available_memory_proportion == {0: 0.25, 1: 0.25, 2: 0.25, 3: 0.25}
+    popart = opts._Popart.options
+    assert popart["automaticLossScalingSettings.enabled"] is True and popart["cachePath"] == "/tmp/exe"
+    assert popart["enableStochasticRounding"] is True and popart["partialsTypeMatMuls"] == "half"
+    assert opts.connection_type != poptorch.ConnectionType.Never
+    location = opts.TensorLocations.location_optimizer  # optimizer state off chip, sharded over the 4 replicas
+    assert location == {"onChip": 0, "useReplicatedTensorSharding": 1}
 
 
-def test_inference_options_use_the_inference_layout(poptorch):
+def test_inference_options_use_the_inference_layout_and_leave_the_seed_alone(poptorch):
     config = gpt2_pod16().update(inference_replication_factor=2)
     opts = backend_module().build_options(config, training=False, compile_only=True)
-    assert opts.calls("replicationFactor") == [(2,)]
-    assert opts.calls("deviceIterations") == [(5,)]
-    assert opts.calls("Training.gradientAccumulation") == []
-    assert opts.calls("outputMode") == [("All",)]
-    assert opts.calls("setExecutionStrategy") == [(("ShardedExecution",),)]
-    assert opts.calls("Precision.enableStochasticRounding") == [(False,)]
-    assert opts.calls("useOfflineIpuTarget") == [()]
+    assert (opts.replication_factor, opts.device_iterations, opts.Training.gradient_accumulation) == (2, 5, 1)
+    assert opts.output_mode == poptorch.OutputMode.All
+    assert type(opts._execution_strategy) is poptorch.ShardedExecution
+    assert opts._Popart.options["enableStochasticRounding"] is False
+    assert opts.connection_type == poptorch.ConnectionType.Never
+    assert not opts.exists("random_seed")  # Options.randomSeed reseeds the host: the training options set it once
 
 
-def test_each_layer_begins_a_block_on_its_ipu_with_recompute_checkpoints(poptorch):
+def _blocks(model):
+    """(module name, IPU) of every block, in module order."""
+    return [(name, hook._ipu_id) for name, module in model.named_modules()
+            for hook in module._forward_pre_hooks.values() if isinstance(hook, _BlockHook)]
+
+
+def test_blocks_follow_each_layout_with_the_tied_head_on_ipu_0(poptorch):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=128, n_positions=64))
-    config = IPUConfig(layers_per_ipu=[0, 2, 2], ipus_per_replica=3)
-    assert backend_module().annotate_stages(model, config, recompute=True) == [1, 1, 2, 2]
-    assert poptorch.blocks == [("Embedding", 0), ("Layer0", 1), ("Layer1", 1), ("Layer2", 2), ("Layer3", 2)]
-    model(input_ids=torch.zeros(1, 4, dtype=torch.long), use_cache=False)
-    assert poptorch.checkpoints == [(1, 4, 32)] * 4
+    config = IPUConfig(layers_per_ipu=[0, 2, 2], ipus_per_replica=3, inference_layers_per_ipu=[4],
+                       inference_ipus_per_replica=1)
+    place = backend_module().place_blocks
+    stages, hooks = place(model, config, "training", recompute=True)
+    assert stages == [1, 1, 2, 2] and len(hooks) == 4
+    assert _blocks(model) == [("transformer.wte", 0), ("transformer.h.0", 1), ("transformer.h.1", 1),
+                              ("transformer.h.2", 2), ("transformer.h.3", 2), ("lm_head", 0)]
+    for handle in hooks:
+        handle.remove()
+    stages, hooks = place(model, config, "inference", recompute=False)  # a second placement: no "already assigned"
+    assert stages == [0, 0, 0, 0] and hooks == []
+    assert {ipu for _, ipu in _blocks(model)} == {0} and len(_blocks(model)) == 6
 
 
-def _ipu_trainer(tmp_path, **flags):
+def test_albert_shared_layer_begins_one_block(poptorch):
+    from transformers import AlbertConfig, AlbertForMaskedLM
+
+    model = AlbertForMaskedLM(AlbertConfig(num_hidden_layers=4, hidden_size=32, num_attention_heads=2,
+                                           intermediate_size=64, embedding_size=16, vocab_size=64))
+    backend_module().place_blocks(model, IPUConfig(layers_per_ipu=[2, 2], ipus_per_replica=2), "training",
+                                  recompute=False)
+    shared = [name for name, _ in _blocks(model) if "albert_layer_groups" in name]
+    assert shared == ["albert.encoder.albert_layer_groups.0"]
+
+
+def _ipu_trainer(tmp_path, config=None, model=None, rows=None, eval_rows=5, collator=collate, **flags):
     from ipu_train.arguments import IPUTrainingArguments
     from ipu_train.trainer import IPUTrainer
 
-    args = IPUTrainingArguments(output_dir=str(tmp_path / "out"), device_type="ipu", per_device_train_batch_size=2,
-                                per_device_eval_batch_size=2, max_steps=4, logging_steps=1, save_strategy="no",
-                                report_to="none", disable_tqdm=True, loss_scaling=128.0, **flags)
-    config = IPUConfig(gradient_accumulation_steps=1, device_iterations=2, inference_device_iterations=1)
-    rows = token_rows(16)
-    return IPUTrainer(model=tiny_gpt2(), ipu_config=config, args=args, data_collator=collate, train_dataset=rows,
-                      eval_dataset=rows[:4])
+    settings = dict(output_dir=str(tmp_path / "out"), device_type="ipu", per_device_train_batch_size=2,
+                    per_device_eval_batch_size=2, max_steps=4, logging_steps=1, save_strategy="no", report_to="none",
+                    disable_tqdm=True, loss_scaling=128.0)
+    args = IPUTrainingArguments(**{**settings, **flags})
+    config = config or IPUConfig(gradient_accumulation_steps=1, device_iterations=2, inference_device_iterations=2)
+    rows = rows or token_rows(32)
+    return IPUTrainer(model=model or tiny_gpt2(), ipu_config=config, args=args, data_collator=collator,
+                      train_dataset=rows, eval_dataset=rows[:eval_rows])
 
 
-def test_a_trainer_run_wraps_the_model_once_and_runs_one_call_per_group(poptorch, tmp_path):
-    trainer = _ipu_trainer(tmp_path, fp32=True)
-    output = trainer.train()
-    assert output.global_step == 4
-    training = [w for kind, w in poptorch.wrapped if kind == "trainingModel"]
-    assert len(training) == 1 and training[0].model is trainer.model
-    assert training[0].set_optimizer_calls == 2  # one learning-rate update per group of 2 steps
-    assert training[0].optimizer.poptorch_kwargs == {"loss_scaling": 128.0, "bias_correction": True,
-                                                     "max_grad_norm": 1.0}
+def _pipelined():
+    # 2 IPUs, the tied head back on IPU 0: 3 forward stages, so at least 2 x 3 - 1 = 5 micro-batches per step
+    return IPUConfig(layers_per_ipu=[1, 1], ipus_per_replica=2, gradient_accumulation_steps=5, device_iterations=2,
+                     inference_device_iterations=2)
+
+
+def test_train_evaluate_and_train_again_on_a_pipelined_layout(poptorch, tmp_path):
+    trainer = _ipu_trainer(tmp_path, _pipelined(), fp32=True, max_grad_norm=0.0)
+    assert trainer.train().global_step == 4
+    training = [e for e in poptorch._double.executors if e.training]
+    assert len(training) == 1 and type(training[0].model).__name__ == "PoptorchLossOnly"
+    assert type(trainer.model).__name__ == "GPT2LMHeadModel"  # saved with its own class name
     assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [2, 4]
-    assert "eval_loss" in trainer.evaluate()
-    assert [kind for kind, _ in poptorch.wrapped] == ["trainingModel", "inferenceModel"]
+    assert "eval_loss" in trainer.evaluate()  # the training executable gave the IPUs back
+    assert not training[0].isAttachedToDevice()
+    assert trainer.train().global_step == 4  # and takes them back; its blocks were not placed twice
+    assert len([e for e in poptorch._double.executors if e.training]) == 1
+
+
+def test_evaluation_pads_its_last_batch_and_leaves_the_padding_out(poptorch, tmp_path):
+    from ipu_train.arguments import IPUTrainingArguments
+    from ipu_train.trainer import IPUTrainer
+
+    model = tiny_gpt2()
+    rows = token_rows(32)
+    on_ipu = _ipu_trainer(tmp_path, model=model, rows=rows, eval_rows=7, fp32=True)  # 7 rows, batches of 2 x 2
+    args = IPUTrainingArguments(output_dir=str(tmp_path / "cpu"), device_type="cpu", per_device_eval_batch_size=7,
+                                report_to="none", disable_tqdm=True)
+    on_cpu = IPUTrainer(model=model, ipu_config=IPUConfig(), args=args, data_collator=collate, eval_dataset=rows[:7])
+    ipu_metrics, cpu_metrics = on_ipu.evaluate(), on_cpu.evaluate()
+    assert ipu_metrics["eval_loss"] == pytest.approx(cpu_metrics["eval_loss"], rel=1e-5)
+
+
+def test_bert_pretraining_trains_as_one_loss(poptorch, tmp_path):
+    from transformers import BertConfig, BertForPreTraining
+
+    model = BertForPreTraining(BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                          intermediate_size=64))
+    rows = [{**row, "next_sentence_label": i % 2} for i, row in enumerate(token_rows(32))]
+
+    def pairs(batch):
+        return {**collate(batch), "next_sentence_label": torch.tensor([row["next_sentence_label"] for row in batch])}
+    trainer = _ipu_trainer(tmp_path, _pipelined(), model=model, rows=rows, collator=pairs, fp32=True,
+                           max_grad_norm=0.0)
+    assert trainer.train().global_step == 4  # MLM + NSP: identity_loss marks their sum as the one loss
+
+
+@pytest.mark.parametrize("mode", ["all", "sum", "final"])
+def test_each_output_mode_logs_the_loss_of_the_steps_it_returns(poptorch, tmp_path, mode):
+    config = IPUConfig(gradient_accumulation_steps=2, device_iterations=2, output_mode=mode)
+    rows = token_rows(32)
+    model = tiny_gpt2()
+    # 3 steps: a group of 2, then one of 1 (the device still runs 2); 4 micro-batches of 2 rows a group
+    trainer = _ipu_trainer(tmp_path, config, model=model, rows=rows, fp32=True, learning_rate=0.0, max_steps=3,
+                           max_grad_norm=0.0, train_sampling_strategy="sequential")
+    logged = trainer.train().training_loss
+    model.eval()  # the weights never change (learning rate 0)
+    with torch.no_grad():
+        losses = [model(**collate(rows[i:i + 2])).loss.item() for i in range(0, 16, 2)]
+    first, second = losses[:4], losses[4:]
+    if mode == "final":  # each group's last micro-batch stands for its last step
+        expected = (first[-1] + second[-1]) / 2
+    else:  # each group's mean stands for the steps the trainer counted in it
+        expected = (2 * sum(first) / 4 + sum(second) / 4) / 3
+    assert logged == pytest.approx(expected, rel=1e-5)
+
+
+def test_evaluation_does_not_reseed_the_host(poptorch, tmp_path):
+    trainer = _ipu_trainer(tmp_path, fp32=True, seed=5)
+    states = []
+    for seed in (1, 2):  # a reseed (to 5) would leave both evaluations with the same host state
+        torch.manual_seed(seed)
+        trainer.evaluate()
+        states.append(torch.get_rng_state())
+    assert not torch.equal(*states)
+
+
+def test_the_model_is_wrapped_in_train_mode_and_evaluated_in_eval_mode(poptorch, tmp_path):
+    trainer = _ipu_trainer(tmp_path, fp32=True, max_grad_norm=0.0)
+    trainer.model.eval()  # as a model fresh from evaluation would be: PopTorch would compile it without dropout
+    trainer.train()
+    training = [e for e in poptorch._double.executors if e.training][0]
+    assert all(training._trace.modes.values())  # every module traced in train mode
+    trainer.model.train()
+    trainer.evaluate()
+    inference = [e for e in poptorch._double.executors if not e.training][0]
+    assert not any(inference._trace.modes.values())
+
+
+def test_a_trainer_run_takes_poptorchs_adamw_with_its_arguments(poptorch, tmp_path):
+    trainer = _ipu_trainer(tmp_path, fp32=True)
+    trainer.train()
+    optimizer = trainer.optimizer
+    assert type(optimizer) is poptorch.optim.AdamW
+    assert (optimizer.loss_scaling, optimizer.bias_correction, optimizer.max_grad_norm) == (128.0, True, 1.0)
 
 
 def test_lamb_without_bias_correction_and_fp16_by_default(poptorch, tmp_path):
     trainer = _ipu_trainer(tmp_path, lamb_no_bias_correction=True, compile_only=True, max_grad_norm=0.0)
     output = trainer.train()
-    training = [w for kind, w in poptorch.wrapped if kind == "trainingModel"][0]
-    assert training.compiled and output.global_step == 0
-    assert training.optimizer.poptorch_kwargs == {"loss_scaling": 128.0, "bias_correction": False}
+    training = [e for e in poptorch._double.executors if e.training][0]
+    assert training.isCompiled() and output.global_step == 0
+    assert type(trainer.optimizer) is poptorch.optim.LAMB and trainer.optimizer.bias_correction is False
     assert next(trainer.model.parameters()).dtype == torch.float16
 
 
@@ -237,7 +220,7 @@ def test_optim_sgd_runs_poptorchs_sgd_with_its_optim_args(poptorch, tmp_path):
     optimizer = trainer.create_optimizer()
     assert type(optimizer) is poptorch.optim.SGD
     assert optimizer.defaults["lr"] == 0.1 and optimizer.defaults["momentum"] == 0.9
-    assert optimizer.poptorch_kwargs == {"loss_scaling": 128.0, "max_grad_norm": 1.0}
+    assert (optimizer.loss_scaling, optimizer.max_grad_norm) == (128.0, 1.0)
 
 
 def test_optim_rmsprop_runs_poptorchs_rmsprop_which_does_not_clip(poptorch, tmp_path):
@@ -247,7 +230,7 @@ def test_optim_rmsprop_runs_poptorchs_rmsprop_which_does_not_clip(poptorch, tmp_
                                         r"--max_grad_norm 0, or --optim adamw_torch, adamw_torch_fused, sgd$"):
         _ipu_trainer(tmp_path, optim="rmsprop").create_optimizer()
     optimizer = _ipu_trainer(tmp_path, optim="rmsprop", max_grad_norm=0.0).create_optimizer()
-    assert type(optimizer) is poptorch.optim.RMSprop and optimizer.poptorch_kwargs == {"loss_scaling": 128.0}
+    assert type(optimizer) is poptorch.optim.RMSprop and optimizer.loss_scaling == 128.0
 
 
 def test_lamb_with_gradient_clipping_is_refused_on_ipu(poptorch, tmp_path):

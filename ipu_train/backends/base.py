@@ -120,8 +120,9 @@ class Backend(Protocol):
     def train_loader(self, dataset, collator, order, start_step, seed):
         """This process's micro-batches of an epoch whose global sample order is `order`, from `start_step` on."""
 
-    def eval_loader(self, dataset, collator, indices):
-        """Evaluation batches of the samples at `indices`."""
+    def eval_loader(self, dataset, collator, indices, label_names=()):
+        """Evaluation batches of the samples at `indices`, each once (`label_names`: the batch keys that hold
+        labels, for a backend that pads batches to a static shape)."""
 
     def to_device(self, batch) -> dict:
         """A collated batch, on its way to the device."""
@@ -133,7 +134,8 @@ class Backend(Protocol):
         """The device's peak FLOP/s at this precision, for MFU; None where it is not known."""
 
     def eval_outputs(self, model, batch):
-        """The model's outputs on an evaluation batch already on the device."""
+        """The model's outputs on an evaluation batch already on the device, and the batch they are for: both
+        without any rows a static shape added."""
 
     def to_host(self, sums: DeviceSums) -> PendingHostRead:
         """Start the host read of `sums`, summed over the processes."""

@@ -2,19 +2,37 @@
 --device ipu. PopTorch runs a whole group on the device in one call: a data-loader item is the combined batch of
 micro_batch x gradient_accumulation_steps x replication_factor x device_iterations samples, and the returned loss is
 already on the host. Differences from the PyTorch backend: the group always holds device_iterations steps (a
-max_steps that is not a multiple of it ends at the next group boundary), the serialized heads are not patched in
-(the IPU splits its projection itself through the stage plan), and the learning rate is updated once per group."""
+max_steps that is not a multiple of it ends at the next group boundary), the serialized heads are not patched in,
+and the learning rate reaches the device once per group (setOptimizer).
+
+What PopTorch requires, and where it is met here (each checked by tests/poptorch_double.py, which cites the source):
+- a module begins one block only (python/ops.py: BeginBlock): blocks are removed before the other layout's are
+  placed, and a layer module shared by several layers (ALBERT) is placed once;
+- a weight is used on one IPU when pipelining (popart willow/src/transforms/pipeline.cpp): the head tied to the word
+  embedding runs on IPU 0, as in optimum-graphcore;
+- one loss (poptorch/source/RemoveSurplusIdentityLosses.cpp): the training executable returns the model's loss alone,
+  marked with identity_loss (BERT pretraining adds two);
+- PopTorch traces the mode the model has (python/__init__.py): train() before the training executable, eval() before
+  the inference one;
+- a POD has IPUs for one executable at a time (popart_compiler Compiler.cpp: createDevice): the other one is
+  detached before each runs;
+- static shapes (python/_poplar_executor.py: _narrow_tensor): evaluation pads its last combined batch, and the
+  padding is left out of the loss and the metrics;
+- Options.randomSeed reseeds the host (python/options.py): the options are built once per mode, the seed set once."""
+import inspect
 import logging
 
 import poptorch
 import torch
 
-from ..pipeline.heads import loss_of
-from ..pipeline.families import stage0_modules
+from ..pipeline.families import stage0_modules, tied_head
+from ..pipeline.heads import IGNORE_INDEX, loss_of
 from ..pipeline.stages import transformer_layers
 from .base import DeviceSums, GroupResult, GroupSums, PendingHostRead
 
 logger = logging.getLogger("ipu_train")
+
+PADDING_ROWS = "ipu_padding_rows"  # the padded rows of an evaluation batch, which eval_outputs leaves out
 
 
 def build_options(ipu_config, *, training, compile_only=False):
@@ -37,7 +55,7 @@ def build_options(ipu_config, *, training, compile_only=False):
     else:
         opts.outputMode(poptorch.OutputMode.All)
         opts.setExecutionStrategy(poptorch.ShardedExecution())
-    if cfg.seed is not None:
+    if training and cfg.seed is not None:  # it reseeds the host as well: once per run, with the training options
         opts.randomSeed(cfg.seed)
     opts.TensorLocations.setOptimizerLocation(
         poptorch.TensorLocationSettings()
@@ -56,24 +74,95 @@ def build_options(ipu_config, *, training, compile_only=False):
     return opts
 
 
-def annotate_stages(model, ipu_config, recompute):
-    """The model family's stage-0 modules (the embeddings) on IPU 0 and each layer in a BeginBlock on its IPU
-    (optimum-graphcore's placement); a recomputation checkpoint on each layer output when asked."""
+def place_blocks(model, ipu_config, mode, recompute):
+    """The blocks of `mode`'s layout (its layers_per_ipu): the family's stage-0 modules (the embeddings) on IPU 0,
+    each layer on its IPU, the tied head back on IPU 0 (optimum-graphcore's placement), after removing the blocks
+    of any earlier placement. Returns each layer's IPU and the recompute hooks' handles."""
+    poptorch.removeBlocks(model)
     layers = transformer_layers(model)
-    stage_of = ipu_config.layer_stages(len(layers))
+    with ipu_config.in_mode(mode):
+        stage_of = ipu_config.layer_stages(len(layers))
     for index, module in enumerate(stage0_modules(model)):
         poptorch.BeginBlock(module, "Embedding" if index == 0 else f"Embedding{index}", ipu_id=0)
+    placed, handles = set(), []
     for index, (layer, ipu) in enumerate(zip(layers, stage_of)):
+        if id(layer) in placed:  # one module runs as several layers (ALBERT): it begins its block where it first runs
+            continue
+        placed.add(id(layer))
         poptorch.BeginBlock(layer, f"Layer{index}", ipu_id=ipu)
         if recompute:
-            layer.register_forward_hook(_checkpoint_output)
-    return stage_of
+            handles.append(layer.register_forward_hook(_checkpoint_output))
+    head = tied_head(model)
+    if head is not None:
+        poptorch.BeginBlock(head, "LMHead", ipu_id=0)
+    return stage_of, handles
 
 
 def _checkpoint_output(module, inputs, output):
     if isinstance(output, tuple):
         return (poptorch.recomputationCheckpoint(output[0]),) + output[1:]
     return poptorch.recomputationCheckpoint(output)
+
+
+def _without_cache(model, batch):
+    """The batch with use_cache=False where the model takes it: a cache is never read here, and returning it costs a
+    device-to-host copy of every layer's keys and values."""
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        return {**batch, "use_cache": False}
+    return batch
+
+
+class LossOnly(torch.nn.Module):
+    """What the training executable computes: the model's loss alone (no logits or cache to copy back), marked as
+    the one loss; the model's own class is left as it is (PopTorch renames the class of what it wraps). PopTorch
+    binds inputs to the forward's named parameters (python/_args_parser.py), so they are named: every input the
+    scripts' collators produce."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, next_sentence_label=None,
+                perm_mask=None, target_mapping=None):
+        given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
+                 "labels": labels, "next_sentence_label": next_sentence_label, "perm_mask": perm_mask,
+                 "target_mapping": target_mapping}
+        batch = _without_cache(self.model, {name: value for name, value in given.items() if value is not None})
+        return poptorch.identity_loss(loss_of(self.model(**batch)), reduction="none")
+
+
+class _PaddedSubset(torch.utils.data.Subset):
+    """The samples at `indices`, then repeats of the last one up to `length`; each item says whether it is
+    padding."""
+
+    def __init__(self, dataset, indices, length):
+        super().__init__(dataset, indices + indices[-1:] * (length - len(indices)))
+        self.real = len(indices)
+
+    def __getitem__(self, index):
+        return super().__getitem__(index), index >= self.real
+
+    def __getitems__(self, indices):  # torch's DataLoader fetches a batch through it when it exists
+        return [self[index] for index in indices]
+
+
+class _PaddingCollator:
+    """Collates rows and padding alike (static shapes); the padding's labels become IGNORE_INDEX, so no loss counts
+    them, and their number travels with the batch."""
+
+    def __init__(self, collator, label_names):
+        self.collator, self.label_names = collator, label_names
+
+    def __call__(self, items):
+        rows, padding = zip(*items)
+        batch = dict(self.collator(list(rows)))
+        padded = sum(padding)  # the padding is at the end of the last batch
+        for name in self.label_names:
+            if padded and torch.is_tensor(batch.get(name)):
+                batch[name] = batch[name].clone()
+                batch[name][len(rows) - padded:] = IGNORE_INDEX
+        batch[PADDING_ROWS] = padded
+        return batch
 
 
 class PopTorchBackend:  # implements backends.base.Backend
@@ -85,18 +174,22 @@ class PopTorchBackend:  # implements backends.base.Backend
         self.args, self.ipu_config, self.layout = args, ipu_config, layout
         self.device = torch.device("cpu")  # the host: PopTorch moves the data itself
         self.precision = args.precision
-        self.scaler = None  # loss scaling is the optimizer's (loss_scaling) and the options' (automatic)
+        # Built once: Options.randomSeed reseeds the host, and a DataLoader freezes the options it is given.
+        self.options = {"training": build_options(ipu_config, training=True, compile_only=args.compile_only),
+                        "inference": build_options(ipu_config, training=False)}
         self.model = self.training_model = self.inference_model = None
         self.optimizer = self.lr_scheduler = None
         self.last_learning_rate = None
         self.nonfinite_run = 0  # steps in a row with a non-finite loss
+        self._placed = None  # the mode whose blocks the model holds
+        self._recompute_hooks = []
 
     def prepare_model(self, model, max_predictions=None):
-        """Stages and recompute marked for PopTorch. The serialized heads (and so `max_predictions`) are not applied
-        on IPU: their custom autograd has not been run through PopTorch's tracer."""
+        """The model in the precision asked for; its blocks are placed when an executable is built. The serialized
+        heads (and so `max_predictions`) are not applied on IPU: their custom autograd has not been run through
+        PopTorch's tracer."""
         if self.precision == "fp16":
             model.half()
-        annotate_stages(model, self.ipu_config, self.ipu_config.recompute_checkpoint_every_layer)
         self.model = model
         return model
 
@@ -113,19 +206,47 @@ class PopTorchBackend:  # implements backends.base.Backend
 
     def attach(self, optimizer, lr_scheduler):
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
-        options = build_options(self.ipu_config, training=True, compile_only=self.args.compile_only)
-        self.training_model = poptorch.trainingModel(self.model, options=options, optimizer=optimizer)
+        if self.training_model is not None:  # a later train(): the executable stays, with this optimizer
+            self.training_model.setOptimizer(optimizer)
+
+    def executable(self, mode):
+        """`mode`'s executable, built on first use (the model in that mode, in that layout's blocks), with the other
+        one detached from the IPUs."""
+        other = self.inference_model if mode == "training" else self.training_model
+        if other is not None and other.isAttachedToDevice():
+            other.detachFromDevice()
+        if mode == "training" and self.training_model is None:
+            self._place(mode)
+            wrapper = LossOnly(self.model).train()
+            self.training_model = poptorch.trainingModel(wrapper, options=self.options[mode],
+                                                         optimizer=self.optimizer)
+        if mode == "inference" and self.inference_model is None:
+            self._place(mode)
+            self.inference_model = poptorch.inferenceModel(self.model.eval(), options=self.options[mode])
+        return self.training_model if mode == "training" else self.inference_model
+
+    def _place(self, mode):
+        if self._placed != mode:
+            for handle in self._recompute_hooks:
+                handle.remove()
+            recompute = mode == "training" and self.ipu_config.recompute_checkpoint_every_layer
+            _, self._recompute_hooks = place_blocks(self.model, self.ipu_config, mode, recompute)
+            self._placed = mode
 
     def train_loader(self, dataset, collator, order, start_step, seed):
         first = start_step * self.args.per_device_train_batch_size * self.layout.accumulation * self.layout.replicas
         subset = torch.utils.data.Subset(dataset, order[first:])
-        return self._loader(build_options(self.ipu_config, training=True), subset, collator,
-                            self.args.per_device_train_batch_size, drop_last=True)
+        return self._loader(self.options["training"], subset, collator, self.args.per_device_train_batch_size,
+                            drop_last=True)
 
-    def eval_loader(self, dataset, collator, indices):
-        options = build_options(self.ipu_config, training=False)
-        return self._loader(options, torch.utils.data.Subset(dataset, indices), collator,
-                            self.args.per_device_eval_batch_size, drop_last=False)
+    def eval_loader(self, dataset, collator, indices, label_names=()):
+        """Every sample once, the last combined batch completed with padding (PopTorch runs static shapes)."""
+        micro = self.args.per_device_eval_batch_size
+        combined = micro * self.ipu_config.batch_size_factor(for_inference=True)
+        length = -(-len(indices) // combined) * combined
+        padded = _PaddedSubset(dataset, indices, length) if indices else torch.utils.data.Subset(dataset, [])
+        return self._loader(self.options["inference"], padded, _PaddingCollator(collator, label_names), micro,
+                            drop_last=False)
 
     def _loader(self, options, dataset, collator, batch_size, drop_last):
         modes = {"sync": poptorch.DataLoaderMode.Sync, "async": poptorch.DataLoaderMode.Async,
@@ -141,18 +262,37 @@ class PopTorchBackend:  # implements backends.base.Backend
         return _PopTorchGroup(self)
 
     def compile_step(self, micro_batches):
-        self.training_model.compile(**micro_batches[0])
+        self.executable("training").compile(**micro_batches[0])
 
     def eval_outputs(self, model, batch):
-        if self.inference_model is None:
-            if self.model is None:  # evaluation without training: place the model for inference
-                self.prepare_model(model)
-            self.inference_model = poptorch.inferenceModel(self.model,
-                                                           options=build_options(self.ipu_config, training=False))
-        outputs = self.inference_model(**batch)
+        """The outputs of the batch's real rows, and those rows: the loss is each micro-batch's, weighted by its real
+        rows (a micro-batch of padding alone has none)."""
+        if self.model is None:  # evaluation without training
+            self.prepare_model(model)
+        padded = batch.pop(PADDING_ROWS, 0)
+        outputs = self.executable("inference")(**_without_cache(self.model, batch))
+        real = next(v for v in batch.values() if torch.is_tensor(v)).shape[0] - padded
         if isinstance(outputs, dict) and outputs.get("loss") is not None:
-            outputs["loss"] = outputs["loss"].float().mean()  # one loss per replica and iteration
-        return outputs
+            outputs["loss"] = _real_rows_loss(outputs["loss"].float(), real, self.args.per_device_eval_batch_size)
+        if not padded:
+            return outputs, batch
+        trim = {key: value[:real] if torch.is_tensor(value) and value.dim() else value
+                for key, value in outputs.items() if key != "loss"}
+        return {**trim, "loss": outputs.get("loss")}, {key: value[:real] if torch.is_tensor(value) else value
+                                                       for key, value in batch.items()}
+
+    def group_loss(self, loss, steps):
+        """The mean step loss of a group of `steps` steps from what the training output mode returned, and how many
+        steps it stands for (python/enums.py: OutputMode): all, every micro-batch's loss; sum, their sum per
+        replica; final (and default, which is final in training), the last micro-batch of each replica, so the
+        group's last step alone."""
+        cfg, loss = self.ipu_config, loss.float()
+        if cfg.output_mode == "all":
+            return loss.mean(), steps
+        if cfg.output_mode == "sum":
+            micro_batches = cfg.device_iterations * cfg.gradient_accumulation_steps * cfg.replication_factor
+            return loss.sum() / micro_batches, steps
+        return loss.mean(), 1
 
     def to_host(self, sums):
         return PendingHostRead(sums)  # PopTorch returns host tensors, already summed over the replicas
@@ -170,21 +310,29 @@ class PopTorchBackend:  # implements backends.base.Backend
         """Nothing beyond the optimizer's state (see save_state)."""
 
 
+def _real_rows_loss(losses, real, micro):
+    """The mean loss of the real rows from one loss per micro-batch (in batch order), each weighted by its real
+    rows; the padding is at the end."""
+    losses = losses.reshape(-1)
+    weights = torch.tensor([min(max(real - k * micro, 0), micro) for k in range(losses.numel())], dtype=torch.float)
+    counted = weights > 0
+    return (losses[counted] * weights[counted]).sum() / weights[counted].sum()
+
+
 class _PopTorchGroup:
     """One device call runs the group's device_iterations steps, at its first `step`; each `step` then advances the
-    learning-rate schedule. PopTorch returns the group's mean loss, so a non-finite one counts every step of the
-    group as non-finite."""
+    learning-rate schedule. A non-finite loss counts every step of the group as non-finite."""
 
     def __init__(self, backend):
         self.backend = backend
-        self.batch = self.loss = None
+        self.batch = self.losses = None
         self.steps = 0
 
     def step(self, batches):
         backend = self.backend
         if self.batch is None:
             self.batch = next(batches)
-            self.loss = loss_of(backend.training_model(**self.batch)).float().mean()
+            self.losses = backend.executable("training")(**self.batch)
         backend.last_learning_rate = backend.lr_scheduler.get_last_lr()[0]
         backend.lr_scheduler.step()
         self.steps += 1
@@ -192,16 +340,16 @@ class _PopTorchGroup:
     def finish(self, stop_requested):
         backend, batch, steps = self.backend, self.batch, self.steps
         backend.training_model.setOptimizer(backend.optimizer)  # the new learning rate, for the next group
+        loss, counted = backend.group_loss(self.losses, steps)
         tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
         samples = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
-        finite = bool(torch.isfinite(self.loss))
+        finite = bool(torch.isfinite(loss))
         backend.nonfinite_run = 0 if finite else backend.nonfinite_run + steps
         limit = backend.args.max_consecutive_nonfinite_steps
         sums = DeviceSums(GroupSums, backend.device)
-        for name, value in (("loss", self.loss * steps if finite else 0.0), ("finite_steps", steps if finite else 0),
+        for name, value in (("loss", loss * counted if finite else 0.0), ("finite_steps", counted if finite else 0),
                             ("tokens", tokens), ("stop_requested", float(stop_requested)),
                             ("diverged", float(bool(limit) and backend.nonfinite_run >= limit)),
                             ("ends_nonfinite", float(not finite))):
             sums.put(name, value)
         return GroupResult(steps, samples, 0, backend.to_host(sums))
-

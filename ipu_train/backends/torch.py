@@ -225,7 +225,7 @@ class TorchBackend:  # implements backends.base.Backend
                                       layout.processes, layout.rank, start_step)
         return self._loader(dataset, collator, sampler, seed)
 
-    def eval_loader(self, dataset, collator, indices):
+    def eval_loader(self, dataset, collator, indices, label_names=()):
         return self._loader(dataset, collator, _chunks(indices, self.args.per_device_eval_batch_size), 0)
 
     def _loader(self, dataset, collator, batch_sampler, seed):
@@ -324,8 +324,8 @@ class TorchBackend:  # implements backends.base.Backend
         with torch.no_grad(), self.autocast():
             outputs = model(**batch)
         if self.cuda_graphs:  # the next replay overwrites the graph's outputs: keep copies of what is read later
-            return _cloned(outputs)
-        return outputs
+            return _cloned(outputs), batch
+        return outputs, batch
 
     def to_host(self, sums):
         """Start the host read of `sums` where they are final: summed over the processes (an all-reduce, itself on

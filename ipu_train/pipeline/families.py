@@ -266,3 +266,16 @@ def stage0_modules(model) -> list:
     """The modules that begin IPU 0's block, in the order they run: the family's, else the input embeddings."""
     family = family_of(model)
     return (family.stage0_modules if family else input_embeddings)(model)
+
+
+def tied_head(model):
+    """The output projection whose weight is the input embedding's (GPT-2's lm_head, BERT's decoder, ...), or None.
+    On IPU it must run where that weight lives, IPU 0: PopTorch cannot share a weight between pipeline stages on
+    different IPUs."""
+    try:
+        head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if head is None or embeddings is None or getattr(head, "weight", None) is not embeddings.weight:
+        return None
+    return head
