@@ -28,8 +28,9 @@ from .errors import UserError
 GROUP_KEYS = ("weight_decay",)
 # torch's choice of kernels: no meaning to PopTorch, which compiles the update itself.
 TORCH_KERNEL_KEYS = ("fused", "foreach")
-# The PopTorch optimizers that take max_grad_norm (poptorch.optim: SGD, Adam, AdamW; RMSprop and LAMB do not clip).
-POPTORCH_CLIPPING = ("SGD", "Adam", "AdamW")
+# The PopTorch optimizers whose accumulators and momenta take a precision (poptorch python/optim.py), which
+# optimum-graphcore sets (trainer.py: create_optimizer): fp16 first-order terms unless --fp32, fp32 second-order.
+POPTORCH_ACCUMULATING = ("Adam", "AdamW", "LAMB")
 
 
 class LAMB(torch.optim.Optimizer):
@@ -145,8 +146,9 @@ def torch_optimizer(args, device_type):
 
 def poptorch_optimizer(args, optim):
     """(class, keyword arguments) from `optim` (poptorch.optim): its LAMB with --lamb, else its optimizer named as the
-    torch one --optim maps to. The loss scaling is the optimizer's; max_grad_norm goes to the optimizers that clip and
-    is refused with the others."""
+    torch one --optim maps to, with the loss scaling and the accumulation precisions optimum-graphcore uses. No
+    max_grad_norm: PopTorch's clipping fails to compile pipelined models (optimum-graphcore turns it off, trainer.py),
+    so the backend warns that it is not applied."""
     if args.use_lamb:
         optimizer_class, kwargs = optim.LAMB, lamb_kwargs(args)
     else:
@@ -156,13 +158,10 @@ def poptorch_optimizer(args, optim):
         if torch_class is torch.optim.AdamW:
             kwargs["bias_correction"] = True  # as torch computes it
     kwargs["loss_scaling"] = args.loss_scaling or 1.0
-    if optimizer_class.__name__ in POPTORCH_CLIPPING:
-        kwargs["max_grad_norm"] = args.max_grad_norm or None
-    elif args.max_grad_norm:
-        clipping = _optim_names(args, lambda cls: getattr(_poptorch_class(cls, optim), "__name__", None)
-                                in POPTORCH_CLIPPING)
-        raise UserError(f"--max_grad_norm {args.max_grad_norm}: PopTorch's {optimizer_class.__name__} does not clip "
-                        f"gradients: pass --max_grad_norm 0, or --optim {clipping}")
+    if optimizer_class.__name__ in POPTORCH_ACCUMULATING:
+        first_order = torch.float32 if args.precision == "fp32" else torch.float16
+        kwargs.update(accum_type=first_order, first_order_momentum_accum_type=first_order,
+                      second_order_momentum_accum_type=torch.float32)
     return optimizer_class, kwargs
 
 

@@ -47,10 +47,19 @@ def test_training_options_follow_the_configuration(poptorch):
     assert opts.connection_type != poptorch.ConnectionType.Never
     location = opts.TensorLocations.location_optimizer  # optimizer state off chip, sharded over the 4 replicas
     assert location == {"onChip": 0, "useReplicatedTensorSharding": 1}
+    # optimum-graphcore's PopART settings (ipu_configuration.py: _to_options)
+    assert popart["saveInitializersToFile"] and popart["disableGradAccumulationTensorStreams"] is True
+    assert popart["accumulateOuterFragmentSettings.schedule"] == 3  # OverlapMemoryOptimized
+    assert popart["accumulateOuterFragmentSettings.excludedVirtualGraphs"] == ["0"]
+    assert (popart["outlineThreshold"], popart["subgraphCopyingStrategy"]) == (10.0, 1)  # 1: JustInTime
+    assert popart["patterns"] == {"TiedGather": True, "TiedGatherAccumulate": True,
+                                  "UpdateInplacePrioritiesForIpu": True}
+    assert popart["engineOptions"] == {"opt.useAutoloader": "true", "target.syncReplicasIndependently": "true"}
+    assert "enableExplicitIR" not in popart
 
 
 def test_inference_options_use_the_inference_layout_and_leave_the_seed_alone(poptorch):
-    config = gpt2_pod16().update(inference_replication_factor=2)
+    config = gpt2_pod16().update(inference_replication_factor=2, explicit_ir_inference=True)
     opts = backend_module().build_options(config, training=False, compile_only=True)
     assert (opts.replication_factor, opts.device_iterations, opts.Training.gradient_accumulation) == (2, 5, 1)
     assert opts.output_mode == poptorch.OutputMode.All
@@ -58,6 +67,7 @@ def test_inference_options_use_the_inference_layout_and_leave_the_seed_alone(pop
     assert opts._Popart.options["enableStochasticRounding"] is False
     assert opts.connection_type == poptorch.ConnectionType.Never
     assert not opts.exists("random_seed")  # Options.randomSeed reseeds the host: the training options set it once
+    assert opts._Popart.options["enableExplicitIR"] is True
 
 
 def _blocks(model):
@@ -198,20 +208,32 @@ def test_the_model_is_wrapped_in_train_mode_and_evaluated_in_eval_mode(poptorch,
     assert not any(inference._trace.modes.values())
 
 
-def test_a_trainer_run_takes_poptorchs_adamw_with_its_arguments(poptorch, tmp_path):
-    trainer = _ipu_trainer(tmp_path, fp32=True)
+def test_a_trainer_run_takes_poptorchs_adamw_in_optimum_graphcores_precisions(poptorch, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="ipu_train"):
+        trainer = _ipu_trainer(tmp_path, compile_only=True)  # fp16 by default on IPU; --max_grad_norm left at 1.0
+    assert "--max_grad_norm 1.0 is not applied on IPU" in caplog.text
     trainer.train()
     optimizer = trainer.optimizer
     assert type(optimizer) is poptorch.optim.AdamW
-    assert (optimizer.loss_scaling, optimizer.bias_correction, optimizer.max_grad_norm) == (128.0, True, 1.0)
+    assert (optimizer.loss_scaling, optimizer.bias_correction, optimizer.max_grad_norm) == (128.0, True, float("inf"))
+    assert (optimizer.accum_type, optimizer.first_order_momentum_accum_type,
+            optimizer.second_order_momentum_accum_type) == (torch.float16, torch.float16, torch.float32)
+    training = [e for e in poptorch._double.executors if e.training][0]  # fp16 accumulation: PopTorch's Running mean
+    assert training.options.Training.meanAccumulationAndReplicationReductionStrategy == \
+        poptorch.MeanReductionStrategy.Running
+    fp32 = _ipu_trainer(tmp_path, fp32=True, max_grad_norm=0.0).create_optimizer()
+    assert fp32.accum_type == fp32.first_order_momentum_accum_type == torch.float32
 
 
 def test_lamb_without_bias_correction_and_fp16_by_default(poptorch, tmp_path):
-    trainer = _ipu_trainer(tmp_path, lamb_no_bias_correction=True, compile_only=True, max_grad_norm=0.0)
+    trainer = _ipu_trainer(tmp_path, lamb=True, lamb_no_bias_correction=True, compile_only=True)
     output = trainer.train()
     training = [e for e in poptorch._double.executors if e.training][0]
     assert training.isCompiled() and output.global_step == 0
     assert type(trainer.optimizer) is poptorch.optim.LAMB and trainer.optimizer.bias_correction is False
+    assert trainer.optimizer.accum_type == torch.float16
     assert next(trainer.model.parameters()).dtype == torch.float16
 
 
@@ -220,24 +242,12 @@ def test_optim_sgd_runs_poptorchs_sgd_with_its_optim_args(poptorch, tmp_path):
     optimizer = trainer.create_optimizer()
     assert type(optimizer) is poptorch.optim.SGD
     assert optimizer.defaults["lr"] == 0.1 and optimizer.defaults["momentum"] == 0.9
-    assert (optimizer.loss_scaling, optimizer.max_grad_norm) == (128.0, 1.0)
+    assert optimizer.loss_scaling == 128.0
 
 
-def test_optim_rmsprop_runs_poptorchs_rmsprop_which_does_not_clip(poptorch, tmp_path):
-    from ipu_train.errors import UserError
-
-    with pytest.raises(UserError, match=r"^--max_grad_norm 1.0: PopTorch's RMSprop does not clip gradients: pass "
-                                        r"--max_grad_norm 0, or --optim adamw_torch, adamw_torch_fused, sgd$"):
-        _ipu_trainer(tmp_path, optim="rmsprop").create_optimizer()
-    optimizer = _ipu_trainer(tmp_path, optim="rmsprop", max_grad_norm=0.0).create_optimizer()
+def test_optim_rmsprop_runs_poptorchs_rmsprop(poptorch, tmp_path):
+    optimizer = _ipu_trainer(tmp_path, optim="rmsprop").create_optimizer()
     assert type(optimizer) is poptorch.optim.RMSprop and optimizer.loss_scaling == 128.0
-
-
-def test_lamb_with_gradient_clipping_is_refused_on_ipu(poptorch, tmp_path):
-    from ipu_train.errors import UserError
-
-    with pytest.raises(UserError, match="^--max_grad_norm 1.0: PopTorch's LAMB does not clip gradients"):
-        _ipu_trainer(tmp_path, lamb=True).create_optimizer()
 
 
 @pytest.mark.parametrize("name", ["adafactor", "adagrad"])

@@ -21,6 +21,7 @@ What PopTorch requires, and where it is met here (each checked by tests/poptorch
 - Options.randomSeed reseeds the host (python/options.py): the options are built once per mode, the seed set once."""
 import inspect
 import logging
+import tempfile
 
 import poptorch
 import torch
@@ -33,6 +34,11 @@ from .base import DeviceSums, GroupResult, GroupSums, PendingHostRead
 logger = logging.getLogger("ipu_train")
 
 PADDING_ROWS = "ipu_padding_rows"  # the padded rows of an evaluation batch, which eval_outputs leaves out
+# IPU configuration fields with no effect here: optimum-graphcore passes them to its own per-model parallelize().
+IGNORED_FIELDS = ("parallelize_kwargs", "inference_parallelize_kwargs")
+# PopART enum values optimum-graphcore sets by name through the SDK's `popart` module (popart sessionoptions.hpp):
+# AccumulateOuterFragmentSchedule::OverlapMemoryOptimized and SubgraphCopyingStrategy::JustInTime.
+OVERLAP_MEMORY_OPTIMIZED, JUST_IN_TIME = 3, 1
 
 
 def build_options(ipu_config, *, training, compile_only=False):
@@ -71,7 +77,25 @@ def build_options(ipu_config, *, training, compile_only=False):
     opts.Precision.enableStochasticRounding(training)
     if cfg.enable_half_partials:
         opts.Precision.setPartialsType(torch.float16)
+    _set_popart(opts, explicit_ir=not training and cfg.explicit_ir_inference)
     return opts
+
+
+def _set_popart(opts, explicit_ir):
+    """The PopART settings optimum-graphcore's IPUConfig._to_options makes for every model (ipu_configuration.py)."""
+    popart = opts._Popart
+    popart.set("saveInitializersToFile", tempfile.NamedTemporaryFile().name)  # models over 2 GB need it
+    popart.set("disableGradAccumulationTensorStreams", True)  # stream back only the tensors asked for
+    # the optimizer step of every IPU but IPU 0 overlapped with the others
+    popart.set("accumulateOuterFragmentSettings.schedule", OVERLAP_MEMORY_OPTIMIZED)
+    popart.set("accumulateOuterFragmentSettings.excludedVirtualGraphs", ["0"])
+    popart.set("outlineThreshold", 10.0)
+    popart.set("subgraphCopyingStrategy", JUST_IN_TIME)
+    popart.set("scheduleNonWeightUpdateGradientConsumersEarly", True)
+    popart.setPatterns({"TiedGather": True, "TiedGatherAccumulate": True, "UpdateInplacePrioritiesForIpu": True})
+    if explicit_ir:
+        popart.set("enableExplicitIR", True)
+    popart.set("engineOptions", {"opt.useAutoloader": "true", "target.syncReplicasIndependently": "true"})
 
 
 def place_blocks(model, ipu_config, mode, recompute):
@@ -183,6 +207,14 @@ class PopTorchBackend:  # implements backends.base.Backend
         self.nonfinite_run = 0  # steps in a row with a non-finite loss
         self._placed = None  # the mode whose blocks the model holds
         self._recompute_hooks = []
+        if args.max_grad_norm:
+            logger.warning("--max_grad_norm %s is not applied on IPU: PopTorch's gradient clipping fails to compile "
+                           "pipelined models (optimum-graphcore turns it off too); pass --max_grad_norm 0 to train "
+                           "without it knowingly", args.max_grad_norm)
+        ignored = [name for name in IGNORED_FIELDS if getattr(ipu_config, name)]
+        if ignored:
+            logger.info("IPU configuration fields with no effect here: %s (optimum-graphcore's per-model "
+                        "parallelize() arguments)", ", ".join(ignored))
 
     def prepare_model(self, model, max_predictions=None):
         """The model in the precision asked for; its blocks are placed when an executable is built. The serialized
