@@ -15,7 +15,7 @@ MODEL=output/demo-gpt2
     --tokenizer_name "$TOKENIZER" \
     --train_file data/corpus/train.txt --validation_file data/corpus/validation.txt --block_size 128 \
     --ipu_config_name ipu_configs/gpt2 \
-    --ipu_config_overrides "layers_per_ipu=[0 -1 -1 -1],recompute_checkpoint_every_layer=false" \
+    --ipu_config_overrides "layers_per_ipu=[0 -1 -1 -1],recompute_checkpoint_every_layer=false,gradient_accumulation_steps=1" \
     --do_train --do_eval --eval_on_start --num_train_epochs 1 \
     --per_device_train_batch_size 16 --per_device_eval_batch_size 16 \
     --learning_rate 1e-3 --warmup_steps 20 --lr_scheduler_type cosine --weight_decay 0.01 \

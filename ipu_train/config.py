@@ -498,6 +498,98 @@ class IPUConfig:
             self._source_key("ipus_per_replica"),
         )
 
+    # --- the IPU target ------------------------------------------------------------------------------------------
+    # What PopTorch/PopART refuse at compile time (after minutes of tracing), checked from the configuration alone so
+    # that an IPU run stops before any data is read. CPU/GPU runs do not pipeline: nothing here applies to them.
+
+    def pipeline_ipus(self) -> list:
+        """The IPUs the training forward pass runs on, in order, one entry per pipeline stage. PopART counts the
+        forward stages as the IPU switches + 1 (poptorch popart_compiler/source/Compiler.cpp: Compiler::setActiveIpu
+        counts a switch each time the IPU changes; CompilerImpl::numPipelineStages). The forward starts on IPU 0
+        (embeddings), visits each IPU that holds layers, in order, and ends on IPU 0: the heads go there, as in the
+        stage plan and optimum-graphcore (every shipped family's LM head is tied to the word embedding, and a tied
+        weight cannot cross IPUs when pipelining: popart willow/src/transforms/pipeline.cpp). Read from
+        layers_per_ipu: an IPU whose entry is not 0 holds layers (a -1 share of a model with fewer layers than IPUs
+        can be empty, which only lowers the true count)."""
+        self._ready()
+        ipus = self._derived("ipus_per_replica")
+        layers = self._values["layers_per_ipu"]
+        if ipus == 1:
+            return [0]
+        holders = range(ipus) if layers == [-1] else [ipu for ipu, count in enumerate(layers) if count != 0]
+        path = []
+        for ipu in (0, *holders, 0):
+            if not path or path[-1] != ipu:
+                path.append(ipu)
+        return path
+
+    def pipeline_stages(self) -> int:
+        """Forward pipeline stages of the training layout on IPU (see pipeline_ipus)."""
+        return len(self.pipeline_ipus())
+
+    def min_gradient_accumulation(self) -> int:
+        """The least gradient_accumulation_steps pipelined training compiles with: 2 x forward stages - 1 (the
+        backward adds a stage per forward stage but the last; PopART Compiler.cpp: Compiler::initSession refuses
+        fewer). Our IPU backend trains with PipelinedExecution (backends/poptorch.py build_options), as
+        optimum-graphcore's IPUConfig._to_options does; one stage needs 1."""
+        return 2 * self.pipeline_stages() - 1
+
+    def ipus_needed(self, for_inference: bool = False) -> int:
+        """IPUs PopTorch reserves: ipus_per_replica x replication_factor (or the inference ones), rounded up to a
+        power of two (popart_compiler/source/CompilerImpl.cpp: createDevice, Utils.cpp: roundUpNumIPUs; our backend
+        sets autoRoundNumIPUs(True) as optimum-graphcore does)."""
+        self._ready()
+        prefix = "inference_" if for_inference else ""
+        return _power_of_two_at_least(
+            self._derived(f"{prefix}ipus_per_replica") * self._derived(f"{prefix}replication_factor"))
+
+    def check_for_ipu(self, n_ipu: Optional[int] = None, pod_type: Optional[str] = None,
+                      training: bool = True) -> "IPUConfig":
+        """Refuse, in one line naming the key and the fix, what the IPU target would refuse when compiling: a
+        gradient accumulation below what the training pipeline needs (only when `training`), and more IPUs than
+        `--n_ipu` / `--pod_type` make available (none given: the machine is not known, not checked). Inference
+        runs sharded (ShardedExecution in backends/poptorch.py and optimum-graphcore), not pipelined, so PopART's
+        inference rule (device iterations >= stages) does not apply to it."""
+        self._ready()
+        if training:
+            self._check_accumulation()
+        if n_ipu is not None:
+            available, flag = n_ipu, f"--n_ipu {n_ipu}"
+        elif pod_type is not None:
+            if pod_type not in POD_TYPES:
+                raise IPUConfigError(f"--pod_type {pod_type} is not a pod type: use one of {', '.join(POD_TYPES)}")
+            available, flag = int(pod_type[len("pod"):]), f"--pod_type {pod_type}"
+        else:
+            return self
+        for prefix in ("", "inference_"):
+            self._check_ipus_available(prefix, available, flag)
+        return self
+
+    def _check_accumulation(self):
+        needed, steps = self.min_gradient_accumulation(), self._values["gradient_accumulation_steps"]
+        if steps < needed:
+            stages, path = self.pipeline_stages(), " -> ".join(str(ipu) for ipu in self.pipeline_ipus())
+            raise IPUConfigError(
+                f"gradient_accumulation_steps={steps} is below the {needed} that pipelined training over {stages} "
+                f"stages needs on IPU (2 x {stages} - 1; IPU {path} from layers_per_ipu="
+                f"{self._values['layers_per_ipu']}, the head back on IPU 0): pass --gradient_accumulation_steps "
+                f"{needed} or more (or --ipu_config_overrides gradient_accumulation_steps={needed})")
+
+    def _check_ipus_available(self, prefix: str, available: int, flag: str):
+        per_replica = self._derived(f"{prefix}ipus_per_replica")
+        replicas = self._derived(f"{prefix}replication_factor")
+        needed = self.ipus_needed(for_inference=bool(prefix))
+        if needed <= available:
+            return
+        asked = per_replica * replicas
+        rounded = "" if needed == asked else f", which PopTorch rounds up to {needed} (a power of two),"
+        fits = [r for r in range(replicas - 1, 0, -1) if _power_of_two_at_least(per_replica * r) <= available]
+        fix = (f"set {prefix}replication_factor={fits[0]} (--ipu_config_overrides {prefix}replication_factor="
+               f"{fits[0]})" if fits else f"lay the model over at most {available} IPUs ({prefix}layers_per_ipu)")
+        raise IPUConfigError(
+            f"{prefix}replication_factor={replicas} x {prefix}ipus_per_replica={per_replica} needs "
+            f"{asked} IPUs{rounded} but {flag} has {available}: {fix}, or run on more IPUs")
+
     def _source_key(self, name: str) -> str:
         """The key that holds the current mode's value: an unset inference_* field follows the training one, and
         the message should name what the user wrote (the scripts check the inference layout first)."""
@@ -620,6 +712,10 @@ FIELDS = {name: field for name, field in vars(IPUConfig).items() if isinstance(f
 def _alternatives(value) -> list:
     """A value, or each entry of a per-pod dictionary."""
     return list(value.values()) if _is_per_pod(value) else [value]
+
+
+def _power_of_two_at_least(count: int) -> int:
+    return 1 << (count - 1).bit_length()
 
 
 def _check_field(name: str, value):

@@ -28,6 +28,9 @@ def parse_args(argv=None):
     replication.add_argument("--pod_type", help="resolves per-pod values: pod4, pod8, pod16, pod32 or pod64")
     replication.add_argument("--n_ipu", type=_positive, help="IPUs available: replication_factor = n_ipu // "
                                                              "ipus_per_replica")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "ipu"), default="auto",
+                        help="ipu: also check what the IPU target needs (gradient accumulation for the pipeline, IPUs "
+                             "available with --n_ipu / --pod_type), as the training scripts do with --device ipu")
     parser.add_argument("--per_device_train_batch_size", type=_positive, default=1, help="the micro-batch size")
     parser.add_argument("--per_device_eval_batch_size", type=_positive,
                         help="default: the training micro-batch size")
@@ -127,6 +130,8 @@ def render_plan(args) -> str:
     from .pipeline.stages import build_stage_plan, describe_batch
 
     ipu_config = resolve_ipu_config(args.ipu_config, args.pod_type, args.n_ipu, args.ipu_config_overrides)
+    if args.device == "ipu":  # the training scripts' check with --device ipu, before the model is built
+        ipu_config.check_for_ipu(args.n_ipu, args.pod_type)
     config, assumed = load_model_config(args)
     model = build_model_skeleton(config, args.head)
     subject = f"{assumed}: {type(model).__name__}" if assumed else type(model).__name__
@@ -157,10 +162,28 @@ def render_plan(args) -> str:
         f"{ipu_config.inference_ipus_per_replica} x {ipu_config.inference_replication_factor} = "
         f"{ipu_config.inference_ipus_per_replica * ipu_config.inference_replication_factor}",
     ]
+    if args.device == "ipu":
+        lines.append(describe_ipu_target(ipu_config, args))
     unused = ipu_config.unused_on_pytorch()
     if unused:
         lines.append(f"IPU only (no effect on PyTorch): {', '.join(unused)}")
     return "\n".join(lines)
+
+
+def describe_ipu_target(ipu_config, args) -> str:
+    """What the IPU target needs, once IPUConfig.check_for_ipu has passed: the training pipeline's stages, the least
+    gradient accumulation, and the IPUs PopTorch reserves (a power of two) against those --n_ipu / --pod_type give."""
+    path = " -> ".join(str(ipu) for ipu in ipu_config.pipeline_ipus())
+    path = f"IPU {path} (the head back on IPU 0)" if len(ipu_config.pipeline_ipus()) > 1 else "IPU 0"
+    stages, least = ipu_config.pipeline_stages(), ipu_config.min_gradient_accumulation()
+    available = (f", of the {args.n_ipu} --n_ipu gives" if args.n_ipu else
+                 f", of the {args.pod_type[len('pod'):]} --pod_type {args.pod_type} gives" if args.pod_type else "")
+    return "\n".join([
+        f"IPU target: training pipelined over {stages} stage(s), {path}: gradient "
+        f"accumulation {ipu_config.gradient_accumulation_steps} >= {least} (2 x {stages} - 1)",
+        f"            IPUs reserved: training {ipu_config.ipus_needed()}, inference "
+        f"{ipu_config.ipus_needed(for_inference=True)}{available}",
+    ])
 
 
 @one_line_errors()

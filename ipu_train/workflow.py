@@ -26,7 +26,8 @@ TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "special_token
 def start(data_arguments_class, argv=None, model_arguments_class=ModelArguments):
     """Parse the flags (or one .json/.yaml file) into model, data and training arguments; set up logging; check that
     --output_dir can be written; find the checkpoint to resume from (or refuse a non-empty --output_dir); check that
-    --push_to_hub can upload; load the IPU configuration and check that its replicas fit the processes; seed
+    --push_to_hub can upload; load the IPU configuration and check that its replicas fit the processes (on IPU: that
+    its pipeline and IPU count compile, IPUConfig.check_for_ipu); seed
     everything. Nothing is processed, and nothing
     written, before these checks.
     Returns (model_args, data_args, training_args, ipu_config, last_checkpoint)."""
@@ -39,6 +40,8 @@ def start(data_arguments_class, argv=None, model_arguments_class=ModelArguments)
     check_hub_access(training_args)
     ipu_config = load_ipu_config(training_args, model_args.model_name_or_path)
     check_replication(ipu_config, training_args)
+    if training_args.device_type == "ipu":  # what PopTorch would refuse when compiling; CPU/GPU do not pipeline
+        ipu_config.check_for_ipu(training_args.n_ipu, training_args.pod_type, training=training_args.do_train)
     set_seed(training_args.seed)
     return model_args, data_args, training_args, ipu_config, last_checkpoint
 
