@@ -11,6 +11,10 @@ import pytest
 
 from train_tokenizer import train_tokenizer
 
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "ipu: runs on real IPUs with the Poplar SDK's PopTorch (pytest -m ipu)")
+
 REPO = Path(__file__).resolve().parent.parent
 SLICE_LINES = 1500  # about 280 kB of text: every tokenizer trains in about a second
 FIXTURE_VOCAB_SIZE = 500
