@@ -84,10 +84,26 @@ class ParallelLayout:
 
 def check_replication(ipu_config, args):
     """Refuse, before any work, replicas that cannot be spread over the processes that run; the trainer's layout
-    fits them later, when it is built."""
+    fits them later, when it is built. On IPU one process drives every replica: several poprun instances are not
+    supported yet."""
     if args.device_type != "ipu":
         for key in REPLICATION_KEYS:
             replicas_that_fit(ipu_config, key, args.world_size)
+        return
+    instances = _poprun_instances()
+    if instances > 1:
+        raise UserError(f"poprun started {instances} instances: IPU runs take one process, which drives all the "
+                        "replicas (replication_factor, or --pod_type); launch it with poprun --num-instances 1 or "
+                        "without poprun")
+
+
+def _poprun_instances():
+    """The instances poprun started (the Poplar SDK's popdist says), 1 without poprun or popdist."""
+    try:
+        import popdist
+    except ImportError:
+        return 1
+    return popdist.getNumInstances() if popdist.isPopdistEnvSet() else 1
 
 
 def replicas_that_fit(ipu_config, key, processes):

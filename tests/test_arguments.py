@@ -2,6 +2,7 @@
 flags -> seed; world size checks; one clear UserError per bad combination."""
 import json
 import logging
+import sys
 import types
 
 import pytest
@@ -231,3 +232,18 @@ def test_trainer_refuses_accumulation_that_disagrees_with_its_configuration(tmp_
     args = IPUTrainingArguments(output_dir=str(tmp_path), device_type="cpu", gradient_accumulation_steps=4)
     with pytest.raises(UserError, match="--gradient_accumulation_steps 4 disagrees"):
         IPUTrainer(model=tiny_gpt2(), ipu_config=IPUConfig(gradient_accumulation_steps=2), args=args)
+
+
+def test_several_poprun_instances_are_refused_on_ipu(tmp_path, monkeypatch):
+    from ipu_train.parallel import check_replication
+
+    popdist = types.SimpleNamespace(isPopdistEnvSet=lambda: True, getNumInstances=lambda: 4)
+    monkeypatch.setitem(sys.modules, "popdist", popdist)
+    ipu = types.SimpleNamespace(device_type="ipu", world_size=1)
+    with pytest.raises(UserError, match=r"^poprun started 4 instances: IPU runs take one process, .* launch it with "
+                                        r"poprun --num-instances 1 or without poprun$"):
+        check_replication(IPUConfig(), ipu)
+    popdist.getNumInstances = lambda: 1
+    check_replication(IPUConfig(), ipu)
+    monkeypatch.setitem(sys.modules, "popdist", None)  # no SDK: no poprun either
+    check_replication(IPUConfig(), ipu)
