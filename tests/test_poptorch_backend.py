@@ -15,13 +15,18 @@ from ._trainer_fixtures import collate, tiny_gpt2, token_rows
 from .poptorch_double import _BlockHook, make_strict_poptorch
 
 
+IPU_MODULES = ("ipu_train.backends.poptorch", "ipu_train.backends.poptorch_serialization")  # they import poptorch
+
+
 @pytest.fixture
 def poptorch(monkeypatch):
     strict = make_strict_poptorch()
     monkeypatch.setitem(sys.modules, "poptorch", strict)
-    monkeypatch.delitem(sys.modules, "ipu_train.backends.poptorch", raising=False)
+    for module in IPU_MODULES:
+        monkeypatch.delitem(sys.modules, module, raising=False)
     yield strict
-    sys.modules.pop("ipu_train.backends.poptorch", None)
+    for module in IPU_MODULES:
+        sys.modules.pop(module, None)
 
 
 def backend_module():
@@ -257,3 +262,24 @@ def test_an_optim_poptorch_does_not_offer_is_refused(poptorch, tmp_path, name):
     with pytest.raises(UserError, match=rf"^--optim {name} is not supported \(IPUTrainer runs no .* on PopTorch\): "
                                         r"use one of adamw_torch, adamw_torch_fused, sgd, rmsprop, or --lamb$"):
         _ipu_trainer(tmp_path, optim=name).create_optimizer()
+
+
+def test_serialized_embedding_and_projection_train_and_evaluate_as_the_plain_ones(poptorch, tmp_path):
+    runs = []
+    for serialized in (False, True):
+        config = _pipelined()
+        if serialized:  # training: parts on one IPU (a tied weight stays on IPU 0); evaluation: spread over two
+            config.update(embedding_serialization_factor=2, projection_serialization_factor=3,
+                          inference_layers_per_ipu=[1, 1], inference_ipus_per_replica=2,
+                          inference_serialized_embedding_splits_per_ipu=[1, 1],
+                          inference_serialized_projection_splits_per_ipu=[2, 1])
+        trainer = _ipu_trainer(tmp_path / str(serialized), config, fp32=True, max_grad_norm=0.0, seed=3)
+        trainer.train()
+        runs.append(([e["loss"] for e in trainer.state.log_history if "loss" in e], trainer.evaluate()["eval_loss"]))
+        model = trainer.model
+        assert model.lm_head.weight is model.transformer.wte.weight
+        trainer.backend.inference_model.detachFromDevice()  # the IPUs free for the next run, as a process's end does
+    (plain_losses, plain_eval), (losses, eval_loss) = runs
+    assert losses == pytest.approx(plain_losses, rel=1e-5) and eval_loss == pytest.approx(plain_eval, rel=1e-5)
+    parts = [name for name, _ in _blocks(model) if ".parts." in name]
+    assert parts == ["transformer.wte.parts.0", "transformer.wte.parts.1", "lm_head.parts.0", "lm_head.parts.2"]

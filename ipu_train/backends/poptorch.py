@@ -7,7 +7,8 @@ and the learning rate reaches the device once per group (setOptimizer).
 
 What PopTorch requires, and where it is met here (each checked by tests/poptorch_double.py, which cites the source):
 - a module begins one block only (python/ops.py: BeginBlock): blocks are removed before the other layout's are
-  placed, and a layer module shared by several layers (ALBERT) is placed once;
+  placed, and a layer module shared by several layers (ALBERT) is placed once; the embedding and the vocabulary
+  projection are serialized per layout (poptorch_serialization.py);
 - a weight is used on one IPU when pipelining (popart willow/src/transforms/pipeline.cpp): the head tied to the word
   embedding runs on IPU 0, as in optimum-graphcore;
 - one loss (poptorch/source/RemoveSurplusIdentityLosses.cpp): the training executable returns the model's loss alone,
@@ -29,6 +30,7 @@ import torch
 from ..pipeline.families import stage0_modules, tied_head
 from ..pipeline.heads import IGNORE_INDEX, loss_of
 from ..pipeline.stages import transformer_layers
+from . import poptorch_serialization as serialization
 from .base import DeviceSums, GroupResult, GroupSums, PendingHostRead
 
 logger = logging.getLogger("ipu_train")
@@ -99,15 +101,29 @@ def _set_popart(opts, explicit_ir):
 
 
 def place_blocks(model, ipu_config, mode, recompute):
-    """The blocks of `mode`'s layout (its layers_per_ipu): the family's stage-0 modules (the embeddings) on IPU 0,
-    each layer on its IPU, the tied head back on IPU 0 (optimum-graphcore's placement), after removing the blocks
-    of any earlier placement. Returns each layer's IPU and the recompute hooks' handles."""
+    """The blocks of `mode`'s layout (its layers_per_ipu and serialization): the family's stage-0 modules (the
+    embeddings) on IPU 0, each layer on its IPU, the tied head back on IPU 0 (optimum-graphcore's placement), after
+    removing the blocks and serialization of any earlier placement. A serialized embedding or projection spread over
+    IPUs (*_splits_per_ipu) begins its blocks at its parts instead. Returns each layer's IPU and the recompute
+    hooks' handles."""
     poptorch.removeBlocks(model)
+    serialization.restore(model)
     layers = transformer_layers(model)
+    pipelined = mode == "training"  # build_options: PipelinedExecution for training, ShardedExecution otherwise
     with ipu_config.in_mode(mode):
         stage_of = ipu_config.layer_stages(len(layers))
+        embedding_parts = serialization.serialize_embedding(
+            model, ipu_config.embedding_serialization_factor, ipu_config.serialized_embedding_splits_per_ipu,
+            pipelined=pipelined)
+        projection_parts = serialization.serialize_projection(
+            model, ipu_config.projection_serialization_factor, ipu_config.serialized_projection_splits_per_ipu,
+            pipelined=pipelined)
+    embedding = model.get_input_embeddings()
     for index, module in enumerate(stage0_modules(model)):
-        poptorch.BeginBlock(module, "Embedding" if index == 0 else f"Embedding{index}", ipu_id=0)
+        if module is embedding and embedding_parts:
+            _begin(embedding_parts)
+        else:
+            poptorch.BeginBlock(module, "Embedding" if index == 0 else f"Embedding{index}", ipu_id=0)
     placed, handles = set(), []
     for index, (layer, ipu) in enumerate(zip(layers, stage_of)):
         if id(layer) in placed:  # one module runs as several layers (ALBERT): it begins its block where it first runs
@@ -117,9 +133,17 @@ def place_blocks(model, ipu_config, mode, recompute):
         if recompute:
             handles.append(layer.register_forward_hook(_checkpoint_output))
     head = tied_head(model)
-    if head is not None:
+    if projection_parts:
+        _begin(projection_parts)
+    elif head is not None:
         poptorch.BeginBlock(head, "LMHead", ipu_id=0)
     return stage_of, handles
+
+
+def _begin(parts):
+    """The blocks of a serialized module's parts, each on its IPU."""
+    for part in parts:
+        poptorch.BeginBlock(part.module, part.user_id, ipu_id=part.ipu_id)
 
 
 def _checkpoint_output(module, inputs, output):
@@ -217,9 +241,10 @@ class PopTorchBackend:  # implements backends.base.Backend
                         "parallelize() arguments)", ", ".join(ignored))
 
     def prepare_model(self, model, max_predictions=None):
-        """The model in the precision asked for; its blocks are placed when an executable is built. The serialized
-        heads (and so `max_predictions`) are not applied on IPU: their custom autograd has not been run through
-        PopTorch's tracer."""
+        """The model in the precision asked for; its blocks and the serialization of its embedding and projection
+        are placed when an executable is built. The serialized heads of the PyTorch backend (and so
+        `max_predictions`) are not applied on IPU: their custom autograd has not been run through PopTorch's
+        tracer."""
         if self.precision == "fp16":
             model.half()
         self.model = model
