@@ -553,6 +553,8 @@ class IPUConfig:
         self._ready()
         if training:
             self._check_accumulation()
+            for part in ("embedding", "projection"):
+                self._check_training_splits(part)
         if n_ipu is not None:
             available, flag = n_ipu, f"--n_ipu {n_ipu}"
         elif pod_type is not None:
@@ -574,6 +576,19 @@ class IPUConfig:
                 f"stages needs on IPU (2 x {stages} - 1; IPU {path} from layers_per_ipu="
                 f"{self._values['layers_per_ipu']}, the head back on IPU 0): pass --gradient_accumulation_steps "
                 f"{needed} or more (or --ipu_config_overrides gradient_accumulation_steps={needed})")
+
+    def _check_training_splits(self, part: str):
+        """A serialized embedding or projection spread over IPUs in training would use its weight, tied to the
+        other and kept on IPU 0, on several IPUs: PopART cannot copy a weight between IPUs when pipelining
+        (willow/src/transforms/pipeline.cpp: setIPUCopyPipelineStage). Spreading is for the inference layout."""
+        key = f"serialized_{part}_splits_per_ipu"
+        splits = self._values[key]
+        if splits is None or [ipu for ipu, count in enumerate(splits) if count] in ([], [0]):
+            return
+        raise IPUConfigError(
+            f"{key}={splits} spreads the {part} over IPUs in training, where its weight (tied, on IPU 0) cannot "
+            f"cross IPUs when pipelining: pass --ipu_config_overrides {key}=null,{part}_serialization_factor="
+            f"{sum(splits)} (spread only inference_{key})")
 
     def _check_ipus_available(self, prefix: str, available: int, flag: str):
         per_replica = self._derived(f"{prefix}ipus_per_replica")

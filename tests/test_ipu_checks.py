@@ -216,3 +216,16 @@ def test_a_cpu_run_with_a_pipelined_configuration_and_no_accumulation_is_not_ref
                           "--ipu_config_name", str(CONFIGS / "gpt2"), "--pod_type", "pod4", "--ipu_config_overrides",
                           "layers_per_ipu=[0 1 1 0],gradient_accumulation_steps=1"))
     assert (out / "train_results.json").is_file()
+
+
+@pytest.mark.parametrize("part", ["embedding", "projection"])
+def test_training_serialization_spread_over_ipus_is_refused(part):
+    config = IPUConfig(layers_per_ipu=[1, 1], ipus_per_replica=2, gradient_accumulation_steps=9)
+    config.update(**{f"serialized_{part}_splits_per_ipu": [1, 1]})
+    key = f"serialized_{part}_splits_per_ipu"
+    with pytest.raises(IPUConfigError, match=rf"^{key}=\[1, 1\] spreads the {part} over IPUs in training, .* pass "
+                                             rf"--ipu_config_overrides {key}=null,{part}_serialization_factor=2 "
+                                             rf"\(spread only inference_{key}\)$"):
+        config.check_for_ipu()
+    config.update(**{f"serialized_{part}_splits_per_ipu": [2, 0]}).check_for_ipu()  # all on IPU 0
+    config.check_for_ipu(training=False)  # evaluation alone runs sharded
