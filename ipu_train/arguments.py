@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from transformers import TrainingArguments
 
+from .compat import TrainingArguments
 from .errors import UserError
 from .supported_args import check_supported
 

@@ -874,13 +874,15 @@ def _resolve_config_file(name_or_path: str) -> str:
 
 
 def _download_from_hub(repo_id: str) -> str:
-    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    from .compat import hub_offline
 
     try:
         return hf_hub_download(repo_id=repo_id, filename=IPU_CONFIG_NAME)
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
-        if constants.is_offline_mode():
+        if hub_offline():
             raise IPUConfigError(
                 f"IPU configuration '{repo_id}' is not a local directory or .json file, and the Hugging Face Hub is "
                 f"offline (HF_HUB_OFFLINE=1) with no cached copy: pass a local path, or go online"

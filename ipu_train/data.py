@@ -15,9 +15,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from transformers import DataCollatorForLanguageModeling, DataCollatorForPermutationLanguageModeling
+from transformers import DataCollatorForPermutationLanguageModeling
 from transformers.data.data_collator import pad_without_fast_tokenizer_warning
 
+from ipu_train.compat import DataCollatorForLanguageModeling
 from ipu_train.errors import UserError
 from ipu_train.pipeline.heads import IGNORE_INDEX
 

@@ -16,6 +16,7 @@ import torch
 from huggingface_hub.errors import HFValidationError, StrictDataclassError
 from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer
 
+from .compat import dtype_kwarg, validate_config
 from .errors import UserError
 from .pipeline.families import position_offset
 from .pipeline.stages import transformer_layers
@@ -299,7 +300,7 @@ def apply_config_overrides(config, overrides):
         except (ValueError, TypeError, StrictDataclassError) as err:
             raise UserError(f"--config_overrides {key}={value}: {' '.join(str(err).split())}") from None
     try:
-        config.validate()  # values that contradict each other (e.g. XLNet's d_head vs d_model // n_head)
+        validate_config(config)  # values that contradict each other (e.g. XLNet's d_head vs d_model // n_head)
     except (ValueError, TypeError, StrictDataclassError) as err:
         raise UserError(f"--config_overrides {overrides}: {' '.join(str(err).split())}") from None
 
@@ -326,7 +327,7 @@ def load_model(model_args, config, auto_class):
             model, loading_info = auto_class.from_pretrained(
                 model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
                 revision=model_args.model_revision, token=model_args.token,
-                trust_remote_code=model_args.trust_remote_code, dtype=dtype, output_loading_info=True,
+                trust_remote_code=model_args.trust_remote_code, **dtype_kwarg(dtype), output_loading_info=True,
                 ignore_mismatched_sizes=overridden)
         if overridden:
             _refuse_reshaping_overrides(model_args, config, auto_class, loading_info)

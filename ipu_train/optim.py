@@ -18,9 +18,10 @@ import dataclasses
 from collections import defaultdict
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
 
+from .compat import optimizer_cls_and_kwargs
 from .errors import UserError
 
 # --optim_args keys that the trainer's parameter groups set themselves (0 for biases and norms), so that an
@@ -139,7 +140,7 @@ def torch_optimizer(args, device_type):
     AdamW: fused on CUDA, foreach elsewhere."""
     optimizer_class, kwargs = mapped_optimizer(args, _comes_with_torch_or_transformers, "PyTorch")
     if is_default_optim(args) and device_type != "cuda":
-        del kwargs["fused"]
+        kwargs.pop("fused", None)  # the default --optim of transformers 4 (adamw_torch) has no "fused"
         kwargs["foreach"] = True
     return optimizer_class, kwargs
 
@@ -171,7 +172,7 @@ def mapped_optimizer(args, runs, backend):
     the mapping does not pass on."""
     _check_optim_args_syntax(args)
     try:
-        optimizer_class, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+        optimizer_class, kwargs = optimizer_cls_and_kwargs(args)
     except (ImportError, ValueError) as err:
         raise _unsupported(args, runs, str(err).strip().splitlines()[0]) from None
     if not runs(optimizer_class):
@@ -193,7 +194,7 @@ def _optim_names(args, runs):
         trial = copy.copy(args)
         trial.optim, trial.optim_args = name, None
         try:
-            optimizer_class, _ = Trainer.get_optimizer_cls_and_kwargs(trial)
+            optimizer_class, _ = optimizer_cls_and_kwargs(trial)
         except (ImportError, ValueError):
             continue
         if runs(optimizer_class):
@@ -213,7 +214,7 @@ def _check_optim_args_used(args, kwargs):
         return
     plain = copy.copy(args)
     plain.optim_args = None
-    _, without = Trainer.get_optimizer_cls_and_kwargs(plain)
+    _, without = optimizer_cls_and_kwargs(plain)
     for key in (pair.split("=")[0].strip() for pair in args.optim_args.split(",")):
         if key in GROUP_KEYS:
             raise UserError(f"--optim_args {key}: the parameter groups set their own (0 for biases and norms): pass "

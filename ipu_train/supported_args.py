@@ -11,6 +11,7 @@ import dataclasses
 
 from transformers import TrainingArguments
 
+from .compat import field_names
 from .errors import UserError
 from .optim import check_optimizer_flags
 
@@ -109,7 +110,10 @@ def check_supported(args):
     defaults = _defaults(type(args))
     unsorted = {name: "ipu_train does not know it yet (ipu_train/supported_args.py): drop it"
                 for name in unsorted_fields(type(args))}
+    declared = field_names(type(args))
     for name, reason in {**REFUSED, **unsorted}.items():
+        if name not in declared:  # a field of another transformers version
+            continue
         value = getattr(args, name)
         if not _is_default(value, defaults[name]):
             raise UserError(f"{_flag(name, value)} is not supported: {reason}")
@@ -122,8 +126,12 @@ def check_supported(args):
 
 def honoured_fields(cls):
     """HONOURED plus the fields `cls` declares beyond TrainingArguments (IPUTrainingArguments' own)."""
-    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
-    return HONOURED | {f.name for f in dataclasses.fields(cls) if f.name not in inherited}
+    own = set()  # declared by cls or a class between it and TrainingArguments, a redeclared field included
+    for klass in cls.__mro__:
+        if klass is TrainingArguments:
+            break
+        own.update(vars(klass).get("__annotations__", {}))
+    return HONOURED | {f.name for f in dataclasses.fields(cls) if f.name in own}
 
 
 def unsorted_fields(cls):

@@ -32,6 +32,7 @@ from transformers.trainer_utils import (PREFIX_CHECKPOINT_DIR, EvalLoopOutput, E
 from .arguments import IPUTrainingArguments, load_ipu_config
 from . import checkpoint as ckpt
 from .backends import make_backend
+from .compat import best_global_step, init_training_references
 from .backends.base import DeviceSums, EvalSums
 from .errors import RunFailed, UserError, one_line
 from .parallel import ParallelLayout
@@ -383,7 +384,7 @@ class IPUTrainer(Trainer):
                 self.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
                 self._load_callback_state()
             self.state.compute_steps(self.args, max_steps)  # this run's --logging/eval/save_steps, not the saved ones
-        self.state.init_training_references(self, max_steps, num_epochs, trial)
+        init_training_references(self.state, self, max_steps, num_epochs, trial)
 
     def _log_training_plan(self, layout, num_samples, steps_per_epoch, max_steps):
         cfg, args = self.ipu_config, self.args
@@ -761,10 +762,10 @@ class IPUTrainer(Trainer):
         args = self.args
         self.store_flos()
         self.save_model(folder, _internal_call=True)
-        if args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) and \
-                self.state.best_global_step:
-            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
-            if self.state.best_global_step == step or os.path.exists(best):
+        best_step = best_global_step(self.state)
+        if args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) and best_step:
+            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{best_step}")
+            if best_step == step or os.path.exists(best):
                 self.state.best_model_checkpoint = best
         if not args.save_only_model:
             self._save_optimizer_and_scheduler(folder)

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from ..compat import compile_in_place, grad_scaler
 from ..errors import UserError
 from ..optim import LAMB
 from ..pipeline.heads import enable_serialized_heads, loss_of
@@ -152,7 +153,7 @@ class TorchBackend:  # implements backends.base.Backend
             return None
         if args.loss_scaling is not None and not auto:
             return StaticLossScale(args.loss_scaling)
-        return torch.amp.GradScaler(self.device.type, init_scale=args.loss_scaling or 2.0 ** 16)
+        return grad_scaler(self.device.type, init_scale=args.loss_scaling or 2.0 ** 16)
 
     # --- model and optimizer -----------------------------------------------------------------------------------
 
@@ -194,7 +195,7 @@ class TorchBackend:  # implements backends.base.Backend
         logger.info("torch.compile: the model's forward, loss and backward (backend %s, mode %s)%s",
                     self.args.torch_compile_backend, self.args.torch_compile_mode or "default",
                     ", replayed as CUDA graphs" if self.cuda_graphs else "")
-        model.compile(backend=self.args.torch_compile_backend, mode=self.args.torch_compile_mode)
+        compile_in_place(model, backend=self.args.torch_compile_backend, mode=self.args.torch_compile_mode)
 
     def create_optimizer(self, param_groups):
         """LAMB with --lamb, else --optim (and --optim_args) as transformers maps them: by default AdamW with bias

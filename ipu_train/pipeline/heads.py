@@ -25,6 +25,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from ..compat import autocast_dtype
+
 IGNORE_INDEX = -100  # the label of positions the loss skips (the collators write it, the metrics skip it)
 VOCAB_ALIGNMENT = 64
 
@@ -63,10 +65,7 @@ def chunked_lm_loss(hidden, weight, labels, n_chunks, bias=None, ignore_index=IG
 
 
 def _matmul_dtype(hidden, weight):
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return torch.promote_types(hidden.dtype, weight.dtype)
+    return autocast_dtype(hidden.device.type) or torch.promote_types(hidden.dtype, weight.dtype)
 
 
 def _chunk_loop(hidden, weight, bias, labels, n_chunks, ignore_index, dtype, vocab_alignment, needs):

@@ -4,13 +4,14 @@ get each of their repeated blocks wrapped in `torch.utils.checkpoint`."""
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..compat import enable_activation_checkpointing
 from .stages import transformer_layers
 
 
 def enable_recompute(model) -> str:
     """Turn checkpointing on for every layer; returns how, for the log."""
     if getattr(model, "supports_gradient_checkpointing", False):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model, use_reentrant=False)
         model.config.use_cache = False
         return "Hugging Face activation checkpointing"
     for layer in dict.fromkeys(transformer_layers(model)):  # ALBERT repeats one module: wrap it once
