@@ -38,6 +38,8 @@ IPU_STACK_TESTS := tests/test_poptorch_backend.py tests/test_poptorch_double.py 
 	tests/test_ipu_checks.py tests/test_config.py tests/test_readme_offline_runs.py
 
 $(IPU_VENV)/.installed: requirements-ipu.txt
+	@$(IPU_PYTHON) -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 11))' || { \
+	  echo "make test-ipu-stack: torch 2.0.1 needs Python 3.10 or 3.11: pass IPU_PYTHON=python3.10 (or 3.11)"; exit 2; }
 	$(IPU_PYTHON) -m venv $(IPU_VENV)
 	$(IPU_VENV)/bin/python -m pip install -q --upgrade pip
 	$(IPU_VENV)/bin/python -m pip install -q torch==2.0.1

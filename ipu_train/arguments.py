@@ -128,6 +128,8 @@ class IPUTrainingArguments(TrainingArguments):
             raise UserError(f"--dataloader_mode {self.dataloader_mode} is not one of {', '.join(DATALOADER_MODES)}")
         if self.fp32 and (self.fp16 or self.bf16):
             raise UserError("--fp32 contradicts --fp16/--bf16: pass only one precision flag")
+        if self.device_type == "ipu" and self.bf16:
+            raise UserError("--bf16: IPUs train in fp16 (the default there) or fp32: pass --fp16 or --fp32")
         if self.pod_type is not None and self.n_ipu is not None:
             raise UserError("--pod_type and --n_ipu both set the replication: pass only one of them")
         if self.n_ipu is not None and self.n_ipu < 1:

@@ -1,9 +1,12 @@
 """Model and data flags shared by the four scripts, named as in the Hugging Face example scripts. Each script adds
 its own objective's flags by subclassing `DataArguments`."""
+import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
 from .errors import UserError
+
+logger = logging.getLogger("ipu_train")
 
 TEXT_EXTENSIONS = ("txt", "csv", "json", "jsonl", "parquet")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -97,6 +100,11 @@ class DataArguments:
             raise UserError("--compile_only compiles the training step: add --do_train")
         if training_args.do_train and self.training_source() is None:
             raise UserError("--do_train needs --train_file or --dataset_name")
+        if training_args.device_type == "ipu" and getattr(self, "pad_to_max_length", True) is False:
+            # An IPU executable takes the input shapes it was compiled for (poptorch python/_args_parser.py:
+            # validateInputs refuses any other), so no batch may be padded to its own longest sequence.
+            logger.info("--device ipu: --pad_to_max_length is on (every sequence padded to the same length)")
+            self.pad_to_max_length = True
 
 
 def check_mlm_probability(mlm_probability):

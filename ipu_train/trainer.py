@@ -578,11 +578,10 @@ class IPUTrainer(Trainer):
         """--compile_only: compile the training step on its first micro-batches (forward and backward; the weights
         do not change), then stop."""
         if not self.args.torch_compile:
-            logger.info("--compile_only: compiling the model with torch.compile")
             self.backend.compile(self.model)
         loader = self._train_batches(dataset, layout, epoch=0, start_step=0)
         started = time.perf_counter()
-        self.backend.compile_step([next(loader) for _ in range(layout.accumulation)])
+        self.backend.compile_step(loader)  # it reads the batches of one step
         metrics = {"compile_time": round(time.perf_counter() - started, 3)}
         logger.info("--compile_only: compiled in %.1f s; exiting without training", metrics["compile_time"])
         self.is_in_train = False

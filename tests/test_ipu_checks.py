@@ -229,3 +229,16 @@ def test_training_serialization_spread_over_ipus_is_refused(part):
         config.check_for_ipu()
     config.update(**{f"serialized_{part}_splits_per_ipu": [2, 0]}).check_for_ipu()  # all on IPU 0
     config.check_for_ipu(training=False)  # evaluation alone runs sharded
+
+
+def test_an_ipu_run_pads_every_sequence_to_the_same_length(no_data_read, text_files, wordpiece_tokenizer_dir, tmp_path):
+    import run_mlm
+    from ipu_train.workflow import start
+
+    argv = ["--model_type", "bert", "--tokenizer_name", str(wordpiece_tokenizer_dir), "--train_file",
+            str(text_files / "train.txt"), "--line_by_line", "--max_seq_length", "64", "--do_train", "--device", "ipu",
+            "--ipu_config_overrides", "gradient_accumulation_steps=1", "--output_dir", str(tmp_path / "out")]
+    _, data_args, *_ = start(run_mlm.DataTrainingArguments, argv)
+    assert data_args.pad_to_max_length  # PopTorch runs the shapes it compiled: no batch padded to its own longest
+    _, on_cpu, *_ = start(run_mlm.DataTrainingArguments, [*argv[:-6], "--device", "cpu", *argv[-4:]])
+    assert not on_cpu.pad_to_max_length

@@ -294,3 +294,27 @@ def test_serialized_embedding_and_projection_train_and_evaluate_as_the_plain_one
     assert losses == pytest.approx(plain_losses, rel=1e-5) and eval_loss == pytest.approx(plain_eval, rel=1e-5)
     parts = [name for name, _ in _blocks(model) if ".parts." in name]
     assert parts == ["transformer.wte.parts.0", "transformer.wte.parts.1", "lm_head.parts.0", "lm_head.parts.2"]
+
+
+def test_embedding_serialization_factor_splits_the_tied_head_as_in_optimum_graphcore(poptorch):
+    model = tiny_gpt2()
+    backend_module().place_blocks(model, IPUConfig(embedding_serialization_factor=4), "training", recompute=False)
+    assert type(model.lm_head).__name__ == "SerializedProjection" and len(model.lm_head.parts) == 4
+    assert type(model.transformer.wte) is torch.nn.Embedding  # the lookup stays whole without splits_per_ipu
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_compile_only_reads_one_combined_batch(poptorch, tmp_path):
+    # 16 rows are one combined batch of micro-batch 2 x accumulation 8: a loader item is a whole group on IPU
+    config = IPUConfig(gradient_accumulation_steps=8, device_iterations=1)
+    trainer = _ipu_trainer(tmp_path, config, rows=token_rows(16), compile_only=True, fp32=True, max_grad_norm=0.0)
+    assert trainer.train().global_step == 0
+    assert [e for e in poptorch._double.executors if e.training][0].isCompiled()
+
+
+def test_bf16_is_refused_on_ipu(poptorch, tmp_path):
+    from ipu_train.arguments import IPUTrainingArguments
+    from ipu_train.errors import UserError
+
+    with pytest.raises(UserError, match=r"^--bf16: IPUs train in fp16 \(the default there\) or fp32"):
+        IPUTrainingArguments(output_dir=str(tmp_path), device_type="ipu", bf16=True)

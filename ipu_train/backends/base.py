@@ -108,8 +108,9 @@ class Backend(Protocol):
     def compile(self, model) -> None:
         """Compile the model ahead of training (--compile_only)."""
 
-    def compile_step(self, micro_batches) -> None:
-        """Compile one training step on its micro-batches, without changing the weights."""
+    def compile_step(self, batches) -> None:
+        """Compile one training step on the first batches of `batches` (as many as a step takes), without changing
+        the weights."""
 
     def create_optimizer(self, param_groups):
         """The optimizer --optim / --lamb ask for, over `param_groups`."""

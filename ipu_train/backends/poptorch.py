@@ -62,7 +62,7 @@ def build_options(ipu_config, *, training, compile_only=False):
         opts.setExecutionStrategy(poptorch.PipelinedExecution(poptorch.AutoStage.AutoIncrement))
     else:
         opts.outputMode(poptorch.OutputMode.All)
-        opts.setExecutionStrategy(poptorch.ShardedExecution())
+        opts.setExecutionStrategy(poptorch.ShardedExecution(poptorch.AutoStage.AutoIncrement))
     if training and cfg.seed is not None:  # it reseeds the host as well: once per run, with the training options
         opts.randomSeed(cfg.seed)
     opts.TensorLocations.setOptimizerLocation(
@@ -112,12 +112,17 @@ def place_blocks(model, ipu_config, mode, recompute):
     pipelined = mode == "training"  # build_options: PipelinedExecution for training, ShardedExecution otherwise
     with ipu_config.in_mode(mode):
         stage_of = ipu_config.layer_stages(len(layers))
+        embedding_factor = ipu_config.embedding_serialization_factor
+        projection_factor = ipu_config.projection_serialization_factor
+        if tied_head(model) is not None and projection_factor == 1:
+            # optimum-graphcore: on a model whose LM head is tied to the word embedding, embedding_serialization_factor
+            # splits that head's matmul (models/gpt2/modeling_gpt2.py, models/bert/modeling_bert.py: SerializedLinear),
+            # as the PyTorch backend's chunked loss does; the lookup is spread by its splits_per_ipu alone
+            embedding_factor, projection_factor = 1, embedding_factor
         embedding_parts = serialization.serialize_embedding(
-            model, ipu_config.embedding_serialization_factor, ipu_config.serialized_embedding_splits_per_ipu,
-            pipelined=pipelined)
+            model, embedding_factor, ipu_config.serialized_embedding_splits_per_ipu, pipelined=pipelined)
         projection_parts = serialization.serialize_projection(
-            model, ipu_config.projection_serialization_factor, ipu_config.serialized_projection_splits_per_ipu,
-            pipelined=pipelined)
+            model, projection_factor, ipu_config.serialized_projection_splits_per_ipu, pipelined=pipelined)
     embedding = model.get_input_embeddings()
     for index, module in enumerate(stage0_modules(model)):
         if module is embedding and embedding_parts:
@@ -153,11 +158,10 @@ def _checkpoint_output(module, inputs, output):
 
 
 def _without_cache(model, batch):
-    """The batch with use_cache=False where the model takes it: a cache is never read here, and returning it costs a
-    device-to-host copy of every layer's keys and values."""
-    if "use_cache" in inspect.signature(model.forward).parameters:
-        return {**batch, "use_cache": False}
-    return batch
+    """The batch with use_cache=False (use_mems=False for XLNet) where the model takes it: a cache is never read
+    here, and returning it costs a device-to-host copy of every layer's keys and values."""
+    accepted = inspect.signature(model.forward).parameters
+    return {**batch, **{flag: False for flag in ("use_cache", "use_mems") if flag in accepted}}
 
 
 class LossOnly(torch.nn.Module):
@@ -209,7 +213,7 @@ class _PaddingCollator:
             if padded and torch.is_tensor(batch.get(name)):
                 batch[name] = batch[name].clone()
                 batch[name][len(rows) - padded:] = IGNORE_INDEX
-        batch[PADDING_ROWS] = padded
+        batch[PADDING_ROWS] = torch.tensor(padded)  # a tensor: PopTorch's asynchronous loaders pass tensors only
         return batch
 
 
@@ -265,6 +269,8 @@ class PopTorchBackend:  # implements backends.base.Backend
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         if self.training_model is not None:  # a later train(): the executable stays, with this optimizer
             self.training_model.setOptimizer(optimizer)
+            if self.training_model.isAttachedToDevice():  # weights loaded on the host (a resume) go to the IPUs
+                self.training_model.copyWeightsToDevice()
 
     def executable(self, mode):
         """`mode`'s executable, built on first use (the model in that mode, in that layout's blocks), with the other
@@ -318,15 +324,15 @@ class PopTorchBackend:  # implements backends.base.Backend
     def new_group(self):
         return _PopTorchGroup(self)
 
-    def compile_step(self, micro_batches):
-        self.executable("training").compile(**micro_batches[0])
+    def compile_step(self, batches):
+        self.executable("training").compile(**next(batches))  # one loader item is a whole group's combined batch
 
     def eval_outputs(self, model, batch):
         """The outputs of the batch's real rows, and those rows: the loss is each micro-batch's, weighted by its real
         rows (a micro-batch of padding alone has none)."""
         if self.model is None:  # evaluation without training
             self.prepare_model(model)
-        padded = batch.pop(PADDING_ROWS, 0)
+        padded = int(batch.pop(PADDING_ROWS, 0))
         outputs = self.executable("inference")(**_without_cache(self.model, batch))
         real = next(v for v in batch.values() if torch.is_tensor(v)).shape[0] - padded
         if isinstance(outputs, dict) and outputs.get("loss") is not None:

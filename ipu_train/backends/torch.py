@@ -296,10 +296,11 @@ class TorchBackend:  # implements backends.base.Backend
         self.optimizer.zero_grad(set_to_none=True)
         return step_loss, tokens, grad_norm
 
-    def compile_step(self, micro_batches):
-        """Forward and backward of one step through the compiled module, to compile both; gradients discarded."""
+    def compile_step(self, batches):
+        """Forward and backward of one step's micro-batches through the compiled module, to compile both; gradients
+        discarded."""
         self.train_module.train()
-        for batch in micro_batches:
+        for batch in [next(batches) for _ in range(self.layout.micro_batches_per_step)]:
             with self.autocast():
                 loss = loss_of(self.train_module(**self.to_device(batch))).float()
             loss.backward()
