@@ -1580,6 +1580,12 @@ class DataLoader(torch.utils.data.DataLoader):
                            "%d. To avoid having to handle this special case switch to drop_last=True",
                            len(dataset), self._combined_batch_size, left)
 
+    def __iter__(self):
+        for batch in super().__iter__():
+            if self._mode in (DataLoaderMode.Async, DataLoaderMode.AsyncRebatched):
+                _check_flat_tensors(batch)
+            yield batch
+
     @property
     def combinedBatchSize(self):
         return self._combined_batch_size
@@ -1590,6 +1596,15 @@ class DataLoader(torch.utils.data.DataLoader):
 
     def terminate(self):
         return None
+
+
+def _check_flat_tensors(batch):
+    """python/_dataloader.py: AsynchronousDataAccessor's worker — a tensor, or a flat container of tensors only."""
+    values = list(batch.values()) if isinstance(batch, dict) else [batch] if torch.is_tensor(batch) else list(batch)
+    for index, tensor in enumerate(values):
+        assert isinstance(tensor, torch.Tensor), (
+            f"Tensor at index {index} is not a torch tensor ({type(tensor)}). AsynchronousDataAccessor expects data "
+            "to be organised as a flat 1D container of tensors.")
 
 
 # -------------------------------------------------------------------------------------------------------- module

@@ -318,3 +318,9 @@ def test_bf16_is_refused_on_ipu(poptorch, tmp_path):
 
     with pytest.raises(UserError, match=r"^--bf16: IPUs train in fp16 \(the default there\) or fp32"):
         IPUTrainingArguments(output_dir=str(tmp_path), device_type="ipu", bf16=True)
+
+
+def test_evaluation_batches_suit_the_asynchronous_loader(poptorch, tmp_path):
+    # python/_dataloader.py: the asynchronous loaders carry tensors only (the padding count included)
+    trainer = _ipu_trainer(tmp_path, fp32=True, eval_rows=7, dataloader_mode="async")
+    assert "eval_loss" in trainer.evaluate()

@@ -456,3 +456,16 @@ def test_fp16_accumulation_sets_the_running_mean_reduction_strategy(poptorch):
     training = poptorch.trainingModel(model, options=options(poptorch), optimizer=optimizer)
     assert training.options.Training.meanAccumulationAndReplicationReductionStrategy == \
         poptorch.MeanReductionStrategy.Running
+
+
+def test_the_asynchronous_loader_takes_tensors_only(poptorch):
+    def collate(rows):  # an int beside the tensors, as a collator could add
+        return {"x": torch.stack(rows), "note": len(rows)}
+    rows = [torch.tensor([i]) for i in range(4)]
+    loader = poptorch.DataLoader(poptorch.Options(), rows, batch_size=2, collate_fn=collate,
+                                 mode=poptorch.DataLoaderMode.Async)
+    with pytest.raises(AssertionError, match="Tensor at index 1 is not a torch tensor"):
+        next(iter(loader))
+    sync = poptorch.DataLoader(poptorch.Options(), rows, batch_size=2, collate_fn=collate,
+                               mode=poptorch.DataLoaderMode.Sync)
+    assert next(iter(sync))["note"] == 2  # the synchronous loader passes it on
