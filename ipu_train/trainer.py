@@ -33,7 +33,7 @@ from .arguments import IPUTrainingArguments, load_ipu_config
 from . import checkpoint as ckpt
 from .backends import make_backend
 from .compat import best_global_step, init_training_references
-from .backends.base import DeviceSums, EvalSums
+from .backends.base import DeviceSums, EvalSums, batch_size
 from .errors import RunFailed, UserError, one_line
 from .parallel import ParallelLayout
 from .signals import StopRequest
@@ -634,7 +634,7 @@ class IPUTrainer(Trainer):
                 inputs = self.backend.to_device(inputs)
                 outputs, inputs = self.backend.eval_outputs(model, inputs)
                 labels = _labels(inputs, self.label_names)
-                size = next(v for v in inputs.values() if torch.is_tensor(v)).shape[0]
+                size = batch_size(inputs)
                 sums.add("samples", size)
                 if isinstance(outputs, dict) and outputs.get("loss") is not None:
                     sums.add("loss", outputs["loss"].float() * size)

@@ -32,6 +32,21 @@ class EvalSums:
     samples: float  # every sample evaluated
 
 
+def batch_size(batch):
+    """The rows of a collated batch: the first dimension of its first tensor."""
+    return next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
+
+
+def input_tokens(batch):
+    """The tokens a batch feeds the model: its attention mask's ones, else every input id (a device value where the
+    batch is on the device)."""
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        return mask.sum()
+    ids = batch.get("input_ids")
+    return ids.numel() if ids is not None else 0
+
+
 class DeviceSums:
     """The fields of a host dataclass (`GroupSums`, `EvalSums`, ...) accumulated in one device tensor."""
 

@@ -31,7 +31,7 @@ from ..pipeline.families import stage0_modules, tied_head
 from ..pipeline.heads import IGNORE_INDEX, loss_of
 from ..pipeline.stages import transformer_layers
 from . import poptorch_serialization as serialization
-from .base import DeviceSums, GroupResult, GroupSums, PendingHostRead
+from .base import DeviceSums, GroupResult, GroupSums, PendingHostRead, batch_size, input_tokens
 
 logger = logging.getLogger("ipu_train")
 
@@ -110,11 +110,12 @@ def place_blocks(model, ipu_config, mode, recompute):
     serialization.restore(model)
     layers = transformer_layers(model)
     pipelined = mode == "training"  # build_options: PipelinedExecution for training, ShardedExecution otherwise
+    head = tied_head(model)
     with ipu_config.in_mode(mode):
         stage_of = ipu_config.layer_stages(len(layers))
         embedding_factor = ipu_config.embedding_serialization_factor
         projection_factor = ipu_config.projection_serialization_factor
-        if tied_head(model) is not None and projection_factor == 1:
+        if head is not None and projection_factor == 1:
             # optimum-graphcore: on a model whose LM head is tied to the word embedding, embedding_serialization_factor
             # splits that head's matmul (models/gpt2/modeling_gpt2.py, models/bert/modeling_bert.py: SerializedLinear),
             # as the PyTorch backend's chunked loss does; the lookup is spread by its splits_per_ipu alone
@@ -137,7 +138,6 @@ def place_blocks(model, ipu_config, mode, recompute):
         poptorch.BeginBlock(layer, f"Layer{index}", ipu_id=ipu)
         if recompute:
             handles.append(layer.register_forward_hook(_checkpoint_output))
-    head = tied_head(model)
     if projection_parts:
         _begin(projection_parts)
     elif head is not None:
@@ -334,7 +334,7 @@ class PopTorchBackend:  # implements backends.base.Backend
             self.prepare_model(model)
         padded = int(batch.pop(PADDING_ROWS, 0))
         outputs = self.executable("inference")(**_without_cache(self.model, batch))
-        real = next(v for v in batch.values() if torch.is_tensor(v)).shape[0] - padded
+        real = batch_size(batch) - padded
         if isinstance(outputs, dict) and outputs.get("loss") is not None:
             outputs["loss"] = _real_rows_loss(outputs["loss"].float(), real, self.args.per_device_eval_batch_size)
         if not padded:
@@ -352,9 +352,8 @@ class PopTorchBackend:  # implements backends.base.Backend
         cfg, loss = self.ipu_config, loss.float()
         if cfg.output_mode == "all":
             return loss.mean(), steps
-        if cfg.output_mode == "sum":
-            micro_batches = cfg.device_iterations * cfg.gradient_accumulation_steps * cfg.replication_factor
-            return loss.sum() / micro_batches, steps
+        if cfg.output_mode == "sum":  # the sum over every micro-batch of the group, of every replica
+            return loss.sum() / cfg.batch_size_factor(), steps
         return loss.mean(), 1
 
     def to_host(self, sums):
@@ -404,15 +403,13 @@ class _PopTorchGroup:
         backend, batch, steps = self.backend, self.batch, self.steps
         backend.training_model.setOptimizer(backend.optimizer)  # the new learning rate, for the next group
         loss, counted = backend.group_loss(self.losses, steps)
-        tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
-        samples = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
         finite = bool(torch.isfinite(loss))
         backend.nonfinite_run = 0 if finite else backend.nonfinite_run + steps
         limit = backend.args.max_consecutive_nonfinite_steps
         sums = DeviceSums(GroupSums, backend.device)
         for name, value in (("loss", loss * counted if finite else 0.0), ("finite_steps", counted if finite else 0),
-                            ("tokens", tokens), ("stop_requested", float(stop_requested)),
+                            ("tokens", input_tokens(batch)), ("stop_requested", float(stop_requested)),
                             ("diverged", float(bool(limit) and backend.nonfinite_run >= limit)),
                             ("ends_nonfinite", float(not finite))):
             sums.put(name, value)
-        return GroupResult(steps, samples, 0, backend.to_host(sums))
+        return GroupResult(steps, batch_size(batch), 0, backend.to_host(sums))

@@ -16,7 +16,7 @@ from ..errors import UserError
 from ..optim import LAMB
 from ..pipeline.heads import enable_serialized_heads, loss_of
 from ..pipeline.recompute import enable_recompute
-from .base import DeviceSums, GroupResult, GroupSums, PendingHostRead
+from .base import DeviceSums, GroupResult, GroupSums, PendingHostRead, batch_size, input_tokens
 
 logger = logging.getLogger("ipu_train")
 
@@ -280,7 +280,7 @@ class TorchBackend:  # implements backends.base.Backend
                 loss = loss_of(outputs).float() / accumulation
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             step_loss += loss.detach()
-            tokens += _input_tokens(batch)
+            tokens += input_tokens(batch)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = None
@@ -376,7 +376,7 @@ class _TorchGroup:
             sums.put("grad_norm", grad_norm)
         backend.count_nonfinite(finite, sums)
         self.steps += 1
-        self.samples += sum(_batch_size(b) for b in micro_batches)
+        self.samples += sum(batch_size(b) for b in micro_batches)
         self.flops += sum(backend.batch_flops(b) for b in micro_batches)
 
     def finish(self, stop_requested):
@@ -397,19 +397,6 @@ def _without_full_attention_mask(batch):
         return {key: value for key, value in batch.items() if key != "attention_mask"}
     return batch
 
-
-
-def _input_tokens(batch):
-    mask = batch.get("attention_mask")
-    if mask is not None:
-        return mask.sum()
-    ids = batch.get("input_ids")
-    return ids.numel() if ids is not None else 0
-
-
-def _batch_size(batch):
-    first = next(v for v in batch.values() if torch.is_tensor(v))
-    return first.shape[0]
 
 
 def _cloned(outputs):
