@@ -34,6 +34,8 @@ import poptorch
 import torch
 import torch.nn.functional as F
 
+from ..pipeline.families import output_projection, tied_head
+
 logger = logging.getLogger("ipu_train")
 
 
@@ -106,18 +108,6 @@ class SerializedProjection(torch.nn.Linear):
 _PLAIN = {SerializedEmbedding: torch.nn.Embedding, SerializedProjection: torch.nn.Linear}
 
 
-def _tied(model):
-    head, embedding = _output_embeddings(model), model.get_input_embeddings()
-    return head is not None and embedding is not None and getattr(head, "weight", None) is embedding.weight
-
-
-def _output_embeddings(model):
-    try:
-        return model.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-
-
 def _serialize(module, plain, serialized, factor, splits_per_ipu, name, tied, pipelined):
     if splits_per_ipu is not None:
         if factor not in (1, sum(splits_per_ipu)):  # IPUConfig.validate allows one of the two
@@ -169,19 +159,19 @@ def serialize_embedding(model, factor, splits_per_ipu=None, *, pipelined=False):
     without splits_per_ipu: the parts run in the embedding's own block). `pipelined`: refuse what popart refuses
     when pipelining (see the module's docstring)."""
     return _serialize(model.get_input_embeddings(), torch.nn.Embedding, SerializedEmbedding, factor, splits_per_ipu,
-                      "the word embedding", _tied(model), pipelined)
+                      "the word embedding", tied_head(model) is not None, pipelined)
 
 
 def serialize_projection(model, factor, splits_per_ipu=None, *, pipelined=False):
     """Computes `model.get_output_embeddings()` in parts over the vocabulary, as serialize_embedding. A model
     without a vocabulary projection (a classifier, a bare encoder) has nothing to serialize: no blocks."""
-    head = _output_embeddings(model)
+    head = output_projection(model)
     if head is None:
         if factor > 1 or splits_per_ipu is not None:
             logger.info("%s has no vocabulary projection to serialize", type(model).__name__)
         return []
     return _serialize(head, torch.nn.Linear, SerializedProjection, factor, splits_per_ipu,
-                      "the vocabulary projection", _tied(model), pipelined)
+                      "the vocabulary projection", tied_head(model) is not None, pipelined)
 
 
 def serialized_blocks(model):

@@ -268,12 +268,21 @@ def stage0_modules(model) -> list:
     return (family.stage0_modules if family else input_embeddings)(model)
 
 
+def output_projection(model):
+    """The model's vocabulary projection (`get_output_embeddings()`), or None for a model without one."""
+    try:
+        return model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+
+
 def tied_head(model):
     """The output projection whose weight is the input embedding's (GPT-2's lm_head, BERT's decoder, ...), or None.
     On IPU it must run where that weight lives, IPU 0: PopTorch cannot share a weight between pipeline stages on
     different IPUs."""
+    head = output_projection(model)
     try:
-        head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+        embeddings = model.get_input_embeddings()
     except (AttributeError, NotImplementedError):
         return None
     if head is None or embeddings is None or getattr(head, "weight", None) is not embeddings.weight:
