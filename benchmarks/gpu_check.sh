@@ -67,7 +67,7 @@ script_clm() {  # run_clm.py on a parquet of token ids (no text column: it only 
          --output_dir "$WORK/tok_bpe" >/dev/null \
     && timeout 150 $PY run_clm.py --model_type gpt2 --tokenizer_name "$WORK/tok_bpe" --train_file "$WORK/clm_data/train.parquet" \
          $GPT2 --ipu_config_name ipu_configs/gpt2 \
-         --ipu_config_overrides "layers_per_ipu=[-1],recompute_checkpoint_every_layer=false" \
+         --ipu_config_overrides "layers_per_ipu=[-1],gradient_accumulation_steps=1,recompute_checkpoint_every_layer=false" \
          --output_dir "$WORK/clm_out" $COMMON >"$WORK/clm.log" 2>&1 \
     && cp "$WORK/clm_out/train_results.json" "$WORK/script_gpt2.json" \
     || { echo "run_clm.py FAILED; the end of its log:"; tail -n 25 "$WORK/clm.log"; }
