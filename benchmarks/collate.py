@@ -1,0 +1,97 @@
+"""Host cost of the MLM collator: ms per batch of 128 BERT pairs, the previous collator against the current one on the
+same rows, as run_pretraining.py builds it (15% masked, the static cap, padding to a multiple of 8).
+
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/collate.py
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/collate.py --tokenizer DIR --batches 50
+
+Rows are make_pretokenized.py's pairs (every row full length, as saved pairs are), plus one case of rows of 256 to
+512 tokens, which still go through tokenizer.pad. Without --tokenizer, train_tokenizer.py trains a WordPiece one on
+data/corpus/train.txt. `PreviousCollator` is the collator before the fast paths, kept as the baseline here and as
+the reference tests/test_collator_fast.py compares masks with.
+"""
+import argparse
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer
+
+from ipu_train.compat import DataCollatorForLanguageModeling
+from ipu_train.data import DataCollatorForCappedMLM, masked_token_cap
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+class PreviousCollator(DataCollatorForCappedMLM):
+    """tokenizer.pad for every batch, and the parent's per-row Python special-token mask."""
+
+    def torch_call(self, examples):
+        if not isinstance(examples[0], Mapping):
+            return DataCollatorForLanguageModeling.torch_call(self, examples)
+        stripped = [{key: value for key, value in example.items() if key != "word_ids"} for example in examples]
+        if self.whole_word_mask and examples[0].get("word_ids") is not None:
+            offsets = self._offsets(self._padded_word_ids(examples)).numpy()
+            for example, row in zip(stripped, offsets):
+                example["offset_mapping"] = row
+        return DataCollatorForLanguageModeling.torch_call(self, stripped)
+
+    def torch_mask_tokens(self, inputs, special_tokens_mask=None, offset_mapping=None):
+        if special_tokens_mask is None:
+            special_tokens_mask = [self.tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True)
+                                   for row in inputs.tolist()]
+        return super().torch_mask_tokens(inputs, special_tokens_mask, offset_mapping)
+
+
+def pairs(rows, seq, vocab, shortest=None, seed=0):
+    """make_pretokenized.py's pair rows as the dataset hands them over: dicts of Python lists; with `shortest`, each
+    row cut to a random length from `shortest` to `seq`."""
+    from make_pretokenized import pair_rows  # beside this script, which runs from here
+    rng = np.random.default_rng(seed)
+    columns = pair_rows(rows, seq, vocab, rng)
+    examples = [{key: values[i] for key, values in columns.items()} for i in range(rows)]
+    if shortest is not None:
+        for example in examples:
+            length = int(rng.integers(shortest, seq + 1))
+            example.update({key: value[:length] for key, value in example.items() if isinstance(value, list)})
+    return examples
+
+
+def ms_per_batch(collator, examples, batches):
+    collator(examples)  # warm-up
+    start = time.perf_counter()
+    for _ in range(batches):
+        collator(examples)
+    return 1e3 * (time.perf_counter() - start) / batches
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokenizer", help="a saved BERT tokenizer (default: train a WordPiece one)")
+    p.add_argument("--batches", type=int, default=20, help="timed batches per case")
+    p.add_argument("--rows", type=int, default=128, help="pairs per batch")
+    opts = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as scratch:
+        if opts.tokenizer is None:
+            opts.tokenizer = scratch
+            subprocess.run([sys.executable, str(ROOT / "train_tokenizer.py"), "--type", "wordpiece", "--files",
+                            str(ROOT / "data/corpus/train.txt"), "--vocab_size", "8000", "--output_dir", scratch],
+                           check=True, capture_output=True)
+        tokenizer = AutoTokenizer.from_pretrained(opts.tokenizer)
+    print(f"{opts.rows} pairs a batch, {opts.batches} batches, torch threads {torch.get_num_threads()}")
+    print(f"{'rows':<28}{'previous ms':>12}{'current ms':>12}{'speed-up':>10}")
+    for label, seq, shortest in [("128 tokens", 128, None), ("512 tokens", 512, None),
+                                 ("256-512 tokens (padded)", 512, 256)]:
+        examples = pairs(opts.rows, seq, len(tokenizer), shortest)
+        options = dict(mlm_probability=0.15, max_masked_tokens=masked_token_cap(seq, 0.15), pad_to_multiple_of=8)
+        previous = ms_per_batch(PreviousCollator(tokenizer, **options), examples, opts.batches)
+        current = ms_per_batch(DataCollatorForCappedMLM(tokenizer, **options), examples, opts.batches)
+        print(f"{label:<28}{previous:>12.2f}{current:>12.2f}{previous / current:>9.1f}x")
+
+
+if __name__ == "__main__":
+    main()
