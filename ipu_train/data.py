@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import os
 import random
 import re
 from collections.abc import Mapping
@@ -15,7 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from transformers import DataCollatorForPermutationLanguageModeling
+from transformers import BatchEncoding, DataCollatorForPermutationLanguageModeling
 from transformers.data.data_collator import pad_without_fast_tokenizer_warning
 
 from ipu_train.compat import DataCollatorForLanguageModeling
@@ -66,6 +67,9 @@ class DataCollatorForCappedMLM(DataCollatorForLanguageModeling):
       tokens): exact for every fast tokenizer, including byte-level BPE. Without that column (and for examples given as
       lists of ids) a WordPiece tokenizer's "##" continuation pieces mark them; other tokenizers then raise.
     - `token_type_ids` and `next_sentence_label` pass through; `word_ids` and `special_tokens_mask` are consumed.
+    - Host cost: rows that need no padding are stacked with one conversion per column, and special tokens are found
+      with torch.isin, not per token in Python; the batch and the random draws are the parent's
+      (tests/test_collator_fast.py, benchmarks/collate.py).
     """
 
     consumed_columns: ClassVar[tuple[str, ...]] = ("word_ids", "special_tokens_mask")  # read here, not by the model
@@ -82,6 +86,7 @@ class DataCollatorForCappedMLM(DataCollatorForLanguageModeling):
         if self.return_tensors != "pt":
             raise ValueError("the cap is applied to torch batches: return_tensors must be 'pt'")
         super().__post_init__()
+        self._special_ids = torch.tensor(self.tokenizer.all_special_ids)  # as get_special_tokens_mask tests them
         self._continuation = None  # per-vocabulary "##" flags, built on first use without a word_ids column
 
     def cap_for(self, seq_len: int) -> int | None:
@@ -92,14 +97,25 @@ class DataCollatorForCappedMLM(DataCollatorForLanguageModeling):
     def torch_call(self, examples: list[dict[str, Any] | list[int]]) -> dict[str, torch.Tensor]:
         if not isinstance(examples[0], Mapping):  # lists of ids: the parent pads them, WordPiece pieces give words
             return super().torch_call(examples)
-        stripped = [{key: value for key, value in example.items() if key != "word_ids"} for example in examples]
+        columns = [{key: value for key, value in example.items() if key != "word_ids"} for example in examples]
+        if not self.mlm:  # labels are the inputs: nothing to mask
+            return super().torch_call(columns)
+        self._seed_generator()
+        batch = self._stacked(columns)
+        if batch is None:  # rows to pad, or values only tokenizer.pad handles
+            batch = pad_without_fast_tokenizer_warning(self.tokenizer, columns, return_tensors="pt",
+                                                       pad_to_multiple_of=self.pad_to_multiple_of)
+        special_tokens_mask = batch.pop("special_tokens_mask", None)
+        offset_mapping = batch.pop("offset_mapping", None)
         if self.whole_word_mask and examples[0].get("word_ids") is not None:
-            offsets = self._offsets(self._padded_word_ids(examples)).numpy()
-            for example, row in zip(stripped, offsets):
-                example["offset_mapping"] = row  # rows of one array: tokenizer.pad stacks them, no list of pairs
-        return super().torch_call(stripped)
+            offset_mapping = self._offsets(self._padded_word_ids(examples))
+        batch["input_ids"], batch["labels"] = self.torch_mask_tokens(batch["input_ids"], special_tokens_mask,
+                                                                     offset_mapping)
+        return batch
 
     def torch_mask_tokens(self, inputs, special_tokens_mask=None, offset_mapping=None):
+        if special_tokens_mask is None:  # the parent's test, get_special_tokens_mask, is a Python loop over tokens
+            special_tokens_mask = torch.isin(inputs, self._special_ids)
         if self.whole_word_mask and offset_mapping is None:  # no word_ids column: "##" pieces continue a word
             offset_mapping = self._offsets((~self._continuation_flags()[inputs]).long().cumsum(dim=1))
         inputs, labels = super().torch_mask_tokens(inputs, special_tokens_mask, offset_mapping)
@@ -110,6 +126,41 @@ class DataCollatorForCappedMLM(DataCollatorForLanguageModeling):
             inputs[dropped] = labels[dropped]  # labels hold the original ids of masked tokens
             labels[dropped] = IGNORE_INDEX
         return inputs, labels
+
+    def _seed_generator(self):
+        """The generator as the parent's torch_call seeds it (this one pads dicts itself): once per process, with
+        seed plus the DataLoader worker's id."""
+        if self.seed is not None and (self._generator_pid != os.getpid()
+                                      or not isinstance(self.generator, torch.Generator)):
+            worker = torch.utils.data.get_worker_info()
+            self.generator = torch.Generator().manual_seed(self.seed + (worker.id if worker is not None else 0))
+            self._generator_pid = os.getpid()
+
+    def _stacked(self, columns: list[dict[str, Any]]) -> BatchEncoding | None:
+        """tokenizer.pad's batch, built with one conversion per column, where no row needs padding; else None.
+
+        tokenizer.pad's per-token Python path costs milliseconds a batch. It keeps the dtype of numpy values beside
+        lists of ids; everything else becomes Python lists, then int64, bool or default-float tensors.
+        """
+        length = len(columns[0]["input_ids"])
+        if (not length or length % (self.pad_to_multiple_of or 1)
+                or any(len(example["input_ids"]) != length for example in columns)):
+            return None
+        arrays_kept = isinstance(columns[0]["input_ids"], (list, tuple))
+        python_dtypes = {"b": torch.bool, "i": torch.long, "u": torch.long, "f": torch.get_default_dtype()}
+        batch = {}
+        for key in columns[0]:
+            values = [example[key] for example in columns]
+            array = np.array(values)
+            if arrays_kept and isinstance(values[0], (np.ndarray, np.generic)):
+                batch[key] = torch.from_numpy(array)
+            elif array.dtype.kind in python_dtypes:
+                batch[key] = torch.from_numpy(array).to(python_dtypes[array.dtype.kind])
+            else:  # strings, None: tokenizer.pad says what it cannot convert
+                return None
+        if "attention_mask" not in batch and "attention_mask" in self.tokenizer.model_input_names:
+            batch["attention_mask"] = torch.ones(len(columns), length, dtype=torch.long)
+        return BatchEncoding(batch)
 
     def _whole_word_mask(self, word_ids, mask):
         """The parent's whole words (-1: special token), capped before their tokens are replaced.
