@@ -9,6 +9,9 @@ Then one measurement: forward and backward of the GPT-2 head at the benchmark's 
 cross-entropy), chunked, and chunked with the vocabulary padded to a multiple of 64 (the default), to show what the
 aligned matmuls are worth on this card. Last, a check: a group's sums on their way to the host (`PendingHostRead`) start
 their copy with no host synchronisation and are read without waiting for kernels launched after them.
+Then one finding, no verdict: which attention kernel the compiled training step of BERT (with our sparse MLM head)
+and of GPT-2 asks for under bf16 autocast (flash, memory-efficient, cuDNN, or SDPA's math path of separate matmuls
+and softmax), read off the forward graph that torch.compile hands to its compiler.
 Prints one line per check and exits non-zero on the first failure."""
 import sys
 import types
@@ -165,6 +168,56 @@ def time_gpt2_head():
     print("time  GPT-2 head forward + backward, 16384 tokens, bf16: " + "; ".join(timings), flush=True)
 
 
+ATTENTION_OPS = {"_scaled_dot_product_flash_attention": "flash", "_scaled_dot_product_efficient_attention":
+                 "memory-efficient", "_scaled_dot_product_cudnn_attention": "cuDNN",
+                 "_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)", "_safe_softmax": "math (bmm + softmax)"}
+
+
+def attention_kernels_of(model, batch):
+    """The SDPA kernels in the forward graph of `model(**batch)` compiled in training mode under bf16 autocast."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    found = set()
+
+    def record(graph_module, _inputs):
+        for node in graph_module.graph.nodes:
+            name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+            if name in ATTENTION_OPS:
+                found.add(ATTENTION_OPS[name])
+        return graph_module
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model.train(), backend=lambda gm, inputs: aot_module_simplified(
+        gm, inputs, fw_compiler=record, bw_compiler=lambda g, _: g))
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        compiled(**batch)
+    torch._dynamo.reset()
+    return ", ".join(sorted(found)) or "none found"
+
+
+def report_attention_kernels():
+    from transformers import BertConfig, BertForPreTraining, GPT2Config, GPT2LMHeadModel
+
+    from ipu_train import IPUConfig
+
+    g = torch.Generator(DEVICE).manual_seed(0)
+    ids = torch.randint(5, 1000, (8, 128), device=DEVICE, generator=g)
+    bert = BertForPreTraining(BertConfig(vocab_size=1000, num_hidden_layers=2)).to(DEVICE)
+    enable_serialized_heads(bert, IPUConfig(), max_predictions=32)
+    labels = torch.where(torch.rand(8, 128, device=DEVICE, generator=g) < 0.15, ids, -100)
+    bert_batch = dict(input_ids=ids, token_type_ids=torch.zeros_like(ids), labels=labels,
+                      next_sentence_label=torch.zeros(8, dtype=torch.long, device=DEVICE))
+    bert_without_attention_dropout = BertForPreTraining(BertConfig(vocab_size=1000, num_hidden_layers=2,
+                                                                   attention_probs_dropout_prob=0.0)).to(DEVICE)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_layer=2, eos_token_id=0, bos_token_id=0)).to(DEVICE)
+    print(f"info  attention in the compiled training step (bf16, dropout on, no mask): "
+          f"BERT with the sparse MLM head: {attention_kernels_of(bert, bert_batch)}; plain BERT without attention "
+          f"dropout: {attention_kernels_of(bert_without_attention_dropout, bert_batch)}; GPT-2: "
+          f"{attention_kernels_of(gpt2, dict(input_ids=ids, labels=ids))}; SDPA backends enabled: flash "
+          f"{torch.backends.cuda.flash_sdp_enabled()}, memory-efficient {torch.backends.cuda.mem_efficient_sdp_enabled()}, "
+          f"cuDNN {torch.backends.cuda.cudnn_sdp_enabled()}", flush=True)
+
+
 if __name__ == "__main__":
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}", flush=True)
@@ -173,3 +226,4 @@ if __name__ == "__main__":
     check_gpt2_patched()
     time_gpt2_head()
     check_deferred_read_waits_for_its_own_kernels()
+    report_attention_kernels()

@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# The one prepared GPU check of issue 6 (about 8 minutes on an H100), every number from the same card in one call.
-# The most important numbers come first; a later step starts only while the call has time left for it:
-#   1. CUDA correctness of the kernels and of our step (benchmarks/cuda_check.py), and the bf16 matmul ceiling;
+# The one prepared GPU check (about 9 minutes on an H200), every number from the same card in one call.
+# The most important numbers come first; a later step starts only while the call has time left for it. The order
+# follows the first run (2026-11-28, benchmarks/RESULTS.md): what it measured is not repeated unless it is the
+# side-by-side comparison, and what it left open comes early:
+#   1. CUDA correctness of the kernels and of our step (benchmarks/cuda_check.py, which also says which attention
+#      kernel the compiled steps ask for), and the bf16 matmul ceiling;
 #   2. our trainer (its defaults: compiled on CUDA) against transformers.Trainer (its defaults: eager), bf16:
 #      GPT-2 124M (seq 1024, micro-batch 16), then BERT-base pretraining (seq 128, micro-batch 128);
-#   3. transformers.Trainer with torch_compile=True on GPT-2;
+#   3. BERT with --cuda_graphs, and BERT's timed steps under sync debug mode (is the step host-bound, or waiting?);
 #   4. the real scripts on pre-tokenized synthetic data, --max_steps: run_clm.py (GPT-2) and run_pretraining.py
 #      (BERT), their train_tokens_per_second set against the benchmark's;
-#   5. a kernel profile of our GPT-2 step, the effect of compilation (ours eager) and of CUDA graphs (ours
-#      --cuda_graphs) on GPT-2, of host overlap on BERT, and a kernel profile of our BERT step;
-#   6. the shared baseline's plain compiled loops (benchmarks/hf_baseline_gpu.py).
-# One table last. $OUT gets gpu_check.log and results.json (every JSON of the run in one file).
+#   5. BERT without host overlap, a kernel profile of our GPT-2 step, transformers.Trainer compiled on GPT-2, and
+#      ours eager on GPT-2.
+# One table last. $OUT gets gpu_check.log, results.json (every JSON of the run in one file), the GPU kernel table
+# kernels_ours_gpt2_full.txt and the sync report syncs_ours_bert_full.txt.
 #
 # From the repository root, through the device tool:
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
@@ -96,25 +99,24 @@ script_pretraining() {  # run_pretraining.py on saved sentence pairs, masked by 
   timeout 200 $THROUGHPUT --json "$WORK/throughput_gpt2.json" --model gpt2 --sides ours,hf
   echo "== BERT pretraining: ours (defaults) vs transformers.Trainer (defaults)"
   under 330 && timeout 170 $THROUGHPUT --json "$WORK/throughput_bert.json" --model bert --sides ours,hf
-  echo "== GPT-2: transformers.Trainer with torch_compile=True"
-  under 330 && timeout 150 $THROUGHPUT --json "$WORK/throughput_gpt2_hf_compiled.json" --model gpt2 --sides hf --torch_compile
+  echo "== BERT pretraining: ours with --cuda_graphs (is the step host-bound?)"
+  [ "$DRY" != 1 ] && under 330 && timeout 90 $THROUGHPUT --json "$WORK/throughput_bert_ours_graphs.json" --model bert --sides ours --cuda_graphs
+  echo "== BERT pretraining: every operation of our timed steps that makes the host wait (sync debug mode)"
+  [ "$DRY" != 1 ] && under 360 && timeout 60 $THROUGHPUT --json "$WORK/throughput_bert_sync_debug.json" --model bert --sides ours --sync_debug \
+    --steps $((WARMUP + 3)) --warmup $WARMUP
   echo "== run_clm.py, pre-tokenized"
-  under 400 && script_clm
+  under 380 && script_clm
   echo "== run_pretraining.py, pre-tokenized"
-  under 450 && script_pretraining
-  echo "== where our GPT-2 step's device time goes (torch.profiler, 3 steps after the warm-up)"
-  under 460 && timeout 60 $THROUGHPUT --json "$WORK/kernels_gpt2.json" --model gpt2 --sides ours --kernel_profile \
-    --steps $((WARMUP + 3)) --warmup $WARMUP
-  echo "== GPT-2: ours eager (--no_torch_compile), then ours with --cuda_graphs"
-  under 480 && timeout 60 $THROUGHPUT --json "$WORK/throughput_gpt2_ours_eager.json" --model gpt2 --sides ours --no_torch_compile
-  [ "$DRY" != 1 ] && under 460 && timeout 90 $THROUGHPUT --json "$WORK/throughput_gpt2_ours_graphs.json" --model gpt2 --sides ours --cuda_graphs
+  under 420 && script_pretraining
   echo "== BERT pretraining: ours without host overlap (no read-ahead, every group's read in place)"
-  under 480 && timeout 60 $THROUGHPUT --json "$WORK/throughput_bert_no_host_overlap.json" --model bert --sides ours --no_host_overlap
-  echo "== where our BERT step's device time goes"
-  under 500 && timeout 50 $THROUGHPUT --json "$WORK/kernels_bert.json" --model bert --sides ours --kernel_profile \
+  under 460 && timeout 60 $THROUGHPUT --json "$WORK/throughput_bert_no_host_overlap.json" --model bert --sides ours --no_host_overlap
+  echo "== where our GPT-2 step's device time goes (torch.profiler, 3 steps after the warm-up)"
+  under 480 && timeout 60 $THROUGHPUT --json "$WORK/kernels_gpt2.json" --model gpt2 --sides ours --kernel_profile \
     --steps $((WARMUP + 3)) --warmup $WARMUP
-  echo "== the shared baseline's plain compiled loops"
-  [ "$DRY" != 1 ] && under 440 && OUT=$WORK timeout 100 $PY benchmarks/hf_baseline_gpu.py gpt2_loop bert_loop
+  echo "== GPT-2: transformers.Trainer with torch_compile=True"
+  under 460 && timeout 150 $THROUGHPUT --json "$WORK/throughput_gpt2_hf_compiled.json" --model gpt2 --sides hf --torch_compile
+  echo "== GPT-2: ours eager (--no_torch_compile)"
+  under 520 && timeout 60 $THROUGHPUT --json "$WORK/throughput_gpt2_ours_eager.json" --model gpt2 --sides ours --no_torch_compile
   echo "elapsed $((SECONDS - start)) s"
 } 2>&1 | tee "$LOG"
 

@@ -70,6 +70,9 @@ def parse_args(argv=None):
                    help=f"torch.profiler over our side's {KERNEL_PROFILE_STEPS} steps after the warm-up: the kernels "
                         "(CPU: operators) by their own time, printed and saved; that side's timing includes the "
                         "profiler's cost")
+    p.add_argument("--sync_debug", action="store_true",
+                   help="CUDA only: record every operation of our side's timed steps that makes the host wait for the "
+                        "device (torch.cuda.set_sync_debug_mode), with where it was called; saved beside the JSON")
     p.add_argument("--json", help="where to write the results (default: $OUT/throughput_<model>_<size>.json)")
     p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one side, print RESULT
     opts = p.parse_args(argv)
@@ -80,6 +83,8 @@ def parse_args(argv=None):
     opts.device = "cuda" if cuda else "cpu"
     if opts.cuda_graphs and (not cuda or opts.no_torch_compile):
         p.error("--cuda_graphs needs a CUDA device and torch.compile")
+    if opts.sync_debug and not cuda:
+        p.error("--sync_debug needs a CUDA device")
     if not 0 <= opts.warmup < opts.steps:
         p.error(f"--warmup must lie in [0, --steps): got {opts.warmup} and {opts.steps}")
     if opts.kernel_profile and opts.steps < opts.warmup + KERNEL_PROFILE_STEPS:
@@ -209,10 +214,12 @@ def run_ours(opts, model, dataset):
         enable_serialized_heads(model, ipu_config, max_predictions=masked_token_cap(opts.seq, MLM_PROBABILITY))
     timer = make_step_timer(opts.warmup, opts.steps, opts.device)
     kernels = make_kernel_profiler(opts.warmup, opts.device) if opts.kernel_profile else None
+    syncs = make_sync_recorder(opts.warmup, opts.steps) if opts.sync_debug else None
     args = training_arguments(IPUTrainingArguments, opts, throughput_warmup_steps=opts.warmup,
                               **our_compile_flags(opts))
     trainer = IPUTrainer(model=model, ipu_config=ipu_config, args=args, train_dataset=dataset,
-                         data_collator=default_data_collator, callbacks=[timer] + ([kernels] if kernels else []))
+                         data_collator=default_data_collator,
+                         callbacks=[timer] + [callback for callback in (kernels, syncs) if callback])
     if opts.no_host_overlap:
         trainer.read_ahead = trainer.defer_quiet_reads = False
     profiler = cProfile.Profile() if opts.profile else None
@@ -228,6 +235,9 @@ def run_ours(opts, model, dataset):
         result["profile"] = save_profile(profiler, opts)
     if kernels:
         result["kernel_profile"] = save_text(kernels.table(), f"kernels_ours_{opts.model}_{opts.size}.txt")
+    if syncs:
+        result["host_syncs"] = syncs.count()
+        result["host_sync_report"] = save_text(syncs.report(), f"syncs_ours_{opts.model}_{opts.size}.txt")
     return result
 
 
@@ -301,6 +311,48 @@ def make_kernel_profiler(warmup, device):
             return header + self.profiler.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60)
 
     return KernelProfile()
+
+
+def make_sync_recorder(warmup, steps):
+    """Every synchronising CUDA operation between the start of step `warmup + 1` and the end of step `steps`, by
+    the stack it was called from (torch.cuda.set_sync_debug_mode("warn") turns each into a warning)."""
+    import collections
+    import traceback
+    import warnings
+
+    from transformers import TrainerCallback
+
+    class SyncRecorder(TrainerCallback):
+        def __init__(self):
+            self.stacks = collections.Counter()
+            self.show_warning = warnings.showwarning
+
+        def _record(self, message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" in str(message).lower():
+                frames = [f for f in traceback.extract_stack(limit=14)[:-1] if not f.filename.endswith("warnings.py")]
+                self.stacks["".join(traceback.format_list(frames))] += 1
+            else:
+                self.show_warning(message, category, filename, lineno, file, line)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == warmup:
+                warnings.simplefilter("always")
+                warnings.showwarning = self._record
+                torch.cuda.set_sync_debug_mode("warn")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == steps:
+                torch.cuda.set_sync_debug_mode("default")
+                warnings.showwarning = self.show_warning
+
+        def count(self):
+            return sum(self.stacks.values())
+
+        def report(self):
+            return f"{self.count()} synchronising operations in steps {warmup + 1}-{steps}\n\n" + "\n".join(
+                f"{n} times from:\n{stack}" for stack, n in self.stacks.most_common())
+
+    return SyncRecorder()
 
 
 def worker(opts):
