@@ -5,7 +5,9 @@ processes that run. Built once, by the trainer, from the configuration and the p
 On PyTorch the replicas are data-parallel processes (torchrun): `replication_factor` left at its default of 1
 follows the world size, and a multiple of the world size runs its extra replicas inside each process as further
 micro-batches of the same optimizer step (the same combined batch and mean loss). On IPU the replicas live inside
-one PopTorch process, which compiles them itself."""
+PopTorch, which compiles them itself: one process drives them all, or, under `poprun --num-instances N`, each of the N
+instances drives its local share (`replication_factor` is the total over the instances) and the host-side sums go
+through the torch.distributed group that transformers starts from poprun's MPI environment."""
 import logging
 from dataclasses import dataclass
 
@@ -37,7 +39,9 @@ class ParallelLayout:
                 f"--gradient_accumulation_steps {args.gradient_accumulation_steps} disagrees with the IPU "
                 f"configuration's {ipu_config.gradient_accumulation_steps}: build it with load_ipu_config(args)")
         args.gradient_accumulation_steps = ipu_config.gradient_accumulation_steps
-        if args.device_type != "ipu":  # PopTorch places the replicas itself
+        if args.device_type == "ipu":  # PopTorch places the replicas itself; poprun's instances must fit them
+            check_poprun(ipu_config, args)
+        else:
             for key in REPLICATION_KEYS:
                 _fit_to_processes(ipu_config, key, args.world_size)
         return cls(processes=args.world_size, rank=args.process_index,
@@ -84,26 +88,62 @@ class ParallelLayout:
 
 def check_replication(ipu_config, args):
     """Refuse, before any work, replicas that cannot be spread over the processes that run; the trainer's layout
-    fits them later, when it is built. On IPU one process drives every replica: several poprun instances are not
-    supported yet."""
+    fits them later, when it is built. On IPU the processes are poprun's instances (see check_poprun)."""
     if args.device_type != "ipu":
         for key in REPLICATION_KEYS:
             replicas_that_fit(ipu_config, key, args.world_size)
         return
-    instances = _poprun_instances()
+    check_poprun(ipu_config, args)
+
+
+def check_poprun(ipu_config, args):
+    """On IPU the processes are poprun's instances (one without poprun), each driving its local replicas: the IPU
+    configuration's replicas must be poprun's --num-replicas, split evenly over --num-instances, with poprun's
+    --ipus-per-replica, and transformers' process group (started from poprun's MPI environment) must be those
+    instances, in the same order."""
+    popdist = running_popdist()
+    instances = popdist.getNumInstances() if popdist else 1
     if instances > 1:
-        raise UserError(f"poprun started {instances} instances: IPU runs take one process, which drives all the "
-                        "replicas (replication_factor, or --pod_type); launch it with poprun --num-instances 1 or "
-                        "without poprun")
+        for key in REPLICATION_KEYS:
+            _check_instance_replicas(ipu_config, key, popdist)
+        _check_instance_ipus(ipu_config, popdist)
+    index = popdist.getInstanceIndex() if popdist else 0
+    if (args.world_size, args.process_index) != (instances, index):
+        raise UserError(
+            f"this IPU process is rank {args.process_index} of {args.world_size} but instance {index} of {instances} "
+            "that poprun started: launch IPU runs with poprun alone (not torchrun), and pass every instance the same "
+            "MASTER_ADDR and MASTER_PORT (poprun --mpi-local-args=\"-x MASTER_ADDR=<first host> -x MASTER_PORT=29500\")")
 
 
-def _poprun_instances():
-    """The instances poprun started (the Poplar SDK's popdist says), 1 without poprun or popdist."""
+def running_popdist():
+    """The Poplar SDK's popdist when poprun started this process, else None (no poprun, or no SDK)."""
     try:
         import popdist
     except ImportError:
-        return 1
-    return popdist.getNumInstances() if popdist.isPopdistEnvSet() else 1
+        return None
+    return popdist if popdist.isPopdistEnvSet() else None
+
+
+def _check_instance_replicas(ipu_config, key, popdist):
+    """`key` is the total over the instances: poprun's --num-replicas, a multiple of --num-instances (each instance
+    runs --num-replicas / --num-instances of them)."""
+    value, instances, total = getattr(ipu_config, key), popdist.getNumInstances(), popdist.getNumTotalReplicas()
+    if value % instances:
+        raise UserError(f"{key}={value} does not divide over the {instances} poprun instances: pass "
+                        f"--ipu_config_overrides {key}=<a multiple of {instances}> (or a --pod_type that sets one), "
+                        "the same as poprun --num-replicas")
+    if value != total:
+        raise UserError(f"{key}={value} (the IPU configuration: the total over the instances) disagrees with poprun "
+                        f"--num-replicas {total}: pass poprun --num-replicas {value}, or --ipu_config_overrides "
+                        f"{key}={total}")
+
+
+def _check_instance_ipus(ipu_config, popdist):
+    """poprun reserves --ipus-per-replica IPUs for each replica: the training layout's."""
+    stages, reserved = ipu_config.ipus_per_replica, popdist.getNumIpusPerReplica()
+    if stages != reserved:
+        raise UserError(f"ipus_per_replica={stages} (the IPU configuration's training layout) disagrees with poprun "
+                        f"--ipus-per-replica {reserved}: pass poprun --ipus-per-replica {stages}")
 
 
 def replicas_that_fit(ipu_config, key, processes):
