@@ -17,7 +17,14 @@ train mode (`check_modes=False` turns this off). The compiled mode then holds fo
 The machine: `ipus_in_system` IPUs (default: as many as the first model that attaches needs), so an inference model
 cannot attach while the training one holds them (detachFromDevice first), as on a pod sized for the job.
 
-Not modelled: phased execution, distributed (PopRun) processes, batch_sampler, anchors, replica grouping, the
+PopRun instances: `make_strict_popdist()` returns a double of the SDK's `popdist` (with `popdist.poptorch.Options`)
+for one instance of a poprun launch; its rules cite graphcore/poptorch (tests/popdist_test.py, python/__init__.py,
+docs/user_guide/experimental.rst), graphcore/examples (nlp/bert/pytorch: args.py, ipu_options.py) and graphcore/tutorials
+(feature_examples/pytorch/popdist/popdist_training.py); popdist's own source is not public. An executable of several
+instances reduces its gradients over the instances' replicas on the IPUs (GCL); the double does it over the
+torch.distributed group the test's processes start, and refuses to run several instances without one.
+
+Not modelled: phased execution, batch_sampler, anchors, replica grouping, shuffling in a distributed DataLoader, the
 PopART IR, fp16 numerics on device, tensor locations (recorded only)."""
 import collections
 import copy
@@ -28,6 +35,7 @@ import math
 import types
 
 import torch
+import torch.distributed as dist
 
 logger = logging.getLogger("poptorch")
 
@@ -1372,6 +1380,7 @@ def _make_executor(state):
                 loss = tracer.final_loss("poptorch/source/RemoveSurplusIdentityLosses.cpp")
                 (loss / len(micro_batches) if mean else loss).backward()
                 outputs.append(out)
+            _reduce_over_instances(optimizer, self._options, mean)
             max_norm = getattr(optimizer, "max_grad_norm", float("Inf"))
             if math.isfinite(max_norm):
                 torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_norm)
@@ -1431,6 +1440,24 @@ def _make_executor(state):
             self._user_model.__class__ = self._user_model.__class__.__bases__[0]
 
     return PoplarExecutor
+
+
+def _reduce_over_instances(optimizer, options, mean):
+    """The replicas of every poprun instance reduce their gradients together, by the options' reduction type (on the
+    IPUs through GCL; graphcore/tutorials feature_examples/pytorch/popdist/popdist_training.py: the instances' weights
+    stay identical). The double's stand-in is the torch.distributed group of the test's processes."""
+    processes = options.Distributed.numProcesses
+    if processes == 1:
+        return
+    assert dist.is_initialized() and dist.get_world_size() == processes, (
+        f"the PopTorch double runs {processes} instances over a torch.distributed group of as many processes "
+        "(the double's own rule: real PopTorch reduces over the IPU links): start one")
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.grad is not None:
+                dist.all_reduce(param.grad)
+                if mean:
+                    param.grad /= processes
 
 
 class _modes:
@@ -1563,6 +1590,8 @@ class DataLoader(torch.utils.data.DataLoader):
                 f"The rebatched_worker_size ({rebatched_worker_size}) must be <= to the combined batch size "
                 f"({self._combined_batch_size})")
         self._warn_incomplete(dataset, drop_last)
+        if options.Distributed.numProcesses > 1 and auto_distributed_partitioning:
+            dataset = _process_share(dataset, options, self._combined_batch_size, drop_last, shuffle)
         if persistent_workers is None:
             persistent_workers = num_workers > 0
         super().__init__(dataset, batch_size=self._combined_batch_size, shuffle=bool(shuffle),
@@ -1596,6 +1625,28 @@ class DataLoader(torch.utils.data.DataLoader):
 
     def terminate(self):
         return None
+
+
+def _process_share(dataset, options, step, drop_last, shuffle):
+    """python/__init__.py: DataLoader.__init__ and _SubDataset — with several processes and
+    auto_distributed_partitioning, each process reads a contiguous block of the dataset: with drop_last, as many
+    whole combined batches as every process can have; without, the samples spread as evenly as they go."""
+    assert not isinstance(dataset, torch.utils.data.IterableDataset), (
+        "auto_distributed_partitioning not supported for IterableDataset")
+    assert not shuffle or options.exists("random_seed"), (
+        "When using auto_distributed_partitioning you must set poptorch.Options.randomSeed() to ensure that tensors "
+        "are in the same order in all processes.")
+    assert step is not None, "batch_size=None not allowed when using auto_distributed_partitioning."
+    if shuffle:
+        raise NotImplementedError("the PopTorch double does not model shuffling across processes")
+    processes, index, total = options.Distributed.numProcesses, options.Distributed.processId, len(dataset)
+    if drop_last:
+        per_process = step * (total // (step * processes))
+        first, length = index * per_process, min(per_process, total - index * per_process)
+    else:
+        shares = [total // processes + (total % processes > rank) for rank in range(processes)]
+        first, length = sum(shares[:index]), shares[index]
+    return torch.utils.data.Subset(dataset, range(first, first + length))
 
 
 def _check_flat_tensors(batch):
@@ -1635,3 +1686,60 @@ def _optim_module():
     optim = types.ModuleType("poptorch.optim")
     optim.__dict__.update(Optimizer=Optimizer, SGD=SGD, Adam=Adam, AdamW=AdamW, RMSprop=RMSprop, LAMB=LAMB)
     return optim
+
+
+# ------------------------------------------------------------------------------------------------------- popdist
+def make_strict_popdist(instances, replicas, ipus_per_replica=1, index=0):
+    """A fresh `popdist` module (with `popdist.poptorch`) as instance `index` of `poprun --num-instances instances
+    --num-replicas replicas --ipus-per-replica ipus_per_replica` sees it."""
+    # poprun: --num-replicas must be divisible by --num-instances (each instance runs the same number of replicas)
+    assert replicas % instances == 0 and 0 <= index < instances, "poprun refuses this launch"
+    local = replicas // instances
+    module = types.ModuleType("popdist")
+    # graphcore/examples nlp/bert/pytorch/args.py: init_popdist and utils.py: the getters, by these names; the local
+    # replicas are the total over the instances (its global_batch_size multiplies them by getNumInstances())
+    module.__dict__.update(
+        isPopdistEnvSet=lambda: True, getNumInstances=lambda: instances, getInstanceIndex=lambda: index,
+        getNumTotalReplicas=lambda: replicas, getNumLocalReplicas=lambda: local,
+        getNumIpusPerReplica=lambda: ipus_per_replica, getReplicaIndexOffset=lambda: index * local)
+    module.poptorch = types.ModuleType("popdist.poptorch")
+    module.poptorch.Options = _popdist_options(local, index, instances)
+    return module
+
+
+def _blocked(name):
+    def refuse(self, *args, **kwargs):
+        # graphcore/poptorch tests/popdist_test.py: test_blocked_options
+        raise RuntimeError(f"Cannot call `{name}` with popdist.poptorch.Options")
+    return refuse
+
+
+class _PopdistDistributed(_DistributedOptions):
+    """The Distributed options of popdist.poptorch.Options: set by popdist, refused to the user (graphcore/poptorch
+    tests/options_test.py: test_wrap_options — popdist swaps the class of opts.Distributed)."""
+
+    disable = _blocked("Distributed.disable")
+    setEnvVarNames = _blocked("Distributed.setEnvVarNames")
+    configureProcessId = _blocked("Distributed.configureProcessId")
+
+
+def _popdist_options(local_replicas, index, instances):
+    class PopdistOptions(Options):
+        """popdist.poptorch.Options(ipus_per_replica=None): a poptorch.Options whose replication factor is this
+        instance's replicas (graphcore/poptorch docs/user_guide/experimental.rst: the local replicas, not the total;
+        graphcore/tutorials feature_examples/pytorch/popdist/popdist_training.py: "Replication factor is already set
+        via PopRun") and whose Distributed process id and count are poprun's (tests/popdist_test.py: test_getters);
+        replicationFactor, useIpuId and the Distributed setters raise (tests/popdist_test.py:
+        test_blocked_options)."""
+
+        replicationFactor = _blocked("replicationFactor")
+        useIpuId = _blocked("useIpuId")
+
+        def __init__(self, ipus_per_replica=None):
+            super().__init__()
+            Options.replicationFactor(self, local_replicas)
+            self._distributed.configureProcessId(index, instances)
+            self._distributed.__class__ = _PopdistDistributed
+            self.__dict__["ipus_per_replica"] = ipus_per_replica  # read by the tests: what the caller asked
+
+    return PopdistOptions
