@@ -19,8 +19,14 @@ What PopTorch requires, and where it is met here (each checked by tests/poptorch
   detached before each runs;
 - static shapes (python/_poplar_executor.py: _narrow_tensor): evaluation pads its last combined batch, and the
   padding is left out of the loss and the metrics;
-- Options.randomSeed reseeds the host (python/options.py): the options are built once per mode, the seed set once."""
+- Options.randomSeed reseeds the host (python/options.py): the options are built once per mode, the seed set once;
+- under `poprun --num-instances N` (N > 1) the options are popdist.poptorch.Options, which set this instance's replicas
+  (--num-replicas / N) and process id themselves and refuse replicationFactor (poptorch tests/popdist_test.py); each
+  instance feeds its own share of every combined batch, so PopTorch's DataLoader must not partition the data again
+  (python/__init__.py: DataLoader, auto_distributed_partitioning), and the host-side sums are added over the
+  instances (the gradients PopTorch reduces over every replica on the IPUs)."""
 import inspect
+import itertools
 import logging
 import tempfile
 
@@ -32,6 +38,7 @@ from ..pipeline.heads import IGNORE_INDEX, loss_of
 from ..pipeline.stages import transformer_layers
 from . import poptorch_serialization as serialization
 from .base import DeviceSums, GroupResult, GroupSums, PendingHostRead, batch_size, input_tokens
+from .torch import ReplicaBatchSampler
 
 logger = logging.getLogger("ipu_train")
 
@@ -43,14 +50,13 @@ IGNORED_FIELDS = ("parallelize_kwargs", "inference_parallelize_kwargs")
 OVERLAP_MEMORY_OPTIMIZED, JUST_IN_TIME = 3, 1
 
 
-def build_options(ipu_config, *, training, compile_only=False):
-    """poptorch.Options for the configuration's training or inference layout."""
+def build_options(ipu_config, *, training, compile_only=False, instances=1):
+    """poptorch.Options for the configuration's training or inference layout, run by `instances` poprun instances."""
     cfg = ipu_config
     prefix = "" if training else "inference_"
     replicas = getattr(cfg, f"{prefix}replication_factor")
     stages = getattr(cfg, f"{prefix}ipus_per_replica")
-    opts = poptorch.Options()
-    opts.replicationFactor(replicas)
+    opts = _new_options(replicas, stages, instances)
     opts.autoRoundNumIPUs(True)
     opts.deviceIterations(getattr(cfg, f"{prefix}device_iterations"))
     if training:
@@ -81,6 +87,17 @@ def build_options(ipu_config, *, training, compile_only=False):
         opts.Precision.setPartialsType(torch.float16)
     _set_popart(opts, explicit_ir=not training and cfg.explicit_ir_inference)
     return opts
+
+
+def _new_options(replicas, ipus_per_replica, instances):
+    """Options running `replicas` replicas in all: in this process, or over poprun's instances through popdist, which
+    sets each instance's share (--num-replicas / --num-instances, checked against `replicas` by
+    parallel.check_poprun) as graphcore/examples' BERT does (nlp/bert/pytorch/ipu_options.py: get_options)."""
+    if instances == 1:
+        return poptorch.Options().replicationFactor(replicas)
+    import popdist.poptorch
+
+    return popdist.poptorch.Options(ipus_per_replica=ipus_per_replica)
 
 
 def _set_popart(opts, explicit_ir):
@@ -188,7 +205,8 @@ class _PaddedSubset(torch.utils.data.Subset):
     padding."""
 
     def __init__(self, dataset, indices, length):
-        super().__init__(dataset, indices + indices[-1:] * (length - len(indices)))
+        last = indices[-1:] or [0]  # an instance with no sample of its own pads with the first one
+        super().__init__(dataset, indices + last * (length - len(indices)))
         self.real = len(indices)
 
     def __getitem__(self, index):
@@ -227,8 +245,10 @@ class PopTorchBackend:  # implements backends.base.Backend
         self.device = torch.device("cpu")  # the host: PopTorch moves the data itself
         self.precision = args.precision
         # Built once: Options.randomSeed reseeds the host, and a DataLoader freezes the options it is given.
-        self.options = {"training": build_options(ipu_config, training=True, compile_only=args.compile_only),
-                        "inference": build_options(ipu_config, training=False)}
+        instances = layout.processes  # parallel.check_poprun: on IPU, the processes are poprun's instances
+        self.options = {"training": build_options(ipu_config, training=True, compile_only=args.compile_only,
+                                                  instances=instances),
+                        "inference": build_options(ipu_config, training=False, instances=instances)}
         self.model = self.training_model = self.inference_model = None
         self.optimizer = self.lr_scheduler = None
         self.last_learning_rate = None
@@ -297,26 +317,32 @@ class PopTorchBackend:  # implements backends.base.Backend
             self._placed = mode
 
     def train_loader(self, dataset, collator, order, start_step, seed):
-        first = start_step * self.args.per_device_train_batch_size * self.layout.accumulation * self.layout.replicas
-        subset = torch.utils.data.Subset(dataset, order[first:])
-        return self._loader(self.options["training"], subset, collator, self.args.per_device_train_batch_size,
-                            drop_last=True)
+        """This instance's share of each step from `start_step` on (all of it without poprun): the contiguous slice of
+        its local replicas, as the PyTorch backend gives each process its replicas' slice."""
+        layout, micro = self.layout, self.args.per_device_train_batch_size
+        steps = ReplicaBatchSampler(order, micro, layout.micro_batches_per_step, layout.processes, layout.rank,
+                                    start_step)
+        subset = torch.utils.data.Subset(dataset, list(itertools.chain.from_iterable(steps)))
+        return self._loader(self.options["training"], subset, collator, micro, drop_last=True)
 
     def eval_loader(self, dataset, collator, indices, label_names=()):
-        """Every sample once, the last combined batch completed with padding (PopTorch runs static shapes)."""
-        micro = self.args.per_device_eval_batch_size
-        combined = micro * self.ipu_config.batch_size_factor(for_inference=True)
-        length = -(-len(indices) // combined) * combined
-        padded = _PaddedSubset(dataset, indices, length) if indices else torch.utils.data.Subset(dataset, [])
+        """Every sample of this instance's share once, completed with padding to as many combined batches as the
+        largest share needs (PopTorch runs static shapes, and every instance runs the same number of batches)."""
+        micro, instances = self.args.per_device_eval_batch_size, self.layout.processes
+        combined = micro * self.ipu_config.batch_size_factor(for_inference=True) // instances
+        largest_share = -(-len(dataset) // instances) if instances > 1 else len(indices)
+        length = -(-largest_share // combined) * combined
+        padded = _PaddedSubset(dataset, indices, length) if length else torch.utils.data.Subset(dataset, [])
         return self._loader(self.options["inference"], padded, _PaddingCollator(collator, label_names), micro,
                             drop_last=False)
 
     def _loader(self, options, dataset, collator, batch_size, drop_last):
         modes = {"sync": poptorch.DataLoaderMode.Sync, "async": poptorch.DataLoaderMode.Async,
                  "async_rebatched": poptorch.DataLoaderMode.AsyncRebatched}
+        # auto_distributed_partitioning=False: the dataset is already this instance's share
         return poptorch.DataLoader(options, dataset, batch_size=batch_size, shuffle=False, drop_last=drop_last,
                                    collate_fn=collator, num_workers=self.args.dataloader_num_workers,
-                                   mode=modes[self.args.dataloader_mode])
+                                   auto_distributed_partitioning=False, mode=modes[self.args.dataloader_mode])
 
     def to_device(self, batch):
         return batch
@@ -336,7 +362,9 @@ class PopTorchBackend:  # implements backends.base.Backend
         outputs = self.executable("inference")(**_without_cache(self.model, batch))
         real = batch_size(batch) - padded
         if isinstance(outputs, dict) and outputs.get("loss") is not None:
-            outputs["loss"] = _real_rows_loss(outputs["loss"].float(), real, self.args.per_device_eval_batch_size)
+            # a batch of padding alone (an instance whose share ended earlier) has no loss
+            outputs["loss"] = _real_rows_loss(outputs["loss"].float(), real, self.args.per_device_eval_batch_size) \
+                if real else None
         if not padded:
             return outputs, batch
         trim = {key: value[:real] if torch.is_tensor(value) and value.dim() else value
@@ -352,12 +380,16 @@ class PopTorchBackend:  # implements backends.base.Backend
         cfg, loss = self.ipu_config, loss.float()
         if cfg.output_mode == "all":
             return loss.mean(), steps
-        if cfg.output_mode == "sum":  # the sum over every micro-batch of the group, of every replica
-            return loss.sum() / cfg.batch_size_factor(), steps
+        if cfg.output_mode == "sum":  # the sum over every micro-batch of the group, of this instance's replicas
+            return loss.sum() / (cfg.batch_size_factor() // self.layout.processes), steps
         return loss.mean(), 1
 
     def to_host(self, sums):
-        return PendingHostRead(sums)  # PopTorch returns host tensors, already summed over the replicas
+        """PopTorch returns host tensors, already summed over this instance's replicas; under poprun the sums of
+        every instance are added (the torch.distributed group of the instances)."""
+        if self.layout.distributed:
+            torch.distributed.all_reduce(sums.tensor)
+        return PendingHostRead(sums)
 
     def read(self, pending):
         return pending.result()
