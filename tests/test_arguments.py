@@ -234,16 +234,18 @@ def test_trainer_refuses_accumulation_that_disagrees_with_its_configuration(tmp_
         IPUTrainer(model=tiny_gpt2(), ipu_config=IPUConfig(gradient_accumulation_steps=2), args=args)
 
 
-def test_several_poprun_instances_are_refused_on_ipu(tmp_path, monkeypatch):
+def test_several_poprun_instances_run_on_ipu_when_they_fit_the_configuration(tmp_path, monkeypatch):
+    """Each poprun instance drives its share of the replicas (more in tests/test_popdist.py, against the strict
+    popdist double)."""
     from ipu_train.parallel import check_replication
+    from tests.poptorch_double import make_strict_popdist
 
-    popdist = types.SimpleNamespace(isPopdistEnvSet=lambda: True, getNumInstances=lambda: 4)
-    monkeypatch.setitem(sys.modules, "popdist", popdist)
-    ipu = types.SimpleNamespace(device_type="ipu", world_size=1)
-    with pytest.raises(UserError, match=r"^poprun started 4 instances: IPU runs take one process, .* launch it with "
-                                        r"poprun --num-instances 1 or without poprun$"):
-        check_replication(IPUConfig(), ipu)
-    popdist.getNumInstances = lambda: 1
-    check_replication(IPUConfig(), ipu)
-    monkeypatch.setitem(sys.modules, "popdist", None)  # no SDK: no poprun either
-    check_replication(IPUConfig(), ipu)
+    monkeypatch.setitem(sys.modules, "popdist", make_strict_popdist(instances=4, replicas=4, index=2))
+    check_replication(IPUConfig(replication_factor=4, inference_replication_factor=4),
+                      types.SimpleNamespace(device_type="ipu", world_size=4, process_index=2))
+    with pytest.raises(UserError, match=r"^replication_factor=8 \(the IPU configuration: the total over the "
+                                        r"instances\) disagrees with poprun --num-replicas 4: "):
+        check_replication(IPUConfig(replication_factor=8, inference_replication_factor=8),
+                          types.SimpleNamespace(device_type="ipu", world_size=4, process_index=2))
+    monkeypatch.setitem(sys.modules, "popdist", None)  # no SDK: no poprun either, one process
+    check_replication(IPUConfig(), types.SimpleNamespace(device_type="ipu", world_size=1, process_index=0))
