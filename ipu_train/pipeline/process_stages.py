@@ -1,0 +1,448 @@
+"""Pipeline stages across processes with `torch.distributed.pipelining`: one stage module per rank, built from the
+stage plan, and one optimizer step's micro-batches run through a GPipe, 1F1B or interleaved 1F1B schedule.
+
+Ranks: world size = ranks per pipeline x replicas; replica r holds ranks [r*P, (r+1)*P). Stage s of a replica runs
+on its pipeline rank s % P: one stage per rank when the plan has P stages, several virtual stages per rank (looped,
+for the interleaved schedule) when it has a multiple of P.
+
+Unlike on IPU, where the tied LM head stays on IPU 0 with its embedding, the head runs on the last stage: it needs
+the last layer's hidden states, and sending them back to stage 0 would add a pipeline hop. The last stage holds its
+own copy of the embedding weight; after backward the two copies' gradients are summed between the first and last
+rank of each replica (as Megatron does), so the same optimizer keeps them equal.
+
+Between stages flow (hidden states (B, S, H) float, attention mask (B, S) int64), the same shapes for every
+micro-batch. Each stage rebuilds its attention bias from the 2-D mask rather than receiving a (B, 1, S, S) tensor.
+The last stage returns its final hidden states; the schedule's loss function (`loss`) runs the head on them, the
+chunked LM loss (GPT-2) or the sparse MLM loss plus next-sentence prediction (BERT pretraining), against a target
+tensor: the labels, with BERT's next-sentence label as one extra column.
+"""
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .families import family_layers, output_projection
+from .heads import IGNORE_INDEX, chunked_lm_loss, sparse_mlm_loss
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+
+
+# --- process layout -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PipelineRanks:
+    """Where this rank sits in a mesh of `replicas` pipelines of `ranks_per_pipeline` processes each."""
+
+    rank: int
+    ranks_per_pipeline: int
+    replicas: int
+    num_stages: int  # stages of one pipeline (the plan's), a multiple of ranks_per_pipeline
+
+    def __post_init__(self):
+        if self.num_stages % self.ranks_per_pipeline:
+            raise ValueError(f"{self.num_stages} pipeline stages do not share out over {self.ranks_per_pipeline} "
+                             f"ranks per pipeline: use a multiple of it")
+
+    @property
+    def replica(self) -> int:
+        return self.rank // self.ranks_per_pipeline
+
+    @property
+    def pipeline_rank(self) -> int:
+        return self.rank % self.ranks_per_pipeline
+
+    @property
+    def stage_indices(self) -> list:
+        """The stages this rank runs, looped: rank p holds p, p + P, p + 2P, ..."""
+        return list(range(self.pipeline_rank, self.num_stages, self.ranks_per_pipeline))
+
+    def pipeline_of(self, replica) -> list:
+        return [replica * self.ranks_per_pipeline + p for p in range(self.ranks_per_pipeline)]
+
+    def last_stage_rank(self) -> int:
+        """Global rank of this replica's last stage."""
+        return self.pipeline_of(self.replica)[(self.num_stages - 1) % self.ranks_per_pipeline]
+
+
+@dataclass
+class PipelineGroups:
+    pipeline: dist.ProcessGroup  # the ranks of this rank's replica
+    data_parallel: Optional[dist.ProcessGroup]  # the ranks at this pipeline position in every replica; None: 1
+    tied: Optional[dist.ProcessGroup]  # this replica's first- and last-stage ranks; None where one rank holds both
+
+
+def new_pipeline_groups(ranks: PipelineRanks) -> PipelineGroups:
+    """The process groups of the mesh. Collective: every rank calls it, in the same order."""
+    replicas, per_pipeline = range(ranks.replicas), ranks.ranks_per_pipeline
+    pipeline, _ = dist.new_subgroups_by_enumeration([ranks.pipeline_of(r) for r in replicas])
+    data_parallel = None
+    if ranks.replicas > 1:
+        data_parallel, _ = dist.new_subgroups_by_enumeration(
+            [[r * per_pipeline + p for r in replicas] for p in range(per_pipeline)])
+    tied = None
+    last = (ranks.num_stages - 1) % per_pipeline
+    if last != 0:
+        tied, _ = dist.new_subgroups_by_enumeration([[r * per_pipeline, r * per_pipeline + last] for r in replicas])
+    return PipelineGroups(pipeline=pipeline, data_parallel=data_parallel, tied=tied)
+
+
+# --- stage modules -------------------------------------------------------------------------------------------------
+
+
+class _StageModule(nn.Module):
+    """One pipeline stage of a model whose other stages were pruned away before any weight was allocated.
+
+    `self.model` is the model with only this stage's modules left (the others set to None), so parameter names are
+    the model's own (`transformer.h.2.attn.c_attn.weight`). Subclasses say which modules begin and end the model,
+    and how its embeddings, attention bias, layers, final modules and loss run."""
+
+    model_class = None  # the transformers class name served
+    first_modules = ()  # module paths only the first stage keeps
+    last_modules = ()  # module paths only the last stage keeps
+    input_names = ("input_ids", "attention_mask")  # the first stage's inputs, from a batch, in order
+
+    def __init__(self, model, layer_indices, is_first, is_last, n_chunks=1, max_predictions=None):
+        super().__init__()
+        self.model = model
+        self.layer_indices = list(layer_indices)
+        self.is_first, self.is_last = is_first, is_last
+        self.n_chunks, self.max_predictions = n_chunks, max_predictions
+        self.layers = family_layers(model)[1]  # not registered here: a second name for the same parameters
+
+    def forward(self, *inputs):
+        if self.is_first:
+            hidden, attention_mask = self.embed(*inputs)
+        else:
+            hidden, attention_mask = inputs
+        bias = self.attention_bias(hidden, attention_mask)
+        for index in self.layer_indices:
+            hidden = self.run_layer(self.layers[index], hidden, bias)
+        if self.is_last:
+            return self.finish(hidden)
+        return hidden, attention_mask
+
+    def tied_weight(self) -> Optional[nn.Parameter]:
+        """This stage's copy of the weight shared by the input embedding and the LM head, if it holds one."""
+        if self.is_first:
+            return self.model.get_input_embeddings().weight
+        if self.is_last:
+            return output_projection(self.model).weight
+        return None
+
+    @classmethod
+    def first_stage_inputs(cls, batch) -> tuple:
+        """The first stage's positional inputs from a batch dict: an all-ones mask where the batch has none."""
+        inputs = dict(batch)
+        inputs.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
+        return tuple(inputs[name] for name in cls.input_names)
+
+    # Per family: embed(*first stage inputs) -> (hidden, mask), attention_bias, run_layer, finish, loss, loss_target.
+
+
+class GPT2Stage(_StageModule):
+    model_class = "GPT2LMHeadModel"
+    first_modules = ("transformer.wte", "transformer.wpe")
+    last_modules = ("transformer.ln_f", "lm_head")
+
+    def embed(self, input_ids, attention_mask):
+        transformer = self.model.transformer
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        return transformer.drop(transformer.wte(input_ids) + transformer.wpe(positions)), attention_mask
+
+    def attention_bias(self, hidden, attention_mask):
+        from transformers.masking_utils import create_causal_mask
+
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        return create_causal_mask(config=self.model.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                  cache=None, position_ids=positions)
+
+    def run_layer(self, layer, hidden, bias):
+        return layer(hidden, None, bias)
+
+    def finish(self, hidden):
+        return self.model.transformer.ln_f(hidden)
+
+    def loss(self, hidden, labels):
+        """As GPT2LMHeadModel's: position t predicts token t + 1, the mean over labelled tokens."""
+        shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+        head = self.model.lm_head
+        return chunked_lm_loss(hidden, head.weight, shift_labels, self.n_chunks, bias=head.bias)
+
+    @staticmethod
+    def loss_target(batch):
+        return batch["labels"]
+
+
+class BertPreTrainingStage(_StageModule):
+    model_class = "BertForPreTraining"
+    first_modules = ("bert.embeddings",)
+    last_modules = ("bert.pooler", "cls")
+    input_names = ("input_ids", "attention_mask", "token_type_ids")
+
+    def embed(self, input_ids, attention_mask, token_type_ids):
+        return self.model.bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids), attention_mask
+
+    def attention_bias(self, hidden, attention_mask):
+        bias, _ = self.model.bert._create_attention_masks(attention_mask, None, hidden, None, None)
+        return bias
+
+    def run_layer(self, layer, hidden, bias):
+        return layer(hidden, attention_mask=bias)
+
+    def finish(self, hidden):
+        return hidden, self.model.bert.pooler(hidden)
+
+    def loss(self, outputs, target):
+        """As BertForPreTraining's: masked-LM mean over masked tokens plus next-sentence cross-entropy. `target`
+        is the labels (B, S) with the next-sentence label as column S."""
+        hidden, pooled = outputs
+        labels, next_sentence_label = target[:, :-1], target[:, -1]
+        head = self.model.cls
+        decoder = head.predictions.decoder
+        mlm = sparse_mlm_loss(hidden, labels, head.predictions.transform, decoder.weight, decoder.bias,
+                              max_predictions=self.max_predictions, n_chunks=self.n_chunks)
+        return mlm + F.cross_entropy(head.seq_relationship(pooled), next_sentence_label)
+
+    @staticmethod
+    def loss_target(batch):
+        return torch.cat([batch["labels"], batch["next_sentence_label"].reshape(-1, 1)], dim=1)
+
+
+STAGE_CLASSES = {"gpt2": GPT2Stage, "bert": BertPreTrainingStage}
+
+
+def stage_class_for(config):
+    stage_class = STAGE_CLASSES.get(config.model_type)
+    if stage_class is None:
+        raise ValueError(f"no pipeline stages across processes for model type {config.model_type!r} yet: "
+                         f"{', '.join(STAGE_CLASSES)} have them")
+    return stage_class
+
+
+def stage_plan_for(config, ipu_config):
+    """The stage plan of the model `config` describes, from a model with no weights allocated."""
+    from .stages import build_stage_plan
+
+    return build_stage_plan(_empty_model(stage_class_for(config), config), ipu_config)
+
+
+def build_stage_module(model_or_config, stage_plan, stage_index, weights=None, device="cpu", n_chunks=1,
+                       max_predictions=None) -> _StageModule:
+    """The module of pipeline stage `stage_index` of `stage_plan`, with only that stage's weights, on `device`.
+
+    `model_or_config`: a model (its state dict is the weights unless `weights` is given) or its config.
+    `weights`: a state dict, or a safetensors file or a directory holding `model.safetensors`, read one tensor at a
+    time so that the other stages' weights are never loaded. The model is built with parameters on the meta device,
+    pruned to the stage, then loaded. The last stage loads the tied LM head from the embedding's key where the
+    weights store it once. `n_chunks`, `max_predictions`: as for the serialized heads (heads.py)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    if weights is None:
+        if config is model_or_config:
+            raise ValueError("build_stage_module needs weights (a state dict or a safetensors path) with a config")
+        weights = model_or_config.state_dict()
+    stage_class = stage_class_for(config)
+    model = _empty_model(stage_class, config)
+    num_stages = len(stage_plan.stages)
+    is_first, is_last = stage_index == 0, stage_index == num_stages - 1
+    layer_indices = stage_plan.stages[stage_index].layers
+    shared_names = _shared_names(model)
+    _prune(model, stage_class, layer_indices, is_first, is_last)
+    _load(model, weights, device, shared_names)
+    _retie(model, shared_names)
+    return stage_class(model, layer_indices, is_first, is_last, n_chunks, max_predictions)
+
+
+def _empty_model(stage_class, config):
+    """The model with every parameter on the meta device (no memory); buffers are real (position ids, ...)."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = getattr(transformers, stage_class.model_class)(config)
+    model.tie_weights()  # the context's parameter hook gave each tied name its own meta tensor
+    return model
+
+
+def _shared_names(model):
+    """{parameter name: every name of that tensor}: tied weights have several (GPT-2's transformer.wte.weight and
+    lm_head.weight, BERT's decoder bias and cls.predictions.bias), and saved weights keep only one of them."""
+    by_tensor = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(param), []).append(name)
+    return {name: names for names in by_tensor.values() for name in names}
+
+
+def _prune(model, stage_class, layer_indices, is_first, is_last):
+    """Drop what another stage runs: the first stage's modules, the last stage's, the other layers."""
+    dropped = ([] if is_first else list(stage_class.first_modules)) + ([] if is_last else list(stage_class.last_modules))
+    for path in dropped:
+        parent_path, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, name, None)
+    layers = family_layers(model)[1]
+    keep = set(layer_indices)
+    for index in range(len(layers)):
+        if index not in keep:
+            layers[index] = None
+
+
+def _load(model, weights, device, shared_names):
+    """Replace the model's meta parameters with the stage's tensors from `weights`, on `device`; a tied weight is
+    read under whichever of its names `weights` has."""
+    read, available = _tensor_reader(weights), _available(weights)
+
+    def stored_name(name):
+        return next((n for n in shared_names.get(name, [name]) if n in available), name)
+
+    state = {name: read(stored_name(name)).to(device) for name in model.state_dict()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.to(device)  # the buffers
+
+
+def _retie(model, shared_names):
+    """Loading assigns each name its own tensor: make the names of one weight that this stage holds share it again
+    (BERT's decoder bias; on a single stage, the LM head and the embedding)."""
+    held = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    for name in held:
+        first = next(n for n in shared_names[name] if n in held)
+        if first != name:
+            owner_path, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(owner_path), attribute, model.get_parameter(first))
+
+
+def _available(weights):
+    return weights.keys() if isinstance(weights, dict) else _safetensors_keys(weights)
+
+
+def _tensor_reader(weights):
+    if isinstance(weights, dict):
+        return lambda name: weights[name].detach().clone()
+    from safetensors import safe_open
+
+    path = _safetensors_file(weights)
+
+    def read(name):
+        with safe_open(path, framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    return read
+
+
+def _safetensors_keys(weights):
+    from safetensors import safe_open
+
+    with safe_open(_safetensors_file(weights), framework="pt") as handle:
+        return set(handle.keys())
+
+
+def _safetensors_file(path):
+    path = os.fspath(path)
+    return os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
+
+
+# --- schedules ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProcessPipeline:
+    """This rank's part of one replica's pipeline: its stage modules (in stage order) and the schedule."""
+
+    ranks: PipelineRanks
+    groups: PipelineGroups
+    modules: list
+    schedule: object
+
+    def parameters(self):
+        """What the optimizer steps: every stage module's parameters, the tied copy included."""
+        return [param for module in self.modules for param in module.parameters()]
+
+    @property
+    def holds_first(self):
+        return self.modules[0].is_first
+
+    @property
+    def holds_last(self):
+        return self.modules[-1].is_last
+
+
+def build_process_pipeline(ranks, groups, modules, n_microbatches, schedule="1f1b", device="cpu") -> ProcessPipeline:
+    """Wrap this rank's stage modules (one per entry of `ranks.stage_indices`) in `PipelineStage`s and a schedule.
+    `n_microbatches`: gradient_accumulation_steps. Shapes between stages are inferred from the first micro-batch
+    (every micro-batch must have the same). The schedule scales gradients by 1 / n_microbatches: each micro-batch's
+    loss is its mean, so the step's gradient is that of the mean over micro-batches, as under accumulation."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
+    from torch.distributed import pipelining
+
+    stages = [pipelining.PipelineStage(module, index, ranks.num_stages, torch.device(device), group=groups.pipeline)
+              for index, module in zip(ranks.stage_indices, modules)]
+    # Every rank passes a loss function: without one the schedule runs no backward. Only the last stage calls it.
+    loss_fn = modules[-1].loss if modules[-1].is_last else _loss_on_the_last_stage_only
+    if schedule == "interleaved_1f1b":
+        runner = pipelining.ScheduleInterleaved1F1B(stages, n_microbatches, loss_fn=loss_fn)
+    elif len(stages) > 1:
+        raise ValueError(f"the {schedule} schedule runs one stage per rank; {len(stages)} stages share each rank "
+                         f"here: use interleaved_1f1b")
+    else:
+        single = {"gpipe": pipelining.ScheduleGPipe, "1f1b": pipelining.Schedule1F1B}[schedule]
+        runner = single(stages[0], n_microbatches, loss_fn=loss_fn)
+    return ProcessPipeline(ranks=ranks, groups=groups, modules=list(modules), schedule=runner)
+
+
+def _loss_on_the_last_stage_only(output, target):
+    raise RuntimeError("the pipeline's loss runs on the last stage's rank only")
+
+
+def pipeline_train_step(pipeline: ProcessPipeline, micro_batches, device="cpu") -> torch.Tensor:
+    """Forward and backward of one optimizer step's micro-batches (equal-sized batch dicts; every rank passes the
+    same ones of its replica), then the gradient syncs: the tied weight's copies summed, the replicas averaged.
+    The caller steps the optimizer. Returns the mean loss over the micro-batches (and replicas) on every rank."""
+    batch = {key: torch.cat([mb[key] for mb in micro_batches]).to(device) for key in micro_batches[0]}
+    stage_class = type(pipeline.modules[0])
+    inputs = stage_class.first_stage_inputs(batch) if pipeline.holds_first else ()
+    target = stage_class.loss_target(batch) if pipeline.holds_last else None
+    losses = [] if pipeline.holds_last else None
+    pipeline.schedule.step(*inputs, target=target, losses=losses, return_outputs=False)
+    sync_tied_gradients(pipeline)
+    average_replica_gradients(pipeline)
+    return _mean_loss(pipeline, losses, device)
+
+
+def sync_tied_gradients(pipeline: ProcessPipeline):
+    """Sum the gradients of the embedding weight's copies (first stage) and the LM head's (last stage): each then
+    holds the full gradient of the shared weight, as in one process."""
+    copies = [w for w in (module.tied_weight() for module in pipeline.modules) if w is not None and w.grad is not None]
+    if not copies:
+        return
+    total = torch.stack([w.grad for w in copies]).sum(0)
+    if pipeline.groups.tied is not None:
+        dist.all_reduce(total, group=pipeline.groups.tied)
+    for weight in copies:
+        weight.grad.copy_(total)
+
+
+def average_replica_gradients(pipeline: ProcessPipeline):
+    """Average every gradient over the replicas, in one flat buffer per call."""
+    group = pipeline.groups.data_parallel
+    if group is None:
+        return
+    grads = [p.grad for p in pipeline.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= pipeline.ranks.replicas
+    for grad, piece in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(piece.view_as(grad))
+
+
+def _mean_loss(pipeline, losses, device):
+    """The last stage's mean micro-batch loss, broadcast over the pipeline and averaged over the replicas."""
+    loss = torch.stack(losses).detach().mean().float() if losses else torch.zeros((), device=device)
+    dist.broadcast(loss, src=pipeline.ranks.last_stage_rank(), group=pipeline.groups.pipeline)
+    if pipeline.groups.data_parallel is not None:
+        dist.all_reduce(loss, group=pipeline.groups.data_parallel)
+        loss /= pipeline.ranks.replicas
+    return loss

@@ -1,0 +1,229 @@
+"""Pipeline stages across processes (ipu_train/pipeline/process_stages.py), on CPU with gloo: the losses of tiny
+GPT-2 and BERT pretraining models trained through GPipe, 1F1B and interleaved 1F1B schedules equal those of the
+whole model trained in this process with gradient accumulation over the same micro-batches; the tied embedding
+stays equal on the first and last stage; a stage's process holds only its own weights; a dead stage ends the rest.
+
+Each spawn starts its processes once and runs several scenarios in them (process start-up dominates on 2 cores)."""
+import os
+import socket
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import transformers
+
+from ipu_train.config import IPUConfig
+from ipu_train.pipeline.process_stages import (
+    PipelineRanks, build_process_pipeline, build_stage_module, new_pipeline_groups, pipeline_train_step,
+    stage_plan_for)
+
+STEPS, MICRO_BATCHES, MICRO_BATCH, SEQ, VOCAB = 10, 4, 2, 16, 128
+LEARNING_RATE = 3e-3
+TOLERANCE = 1e-5
+TIED_KEYS = {"gpt2": ("transformer.wte.weight", "lm_head.weight"),
+             "bert": ("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight")}
+
+
+# --- models and data ---------------------------------------------------------------------------------------------
+
+
+def tiny_config(family):
+    if family == "gpt2":
+        return transformers.GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=SEQ,
+                                       bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                       attn_pdrop=0.0)
+    return transformers.BertConfig(num_hidden_layers=4, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                                   vocab_size=VOCAB, max_position_embeddings=SEQ, hidden_dropout_prob=0.0,
+                                   attention_probs_dropout_prob=0.0)
+
+
+def model_class(family):
+    return transformers.GPT2LMHeadModel if family == "gpt2" else transformers.BertForPreTraining
+
+
+def save_tiny_model(family, directory):
+    torch.manual_seed(11)
+    model_class(family)(tiny_config(family)).save_pretrained(directory)
+
+
+def micro_batch(family, generator):
+    """Random tokens; the second row ends in padding (the attention mask must reach every stage)."""
+    input_ids = torch.randint(5, VOCAB, (MICRO_BATCH, SEQ), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, -3:] = 0
+    if family == "gpt2":
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    masked = (torch.rand(input_ids.shape, generator=generator) < 0.3) & (attention_mask == 1)
+    masked[:, 0] = True  # at least one masked token per row
+    return {"input_ids": input_ids.masked_fill(masked, 4), "attention_mask": attention_mask,
+            "token_type_ids": (torch.arange(SEQ) >= SEQ // 2).long().expand(MICRO_BATCH, SEQ).clone(),
+            "labels": input_ids.masked_fill(~masked, -100),
+            "next_sentence_label": torch.randint(0, 2, (MICRO_BATCH,), generator=generator)}
+
+
+def training_data(family, replicas):
+    """Per optimizer step, the micro-batches of all replicas (replica r takes the r-th run of MICRO_BATCHES): the
+    same each step, so that the loss falls fast and a pipeline that does not train shows."""
+    generator = torch.Generator().manual_seed(5)
+    micro_batches = [micro_batch(family, generator) for _ in range(MICRO_BATCHES * replicas)]
+    return [micro_batches] * STEPS
+
+
+def reference_run(family, model_dir, replicas=1):
+    """The whole model in this process: gradient accumulation over every micro-batch of a step, mean loss."""
+    model = model_class(family).from_pretrained(model_dir)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+    losses = []
+    for micro_batches in training_data(family, replicas):
+        total = 0.0
+        for batch in micro_batches:
+            loss = model(**batch).loss / len(micro_batches)
+            loss.backward()
+            total += loss.item()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(total)
+    return losses, model.get_input_embeddings().weight.detach().clone()
+
+
+# --- the processes -----------------------------------------------------------------------------------------------
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_gloo(rank, world, port, timeout_s=60):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+
+
+def run_scenario(rank, world, scenario, model_dir):
+    """Train one scenario's stages on this rank; what the tests compare."""
+    family, layers_per_ipu = scenario["family"], scenario["layers_per_ipu"]
+    replicas = scenario.get("replicas", 1)
+    config = tiny_config(family)
+    plan = stage_plan_for(config, IPUConfig(layers_per_ipu=layers_per_ipu))
+    ranks = PipelineRanks(rank=rank, ranks_per_pipeline=world // replicas, replicas=replicas,
+                          num_stages=len(plan.stages))
+    groups = new_pipeline_groups(ranks)
+    modules = [build_stage_module(config, plan, index, weights=model_dir) for index in ranks.stage_indices]
+    for module in modules:
+        module.train()
+    pipeline = build_process_pipeline(ranks, groups, modules, MICRO_BATCHES, schedule=scenario["schedule"])
+    optimizer = torch.optim.AdamW(pipeline.parameters(), lr=LEARNING_RATE)
+    losses = []
+    for step, micro_batches in enumerate(training_data(family, replicas)):
+        mine = micro_batches[ranks.replica * MICRO_BATCHES:(ranks.replica + 1) * MICRO_BATCHES]
+        losses.append(pipeline_train_step(pipeline, mine).item())
+        optimizer.step()
+        optimizer.zero_grad()
+        if step == scenario.get("die_after_step"):
+            os._exit(3)  # a crash: no shutdown, no goodbye to the other ranks
+    return {"losses": losses, "stages": ranks.stage_indices,
+            "tied": {name: param.detach().clone() for module in modules
+                     for name, param in module.named_parameters() if name.removeprefix("model.") in TIED_KEYS[family]},
+            "parameters": [name for module in modules for name, _ in module.named_parameters()],
+            "devices": sorted({str(p.device) for module in modules for p in module.parameters()})}
+
+
+def worker(rank, world, port, scenarios, model_dirs, out_dir):
+    init_gloo(rank, world, port)
+    for number, scenario in enumerate(scenarios):
+        result = run_scenario(rank, world, scenario, model_dirs[scenario["family"]])
+        torch.save(result, os.path.join(out_dir, f"{number}-{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def spawn(world, scenarios, model_dirs, out_dir):
+    """Per scenario, the results of each rank."""
+    mp.spawn(worker, args=(world, free_port(), scenarios, model_dirs, str(out_dir)), nprocs=world, join=True)
+    return [[torch.load(os.path.join(out_dir, f"{n}-{r}.pt")) for r in range(world)] for n in range(len(scenarios))]
+
+
+# --- fixtures ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    dirs = {}
+    for family in ("gpt2", "bert"):
+        dirs[family] = str(tmp_path_factory.mktemp(family))
+        save_tiny_model(family, dirs[family])
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def references(model_dirs):
+    return {(family, replicas): reference_run(family, model_dirs[family], replicas)
+            for family in ("gpt2", "bert") for replicas in (1, 2)}
+
+
+TWO_STAGES = [
+    {"family": "gpt2", "layers_per_ipu": [2, 2], "schedule": "gpipe"},
+    {"family": "gpt2", "layers_per_ipu": [2, 2], "schedule": "1f1b"},
+    {"family": "bert", "layers_per_ipu": [2, 2], "schedule": "gpipe"},
+    {"family": "bert", "layers_per_ipu": [2, 2], "schedule": "1f1b"},
+    {"family": "gpt2", "layers_per_ipu": [1, 1, 1, 1], "schedule": "interleaved_1f1b"},  # 2 virtual stages a rank
+]
+
+
+@pytest.fixture(scope="module")
+def two_stage_results(model_dirs, tmp_path_factory):
+    return spawn(2, TWO_STAGES, model_dirs, tmp_path_factory.mktemp("two_stages"))
+
+
+def assert_losses_close(pipeline_losses, reference_losses):
+    assert len(pipeline_losses) == len(reference_losses) == STEPS
+    worst = max(abs(p - r) / abs(r) for p, r in zip(pipeline_losses, reference_losses))
+    assert worst <= TOLERANCE, f"relative loss difference {worst:.2e}: {pipeline_losses} vs {reference_losses}"
+    assert reference_losses[-1] < 0.9 * reference_losses[0]  # it trained: the comparison is not of constants
+
+
+# --- tests -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("number", range(len(TWO_STAGES)),
+                         ids=[f"{s['family']}-{s['schedule']}" for s in TWO_STAGES])
+def test_two_stage_losses_equal_one_process_with_accumulation(two_stage_results, references, number):
+    family = TWO_STAGES[number]["family"]
+    reference_losses, _ = references[(family, 1)]
+    for rank_result in two_stage_results[number]:  # every rank logs the loss the last stage computed
+        assert_losses_close(rank_result["losses"], reference_losses)
+
+
+@pytest.mark.parametrize("number", range(len(TWO_STAGES)),
+                         ids=[f"{s['family']}-{s['schedule']}" for s in TWO_STAGES])
+def test_tied_weight_equal_on_first_and_last_stage(two_stage_results, references, number):
+    family = TWO_STAGES[number]["family"]
+    embedding_key, head_key = TIED_KEYS[family]
+    first, last = two_stage_results[number]
+    if 0 not in first["stages"]:
+        first, last = last, first
+    embedding, head = first["tied"][f"model.{embedding_key}"], last["tied"][f"model.{head_key}"]
+    assert torch.equal(embedding, head)
+    _, reference_embedding = references[(family, 1)]
+    torch.testing.assert_close(embedding, reference_embedding, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("number", [0, 2], ids=["gpt2", "bert"])
+def test_the_second_stage_holds_only_its_layers_and_the_head(two_stage_results, number):
+    family = TWO_STAGES[number]["family"]
+    stage0, stage1 = two_stage_results[number]
+    layer_prefix = "model.transformer.h." if family == "gpt2" else "model.bert.encoder.layer."
+    layers_of = lambda result: {name[len(layer_prefix):].split(".")[0]  # noqa: E731
+                                for name in result["parameters"] if name.startswith(layer_prefix)}
+    assert layers_of(stage0) == {"0", "1"} and layers_of(stage1) == {"2", "3"}
+    embedding_module = TIED_KEYS[family][0].rpartition(".")[0]
+    assert not any(name.startswith(f"model.{embedding_module}") for name in stage1["parameters"])
+    assert any(name == f"model.{TIED_KEYS[family][1]}" for name in stage1["parameters"])  # the tied copy
+    assert stage0["devices"] == stage1["devices"] == ["cpu"]  # materialised: nothing left on the meta device
