@@ -60,6 +60,15 @@ class ParallelLayout:
         replica after another."""
         return self.accumulation * self.replicas_per_process
 
+    def share_of_steps(self, order, micro_batch, start_step=0):
+        """This process's samples of each step of `order` from `start_step` on: step s consumes the combined batch
+        order[s*C : (s+1)*C] (C = micro_batch x micro_batches_per_step x processes), and process r its r-th
+        contiguous slice, as the PyTorch backend's ReplicaBatchSampler cuts it."""
+        mine = micro_batch * self.micro_batches_per_step
+        combined = mine * self.processes
+        first_of = [step * combined + self.rank * mine for step in range(start_step, len(order) // combined)]
+        return [index for first in first_of for index in order[first:first + mine]]
+
     @property
     def distributed(self):
         return self.processes > 1

@@ -26,7 +26,6 @@ What PopTorch requires, and where it is met here (each checked by tests/poptorch
   (python/__init__.py: DataLoader, auto_distributed_partitioning), and the host-side sums are added over the
   instances (the gradients PopTorch reduces over every replica on the IPUs)."""
 import inspect
-import itertools
 import logging
 import tempfile
 
@@ -38,7 +37,6 @@ from ..pipeline.heads import IGNORE_INDEX, loss_of
 from ..pipeline.stages import transformer_layers
 from . import poptorch_serialization as serialization
 from .base import DeviceSums, GroupResult, GroupSums, PendingHostRead, batch_size, input_tokens
-from .torch import ReplicaBatchSampler
 
 logger = logging.getLogger("ipu_train")
 
@@ -319,10 +317,8 @@ class PopTorchBackend:  # implements backends.base.Backend
     def train_loader(self, dataset, collator, order, start_step, seed):
         """This instance's share of each step from `start_step` on (all of it without poprun): the contiguous slice of
         its local replicas, as the PyTorch backend gives each process its replicas' slice."""
-        layout, micro = self.layout, self.args.per_device_train_batch_size
-        steps = ReplicaBatchSampler(order, micro, layout.micro_batches_per_step, layout.processes, layout.rank,
-                                    start_step)
-        subset = torch.utils.data.Subset(dataset, list(itertools.chain.from_iterable(steps)))
+        micro = self.args.per_device_train_batch_size
+        subset = torch.utils.data.Subset(dataset, self.layout.share_of_steps(order, micro, start_step))
         return self._loader(self.options["training"], subset, collator, micro, drop_last=True)
 
     def eval_loader(self, dataset, collator, indices, label_names=()):
