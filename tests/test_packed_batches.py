@@ -92,3 +92,40 @@ def test_packed_rows_keep_each_sequence_to_itself(wordpiece_tokenizer_dir):
     assert allowed[:4, :4].all() and allowed[4:7, 4:7].all()
     assert not allowed[:4, 4:].any() and not allowed[4:7, :4].any() and not allowed[4:7, 7:].any()
     assert torch.equal(allowed[7:, 7:], torch.eye(3, dtype=torch.bool))  # padding sees itself alone
+
+
+def test_packed_pretraining_equals_padded_pairs(wordpiece_tokenizer_dir):
+    """MLM + NSP on packed pairs (each pair's NSP read at its own [CLS]) equals BertForPreTraining's own loss and
+    gradients on the same pairs one per padded row."""
+    from transformers import BertForPreTraining
+
+    from ipu_train import IPUConfig
+    from ipu_train.pipeline.heads import enable_serialized_heads
+
+    tokenizer = AutoTokenizer.from_pretrained(wordpiece_tokenizer_dir)
+    torch.manual_seed(0)
+    model = BertForPreTraining(BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **SMALL))
+    reference = BertForPreTraining(model.config)
+    reference.load_state_dict(model.state_dict())
+    enable_serialized_heads(model, IPUConfig(), max_predictions=None)
+    rng = random.Random(2)
+    pairs = []
+    for example in sequences(tokenizer, 20, seed=3):
+        ids = example["input_ids"]
+        cut = rng.randint(2, len(ids) - 1)
+        pairs.append({"input_ids": ids, "token_type_ids": [0] * cut + [1] * (len(ids) - cut),
+                      "next_sentence_label": rng.randint(0, 1)})
+    packs = [[pairs[i] for i in pack] for pack in PackedDataset(
+        {"input_ids": [p["input_ids"] for p in pairs]}, max_length=64, max_per_pack=3).packing.packs]
+    assert len(packs) < len(pairs)
+    mlm = DataCollatorForCappedMLM(tokenizer, mlm_probability=0.3, pad_to_multiple_of=None)
+    torch.manual_seed(7)
+    packed_batch = DataCollatorForPackedSequences(mlm, 64, 3, tokenizer.pad_token_id)(packs)
+    torch.manual_seed(7)
+    padded_batch = mlm([pair for pack in packs for pair in pack])
+    packed_loss, packed_grads = loss_and_grads(model.train(), packed_batch)
+    padded_loss, padded_grads = loss_and_grads(reference.train(), padded_batch)
+    assert torch.allclose(packed_loss, padded_loss, rtol=1e-5, atol=0)
+    for name, grad in padded_grads.items():
+        if "position_embeddings" not in name:
+            assert torch.allclose(packed_grads[name], grad, rtol=1e-4, atol=1e-6), name

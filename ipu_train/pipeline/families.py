@@ -101,14 +101,24 @@ def _bert_pretraining_training_forward(model, named, extra, n_chunks, max_predic
     from transformers.models.bert.modeling_bert import BertForPreTrainingOutput
 
     labels, next_sentence_label = named.pop("labels"), named.pop("next_sentence_label")
+    sequence_starts = extra.pop("sequence_starts", None)  # packed rows: each sequence's [CLS] (ipu_train.packing)
     outputs = model.bert(**named, **extra, return_dict=True)
     head = model.cls.predictions
     mlm_loss = _masked_lm_loss(outputs, labels, head.transform, head.decoder, n_chunks, max_predictions)
-    nsp_logits = model.cls.seq_relationship(outputs.pooler_output)
-    nsp_loss = F.cross_entropy(nsp_logits.view(-1, 2), next_sentence_label.view(-1))
+    pooled = outputs.pooler_output if sequence_starts is None else _pooled_at(model.bert.pooler, outputs,
+                                                                              sequence_starts)
+    nsp_logits = model.cls.seq_relationship(pooled)
+    nsp_loss = F.cross_entropy(nsp_logits.view(-1, 2), next_sentence_label.view(-1), ignore_index=IGNORE_INDEX)
     return BertForPreTrainingOutput(loss=mlm_loss + nsp_loss, prediction_logits=None,
                                     seq_relationship_logits=nsp_logits, hidden_states=outputs.hidden_states,
                                     attentions=outputs.attentions)
+
+
+def _pooled_at(pooler, encoder_outputs, positions):
+    """BertPooler (dense + tanh on a [CLS] token) at each packed sequence's first token: [rows, sequences, hidden]."""
+    hidden = encoder_outputs.last_hidden_state
+    first_tokens = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+    return pooler.activation(pooler.dense(first_tokens))
 
 
 def _roberta_mlm_training_forward(model, named, extra, n_chunks, max_predictions):
