@@ -126,7 +126,7 @@ def run_scenario(rank, world, scenario, model_dir):
         losses.append(pipeline_train_step(pipeline, mine).item())
         optimizer.step()
         optimizer.zero_grad()
-        if step == scenario.get("die_after_step"):
+        if (rank, step) == scenario.get("crash_at"):
             os._exit(3)  # a crash: no shutdown, no goodbye to the other ranks
     return {"losses": losses, "stages": ranks.stage_indices,
             "tied": {name: param.detach().clone() for module in modules
@@ -227,3 +227,51 @@ def test_the_second_stage_holds_only_its_layers_and_the_head(two_stage_results, 
     assert not any(name.startswith(f"model.{embedding_module}") for name in stage1["parameters"])
     assert any(name == f"model.{TIED_KEYS[family][1]}" for name in stage1["parameters"])  # the tied copy
     assert stage0["devices"] == stage1["devices"] == ["cpu"]  # materialised: nothing left on the meta device
+
+
+TWO_REPLICAS = [
+    {"family": "gpt2", "layers_per_ipu": [2, 2], "schedule": "1f1b", "replicas": 2},
+    {"family": "bert", "layers_per_ipu": [2, 2], "schedule": "gpipe", "replicas": 2},
+]
+
+
+@pytest.fixture(scope="module")
+def two_replica_results(model_dirs, tmp_path_factory):
+    return spawn(4, TWO_REPLICAS, model_dirs, tmp_path_factory.mktemp("replicas"))
+
+
+@pytest.mark.parametrize("number", range(len(TWO_REPLICAS)),
+                         ids=[f"{s['family']}-{s['schedule']}" for s in TWO_REPLICAS])
+def test_two_stages_by_two_replicas_equal_one_process(two_replica_results, references, number):
+    """4 processes: replica r on ranks 2r, 2r + 1; each stage's gradients averaged with the other replica's."""
+    results = two_replica_results[number]
+    family = TWO_REPLICAS[number]["family"]
+    reference_losses, reference_embedding = references[(family, 2)]
+    for rank_result in results:
+        assert_losses_close(rank_result["losses"], reference_losses)
+    embedding_key, head_key = TIED_KEYS[family]
+    copies = [r["tied"][f"model.{key}"] for r, key in zip(results, (embedding_key, head_key, embedding_key, head_key))]
+    assert all(torch.equal(copy, copies[0]) for copy in copies[1:])  # both stages of both replicas
+    torch.testing.assert_close(copies[0], reference_embedding, rtol=1e-4, atol=1e-5)
+
+
+def test_a_crashed_stage_ends_the_other_within_a_minute(model_dirs, tmp_path):
+    """Rank 1 dies in the middle of training; rank 0, waiting on it inside the schedule, must fail, not hang."""
+    scenario = {"family": "gpt2", "layers_per_ipu": [2, 2], "schedule": "1f1b", "crash_at": (1, 2)}
+    context = mp.get_context("spawn")
+    port = free_port()
+    processes = [context.Process(target=worker, args=(rank, 2, port, [scenario], model_dirs, str(tmp_path)))
+                 for rank in range(2)]
+    for process in processes:
+        process.start()
+    processes[1].join(timeout=120)
+    crashed = time.monotonic()
+    processes[0].join(timeout=60)
+    waited = time.monotonic() - crashed
+    alive = processes[0].is_alive()
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+    assert processes[1].exitcode == 3
+    assert not alive, "the surviving stage still runs a minute after the other crashed"
+    assert processes[0].exitcode != 0 and waited < 60
