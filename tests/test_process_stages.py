@@ -275,3 +275,41 @@ def test_a_crashed_stage_ends_the_other_within_a_minute(model_dirs, tmp_path):
     assert processes[1].exitcode == 3
     assert not alive, "the surviving stage still runs a minute after the other crashed"
     assert processes[0].exitcode != 0 and waited < 60
+
+
+# --- in one process: the pieces the spawned tests run ------------------------------------------------------------
+
+
+def test_ranks_loop_virtual_stages_and_keep_each_replica_contiguous():
+    ranks = [PipelineRanks(rank=r, ranks_per_pipeline=2, replicas=2, num_stages=4) for r in range(4)]
+    assert [r.stage_indices for r in ranks] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert [r.replica for r in ranks] == [0, 0, 1, 1]
+    assert [r.last_stage_rank() for r in ranks] == [1, 1, 3, 3]
+    with pytest.raises(ValueError, match="multiple"):
+        PipelineRanks(rank=0, ranks_per_pipeline=2, replicas=1, num_stages=3)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_stages_chained_in_one_process_give_the_models_loss(model_dirs, family):
+    """Stage 0's output fed to stage 1 by hand, weights from an in-memory model: the model's own loss."""
+    model = model_class(family).from_pretrained(model_dirs[family])
+    plan = stage_plan_for(model.config, IPUConfig(layers_per_ipu=[1, 3]))
+    first, last = (build_stage_module(model, plan, index) for index in (0, 1))
+    batch = micro_batch(family, torch.Generator().manual_seed(0))
+    loss = last.loss(last(*first(*first.first_stage_inputs(batch))), last.loss_target(batch))
+    torch.testing.assert_close(loss, model(**batch).loss, rtol=1e-6, atol=0)
+    assert {p.data_ptr() for p in first.parameters()}.isdisjoint(p.data_ptr() for p in model.parameters())
+
+
+def test_a_stage_names_each_weight_once_under_the_models_names(model_dirs):
+    model = model_class("gpt2").from_pretrained(model_dirs["gpt2"])
+    plan = stage_plan_for(model.config, IPUConfig(layers_per_ipu=[2, 2]))
+    names = list(build_stage_module(model, plan, 1).state_dict())
+    assert all(name.startswith("model.") and name[len("model."):] in model.state_dict() for name in names)
+    assert "model.lm_head.weight" in names and not any(".h.0." in name or ".h.1." in name for name in names)
+
+
+def test_a_head_the_stages_do_not_serve_is_refused():
+    config = tiny_config("bert")
+    with pytest.raises(ValueError, match="BertForPreTraining"):
+        build_stage_module(transformers.BertForMaskedLM(config), stage_plan_for(config, IPUConfig()), 0)

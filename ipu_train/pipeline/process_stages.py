@@ -112,7 +112,11 @@ class _StageModule(nn.Module):
         self.layer_indices = list(layer_indices)
         self.is_first, self.is_last = is_first, is_last
         self.n_chunks, self.max_predictions = n_chunks, max_predictions
-        self.layers = family_layers(model)[1]  # not registered here: a second name for the same parameters
+
+    @property
+    def layers(self):
+        """The model's layer list, other stages' entries None (a property: the state dict names each weight once)."""
+        return family_layers(self.model)[1]
 
     def forward(self, *inputs):
         if self.is_first:
@@ -120,8 +124,9 @@ class _StageModule(nn.Module):
         else:
             hidden, attention_mask = inputs
         bias = self.attention_bias(hidden, attention_mask)
+        layers = self.layers
         for index in self.layer_indices:
-            hidden = self.run_layer(self.layers[index], hidden, bias)
+            hidden = self.run_layer(layers[index], hidden, bias)
         if self.is_last:
             return self.finish(hidden)
         return hidden, attention_mask
@@ -238,14 +243,17 @@ def build_stage_module(model_or_config, stage_plan, stage_index, weights=None, d
     `model_or_config`: a model (its state dict is the weights unless `weights` is given) or its config.
     `weights`: a state dict, or a safetensors file or a directory holding `model.safetensors`, read one tensor at a
     time so that the other stages' weights are never loaded. The model is built with parameters on the meta device,
-    pruned to the stage, then loaded. The last stage loads the tied LM head from the embedding's key where the
-    weights store it once. `n_chunks`, `max_predictions`: as for the serialized heads (heads.py)."""
+    pruned to the stage, then loaded; a tied weight is read under whichever of its names the weights store (the
+    last stage's LM head from the embedding's). `n_chunks`, `max_predictions`: as for the serialized heads."""
     config = getattr(model_or_config, "config", model_or_config)
-    if weights is None:
-        if config is model_or_config:
-            raise ValueError("build_stage_module needs weights (a state dict or a safetensors path) with a config")
-        weights = model_or_config.state_dict()
     stage_class = stage_class_for(config)
+    if config is not model_or_config:
+        if type(model_or_config).__name__ != stage_class.model_class:
+            raise ValueError(f"pipeline stages across processes serve {stage_class.model_class} for model type "
+                             f"{config.model_type!r}, not {type(model_or_config).__name__}")
+        weights = model_or_config.state_dict() if weights is None else weights
+    if weights is None:
+        raise ValueError("build_stage_module needs weights (a state dict or a safetensors path) with a config")
     model = _empty_model(stage_class, config)
     num_stages = len(stage_plan.stages)
     is_first, is_last = stage_index == 0, stage_index == num_stages - 1
@@ -279,7 +287,7 @@ def _shared_names(model):
 
 def _prune(model, stage_class, layer_indices, is_first, is_last):
     """Drop what another stage runs: the first stage's modules, the last stage's, the other layers."""
-    dropped = ([] if is_first else list(stage_class.first_modules)) + ([] if is_last else list(stage_class.last_modules))
+    dropped = (() if is_first else stage_class.first_modules) + (() if is_last else stage_class.last_modules)
     for path in dropped:
         parent_path, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent_path) if parent_path else model, name, None)
