@@ -34,7 +34,7 @@ test: setup
 # CPU. torch 2.0.1 from the configured index brings its CUDA runtime wheels, which load without a GPU.
 IPU_VENV := .venv-ipu
 IPU_PYTHON ?= $(PYTHON)
-IPU_STACK_TESTS := tests/test_poptorch_backend.py tests/test_poptorch_double.py tests/test_poptorch_serialization.py \
+IPU_STACK_TESTS := tests/test_poptorch_backend.py tests/test_poptorch_double.py tests/test_poptorch_serialization.py tests/test_popdist.py \
 	tests/test_ipu_checks.py tests/test_config.py tests/test_readme_offline_runs.py
 
 $(IPU_VENV)/.installed: requirements-ipu.txt
