@@ -24,6 +24,8 @@ NON_NEGATIVE_FLAGS = {"learning_rate": "", "weight_decay": " (0: no decay)", "ad
                       "max_grad_norm": " (0 turns gradient clipping off)",
                       "dataloader_num_workers": " (0 loads the data in the main process)"}
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that record CUDA graphs
+PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")  # pipeline.process_stages.SCHEDULES (not imported: torch
+# versions without torch.distributed.pipelining parse these arguments too)
 
 
 @dataclass
@@ -76,6 +78,14 @@ class IPUTrainingArguments(TrainingArguments):
     # None means "not given on the command line": only a given value overrides the IPU configuration.
     gradient_accumulation_steps: Optional[int] = field(
         default=None, metadata={"help": "Micro-batches per optimizer step (overrides the IPU configuration)."})
+    pipeline_stages_across_processes: bool = field(
+        default=False, metadata={"help": "Run each pipeline stage of layers_per_ipu in its own process (torchrun; "
+                                         "CPU or CUDA): world size = stages x replicas. GPT-2 and BERT pretraining."})
+    # None means "not given": 1f1b with --pipeline_stages_across_processes, refused without it.
+    pipeline_schedule: Optional[str] = field(
+        default=None, metadata={"choices": list(PIPELINE_SCHEDULES),
+                                "help": "The schedule of --pipeline_stages_across_processes (default 1f1b); "
+                                        "interleaved_1f1b runs two stages per process."})
     # transformers 5 dropped --warmup_ratio (its --warmup_steps takes a fraction below 1), but the IPU README and older
     # Hugging Face scripts use it.
     warmup_ratio: Optional[float] = field(
@@ -87,6 +97,7 @@ class IPUTrainingArguments(TrainingArguments):
         self._check_ipu_flags()
         self._check_training_numbers()
         self.device_type = _resolve_device_type(self.device_type)
+        self._check_process_stages()
         if self.device_type in ("cpu", "ipu"):
             self.use_cpu = True  # on IPU the host side (data, saving) is the CPU
         elif self.use_cpu:
@@ -119,7 +130,34 @@ class IPUTrainingArguments(TrainingArguments):
         requested = False if self.no_torch_compile else self.torch_compile
         if requested is None and (self.torch_compile_mode or self.torch_compile_backend):
             requested = True  # as transformers.TrainingArguments does
+        if self.pipeline_stages_across_processes:
+            requested = False  # the stages run eagerly (_check_process_stages refused a request to compile)
         self.torch_compile = compile_by_default(requested, self.device_type)
+
+    def _check_process_stages(self):
+        """--pipeline_stages_across_processes trains through torch.distributed.pipelining, in eager fp32 or bf16;
+        what it does not run yet is refused here, before any data is read."""
+        if self.pipeline_schedule not in (None, *PIPELINE_SCHEDULES):
+            raise UserError(f"--pipeline_schedule {self.pipeline_schedule} is not one of {', '.join(PIPELINE_SCHEDULES)}")
+        if not self.pipeline_stages_across_processes:
+            if self.pipeline_schedule is not None:
+                raise UserError("--pipeline_schedule schedules --pipeline_stages_across_processes: add that flag, or "
+                                "drop --pipeline_schedule")
+            return
+        self.pipeline_schedule = self.pipeline_schedule or "1f1b"
+        unsupported = [
+            (self.device_type == "ipu", "--device ipu", "on IPU PopTorch pipelines the stages itself"),
+            (self.do_eval or self.eval_strategy not in ("no", None) or self.eval_on_start, "evaluation (--do_eval, "
+             "--eval_strategy)", "evaluation does not run through the stages yet"),
+            (self.fp16, "--fp16", "loss scaling does not reach the stages' backward yet: use --bf16 or --fp32"),
+            (self.torch_compile or self.cuda_graphs or self.torch_compile_mode or self.torch_compile_backend,
+             "--torch_compile (and its modes) or --cuda_graphs", "the stages run eagerly"),
+            (self.compile_only, "--compile_only", "the stages run eagerly: there is nothing to compile"),
+        ]
+        for refused, what, why in unsupported:
+            if refused:
+                raise UserError(f"--pipeline_stages_across_processes does not support {what} yet ({why}): drop one "
+                                "of them")
 
     def _check_ipu_flags(self):
         if self.device_type not in DEVICE_TYPES:

@@ -52,6 +52,14 @@ def describe_geometry(geometry):
             f"{' padded' if geometry.get('pad_on_batch_axis') else ''}")
 
 
+def describe_pipeline(geometry):
+    pipeline = geometry.get("pipeline")
+    if pipeline is None:
+        return "whole replicas in each process"
+    return (f"{pipeline['stages']} pipeline stages across {pipeline['processes_per_replica']} processes per replica "
+            f"({pipeline['schedule']})")
+
+
 # --- writing -----------------------------------------------------------------------------------------------------
 
 def staging_path(final):
@@ -243,6 +251,10 @@ def check_resumable(folder, signature, geometry, ignore_data_skip=False):
     if not manifest["resumable"]:
         raise UserError(f"{folder} was saved with --save_only_model and holds no optimizer state: "
                         f"{AFRESH.format(folder=folder)}")
+    if manifest["geometry"].get("pipeline") != geometry.get("pipeline"):
+        raise UserError(f"{folder} was trained with {describe_pipeline(manifest['geometry'])}; this run has "
+                        f"{describe_pipeline(geometry)}: its optimizer state is laid out per process, so resume on "
+                        f"the same layout, or {AFRESH.format(folder=folder)}")
     if manifest["geometry"] != geometry:
         message = (f"{folder} was trained with {describe_geometry(manifest['geometry'])}; this run has "
                    f"{describe_geometry(geometry)}")

@@ -231,8 +231,10 @@ class IPUTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            decay = set(self.get_decay_parameter_names(self.model))
-            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            # Stages across processes: this process's stages, not the whole model (which stays for saving).
+            owner = self.model_wrapped if self.layout.pipelined else self.model
+            decay = set(self.get_decay_parameter_names(owner))
+            named = [(n, p) for n, p in owner.named_parameters() if p.requires_grad]
             groups = [{"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
                       {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
             self.optimizer = self.backend.create_optimizer([g for g in groups if g["params"]])
@@ -320,7 +322,17 @@ class IPUTrainer(Trainer):
         samples): a resume must have the same."""
         return {"micro_batch": layout.micro_batch, "accumulation": layout.accumulation, "replicas": layout.replicas,
                 "device_iterations": layout.device_iterations, "processes": self.layout.processes,
-                "train_samples": num_samples, "pad_on_batch_axis": bool(self.args.pad_on_batch_axis)}
+                "train_samples": num_samples, "pad_on_batch_axis": bool(self.args.pad_on_batch_axis),
+                **self._pipeline_geometry()}
+
+    def _pipeline_geometry(self):
+        """Stages across processes: which process holds which weights and optimizer state (absent otherwise, so that
+        the checkpoints of other runs keep their geometry)."""
+        layout = self.layout
+        if not layout.pipelined:
+            return {}
+        return {"pipeline": {"stages": layout.pipeline_stages, "processes_per_replica": layout.pipeline_processes,
+                             "schedule": self.args.pipeline_schedule}}
 
     def _training_dataset(self):
         if self.train_dataset is None:
@@ -341,7 +353,7 @@ class IPUTrainer(Trainer):
         """Micro-batches of this replica from a stream, pass after pass: rows are cut into combined batches (an
         incomplete last one is dropped) and each replica collates its slice. A stream only reads forward, so a
         resumed run reads past the rows of the steps already trained (without collating them)."""
-        rank, micro = self.layout.rank, layout.micro_batch
+        rank, micro = self.layout.data_rank, layout.micro_batch
         micro_batches = self.layout.micro_batches_per_step
         per_process = micro * micro_batches
         to_skip = start_step * layout.step_samples
@@ -395,7 +407,11 @@ class IPUTrainer(Trainer):
         logger.info("  Device %s, precision %s, %d process(es)", self.backend.device, args.precision,
                     self.layout.processes)
         logger.info("  %s", build_stage_plan(self.model, cfg).describe())
-        if cfg.ipus_per_replica > 1 and args.device_type != "ipu":
+        if self.layout.pipelined:
+            logger.info("  The %d pipeline stages of each replica run on %d processes (%s schedule), %d replica(s)",
+                        cfg.ipus_per_replica, self.layout.pipeline_processes, args.pipeline_schedule,
+                        self.layout.replicas)
+        elif cfg.ipus_per_replica > 1 and args.device_type != "ipu":
             logger.info("  The %d pipeline stages of each replica all run on its one device (%s)",
                         cfg.ipus_per_replica, self.backend.device)
 
@@ -485,7 +501,9 @@ class IPUTrainer(Trainer):
         Returns the gradient norm to log, or None."""
         sums = self.backend.read(result.sums)
         processes = self.layout.processes
-        counts = (result.steps, result.samples * processes, int(sums.tokens), result.flops * processes)
+        # The processes of one pipeline read the same samples; each reports its share of the FLOPs.
+        counts = (result.steps, result.samples * self.layout.data_processes, int(sums.tokens),
+                  result.flops * processes)
         self._loop.add_group(sums, *counts)
         self.state.num_input_tokens_seen += int(sums.tokens)
         self.current_flos += result.flops
@@ -706,7 +724,10 @@ class IPUTrainer(Trainer):
     # --- saving --------------------------------------------------------------------------------------------------
 
     def save_model(self, output_dir=None, _internal_call=False):
-        """Model (safetensors, loadable with from_pretrained), tokenizer, training_args.bin and ipu_config.json."""
+        """Model (safetensors, loadable with from_pretrained), tokenizer, training_args.bin and ipu_config.json. With
+        stages across processes, every process first sends its stages' weights to the main process's model."""
+        if self.layout.pipelined and self.backend.pipeline is not None:
+            self.backend.gather_model()
         super().save_model(output_dir, _internal_call=_internal_call)
         if self.layout.writes_files:
             self.ipu_config.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
@@ -806,7 +827,16 @@ class IPUTrainer(Trainer):
         # process taking part; the checkpoint then holds the whole state and loads into any number of replicas.
         if hasattr(self.optimizer, "consolidate_state_dict"):  # torch's ZeroRedundancyOptimizer
             self.optimizer.consolidate_state_dict(to=0)
+        if self.layout.pipelined:  # each process's optimizer steps its own stages
+            self.backend.save_optimizer(output_dir)
+            return
         super()._save_optimizer_and_scheduler(output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if self.layout.pipelined and checkpoint is not None:
+            self.backend.load_optimizer(checkpoint)
+            return
+        super()._load_optimizer_and_scheduler(checkpoint)
 
 
 _ACTIONS = ("should_log", "should_evaluate", "should_save")

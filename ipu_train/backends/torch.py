@@ -223,7 +223,7 @@ class TorchBackend:  # implements backends.base.Backend
         worker seeds from its own generator, so the global RNG (dropout, masking) is untouched by its creation."""
         layout = self.layout
         sampler = ReplicaBatchSampler(order, self.args.per_device_train_batch_size, layout.micro_batches_per_step,
-                                      layout.processes, layout.rank, start_step)
+                                      layout.data_processes, layout.data_rank, start_step)
         return self._loader(dataset, collator, sampler, seed)
 
     def eval_loader(self, dataset, collator, indices, label_names=()):
@@ -241,7 +241,10 @@ class TorchBackend:  # implements backends.base.Backend
         """On CUDA the copies are issued without waiting (they run in stream order, before the kernels that read
         them) from pinned memory; a tensor the loader did not pin (a stream's batch) is pinned first, since a copy
         from pageable memory would make the host wait for the device. An attention mask of ones is dropped first."""
-        batch = _without_full_attention_mask(batch)
+        return self.move_to_device(_without_full_attention_mask(batch))
+
+    def move_to_device(self, batch):
+        """The batch's tensors on the device, copied without waiting on CUDA."""
         if self.device.type != "cuda":
             return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         pin = self.args.dataloader_pin_memory

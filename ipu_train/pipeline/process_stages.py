@@ -454,3 +454,49 @@ def _mean_loss(pipeline, losses, device):
         dist.all_reduce(loss, group=pipeline.groups.data_parallel)
         loss /= pipeline.ranks.replicas
     return loss
+
+
+def clip_global_grad_norm(pipeline: ProcessPipeline, max_norm) -> torch.Tensor:
+    """Clip every stage's gradients by the norm of the whole model's gradient, as one process would: the squared
+    norms of the stages are summed over the pipeline (the tied weight counted once, on the first stage) without a
+    host read. Replicas hold equal gradients once averaged, so the pipeline's norm is the replica's. Returns it."""
+    counted = [p.grad for module in pipeline.modules for p in _norm_parameters(module) if p.grad is not None]
+    squared = torch.nn.utils.get_total_norm(counted, foreach=True) ** 2 if counted else _zero_of(pipeline)
+    dist.all_reduce(squared, group=pipeline.groups.pipeline)
+    total = squared.sqrt()
+    torch.nn.utils.clip_grads_with_norm_(pipeline.parameters(), max_norm, total, foreach=True)
+    return total
+
+
+def _norm_parameters(module):
+    """The module's parameters but a last stage's copy of the tied weight (the first stage counts it)."""
+    copy = module.tied_weight() if module.is_last and not module.is_first else None
+    return [p for p in module.parameters() if p is not copy]
+
+
+def _zero_of(pipeline):
+    return torch.zeros((), device=pipeline.parameters()[0].device)
+
+
+def gather_model_state(pipeline: ProcessPipeline, dst=0):
+    """The whole model's state dict under the model's own names, on rank `dst` (None elsewhere), from the stages of
+    replica 0 (every replica holds the same weights). Collective over every rank."""
+    mine = {}
+    if pipeline.ranks.replica == 0:
+        mine = {name.removeprefix("model."): tensor.detach().cpu()
+                for module in pipeline.modules for name, tensor in module.state_dict().items()}
+    shares = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(mine, shares, dst=dst)
+    if shares is None:
+        return None
+    return {name: tensor for share in shares for name, tensor in share.items()}
+
+
+def load_whole_model_state(model, state):
+    """Load a gathered state dict into the whole model: every weight must come from some stage, a tied weight under
+    any of its names."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    shared = _shared_names(model)
+    absent = [name for name in missing if not any(other in state for other in shared.get(name, [name]))]
+    if unexpected or absent:
+        raise RuntimeError(f"the stages' weights do not make the model: missing {absent}, unexpected {unexpected}")
