@@ -53,6 +53,9 @@ def main(argv=None):
                                      labels=True)
     train_dataset, eval_dataset = select_splits(lm_datasets, data_args, training_args, ipu_config,
                                                 f"blocks of {block_size} tokens", "lower --block_size")
+    # Blocks as tensors: the loader stacks them instead of converting Python lists (16 x 1024: 10 ms -> 1 ms a batch).
+    train_dataset, eval_dataset = (None if split is None else split.with_format("torch")
+                                   for split in (train_dataset, eval_dataset))
 
     with_accuracy = training_args.do_eval and not training_args.prediction_loss_only
     training_args.batch_eval_metrics = with_accuracy  # metrics fold in batch by batch; no predictions are kept
