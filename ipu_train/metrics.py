@@ -77,14 +77,16 @@ def pretraining_batch_statistics(logits, labels):
     masked = mlm_labels != IGNORE_INDEX
     token_logits = prediction_logits[masked].float()
     token_labels = mlm_labels[masked]
+    # Packed rows give one prediction per sequence, [rows, max_per_pack, 2], with -100 in the empty places.
     nsp_logits = relationship_logits.float().view(-1, 2)
     nsp_labels = nsp_labels.view(-1)
+    pairs = nsp_labels != IGNORE_INDEX
     return PretrainingSums.row(
         mlm_loss=torch.nn.functional.cross_entropy(token_logits, token_labels, reduction="sum"),
         masked=masked.sum().float(),
         mlm_correct=token_logits.argmax(-1).eq(token_labels).sum().float(),
         nsp_loss=torch.nn.functional.cross_entropy(nsp_logits, nsp_labels, reduction="sum"),
-        pairs=torch.tensor(float(nsp_labels.numel()), device=nsp_logits.device),
+        pairs=pairs.sum().float(),
         nsp_correct=nsp_logits.argmax(-1).eq(nsp_labels).sum().float())
 
 

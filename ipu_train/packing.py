@@ -7,14 +7,26 @@ as many at once as there are, into the open packs with the least room that still
 packs holding as many of them as fit (where the paper starts one pack per sequence). A pack closes when it is full or
 holds `max_per_pack` sequences.
 """
+import functools
+import logging
+import types
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+import datasets
+import numpy
+import pyarrow.compute
 import torch
+import torch.nn.functional as F
 
 from .errors import UserError
 from .pipeline.heads import IGNORE_INDEX
+
+logger = logging.getLogger("ipu_train")
+
+# A packed sequence's index in its split, beside its columns: the collator masks sequences in the data's order.
+SEQUENCE_INDEX = "packed_sequence_index"
 
 
 @dataclass(frozen=True)
@@ -98,19 +110,67 @@ def _assign(strategies, lengths):
 
 class PackedDataset(torch.utils.data.Dataset):
     """A dataset of sequences seen as packs: item i is the list of the sequences packed into row i. Nothing is copied;
-    the packs come from the sequences' lengths, so the same data gives the same rows (and exact resume)."""
+    the packs come from the sequences' lengths, so the same data gives the same rows (and exact resume).
+
+    Sequences saved already padded (pre-tokenized data with an `attention_mask` holding zeros, e.g. pairs padded to
+    128) count their real tokens only, and each is handed over without its padding."""
 
     def __init__(self, sequences, max_length: int, max_per_pack: int, length_column: str = "input_ids"):
         self.sequences = sequences
-        lengths = [len(ids) for ids in sequences[length_column]]
-        self.packing = pack_sequences(lengths, max_length, max_per_pack)
-        self.padded_efficiency = padded_efficiency(lengths, max_length)
+        self.length_column = length_column
+        self.lengths = _real_lengths(sequences, length_column)
+        self.packing = pack_sequences(self.lengths, max_length, max_per_pack)
+        self.padded_efficiency = padded_efficiency(self.lengths, max_length)
 
     def __len__(self):
         return len(self.packing.packs)
 
     def __getitem__(self, index):
-        return [self.sequences[i] for i in self.packing.packs[index]]
+        return [dict(self._unpadded(i), **{SEQUENCE_INDEX: i}) for i in self.packing.packs[index]]
+
+    def _unpadded(self, i):
+        sequence = self.sequences[i]
+        width, length = len(sequence[self.length_column]), self.lengths[i]
+        if width == length:
+            return sequence
+        if "attention_mask" in sequence and sum(sequence["attention_mask"][:length]) != length:
+            raise UserError(f"sequence {i} of the data is padded on the left (or inside): packing takes sequences "
+                            "padded on the right, or not padded; drop --pack_sequences for this data")
+        return {key: value[:length] if isinstance(value, list) and len(value) == width else value
+                for key, value in sequence.items()}
+
+
+def _real_lengths(sequences, length_column):
+    """Tokens per sequence: the attention mask's ones where there is one (padding is no token), else the length of
+    `length_column`. Read from Arrow in one pass for a `datasets.Dataset`: no row becomes Python objects."""
+    column = "attention_mask" if "attention_mask" in _columns(sequences) else length_column
+    if isinstance(sequences, datasets.Dataset):
+        values = sequences.with_format("arrow")[column]
+        if column == "attention_mask":
+            return _mask_sums(values)
+        return pyarrow.compute.list_value_length(values).to_pylist()
+    return [sum(mask) if column == "attention_mask" else len(mask) for mask in sequences[column]]
+
+
+def _columns(sequences):
+    return sequences.column_names if isinstance(sequences, datasets.Dataset) else list(sequences)
+
+
+def _mask_sums(masks):
+    """Per-row sums of an Arrow list column of 0/1 values."""
+    if isinstance(masks, pyarrow.ChunkedArray):
+        masks = masks.combine_chunks()
+    rows = pyarrow.compute.list_parent_indices(masks).to_numpy()
+    return numpy.bincount(rows, weights=masks.flatten().to_numpy(), minlength=len(masks)).astype(int).tolist()
+
+
+def pack_split(sequences, split, max_length: int, max_per_pack: int) -> PackedDataset:
+    """The sequences of one split as packed rows, with the efficiency before and after packing logged once."""
+    packed = PackedDataset(sequences, max_length, max_per_pack)
+    logger.info("Packing the %s split: %d sequences into %d rows of %d tokens (at most %d per row); real tokens / "
+                "row tokens: %.3f one sequence per row, %.3f packed", split, len(packed.lengths), len(packed),
+                max_length, max_per_pack, packed.padded_efficiency, packed.packing.efficiency)
+    return packed
 
 
 @dataclass
@@ -132,9 +192,19 @@ class DataCollatorForPackedSequences:
     position_offset: int = 0
     per_sequence_columns: tuple = ("next_sentence_label",)
 
+    @property
+    def max_masked_tokens(self):
+        """The masked-token cap of a row, which the sparse MLM head gathers (the trainer reads it as it reads the
+        MLM collator's): each sequence is capped on its own at c tokens, and a row holds at most `max_per_pack`
+        sequences and `max_length` tokens, so min(max_length, max_per_pack x c) is never exceeded and no masked token
+        is dropped. None (no cap: exact, dynamic shapes) where the sequences are not capped."""
+        cap_for = getattr(self.sequence_collator, "cap_for", None)
+        cap = cap_for(self.max_length) if cap_for is not None else None
+        return None if cap is None else min(self.max_length, self.max_per_pack * cap)
+
     def __call__(self, packs):
         flat = [sequence for pack in packs for sequence in pack]
-        collated = self.sequence_collator(flat)
+        collated = self._collated_in_data_order(flat)
         lengths = torch.tensor([len(sequence["input_ids"]) for sequence in flat])
         row = torch.tensor([r for r, pack in enumerate(packs) for _ in pack])
         slot = torch.tensor([k for pack in packs for k in range(len(pack))])  # a sequence's place in its row
@@ -172,6 +242,18 @@ class DataCollatorForPackedSequences:
         return batch
 
 
+    def _collated_in_data_order(self, flat):
+        """The sequence collator's batch for `flat`, with the sequences handed to it in the data's order (where
+        PackedDataset says it): the same sequences in one batch get the same random masks, packed or not."""
+        order = sorted(range(len(flat)), key=lambda k: flat[k].get(SEQUENCE_INDEX, k))
+        collated = self.sequence_collator([{key: value for key, value in flat[k].items() if key != SEQUENCE_INDEX}
+                                           for k in order])
+        back = torch.empty(len(order), dtype=torch.long)
+        back[torch.tensor(order)] = torch.arange(len(order))
+        return {key: values[back] if torch.is_tensor(values) and values.shape[:1] == back.shape else values
+                for key, values in collated.items()}
+
+
 def _block_diagonal_mask(sequence):
     """Additive [rows, 1, L, L] mask: token i attends to token j where both belong to the same sequence; a padding
     token (sequence -1) attends to itself only."""
@@ -179,3 +261,41 @@ def _block_diagonal_mask(sequence):
     same |= torch.eye(sequence.shape[1], dtype=torch.bool)
     mask = torch.zeros(same.shape, dtype=torch.float32).masked_fill_(~same, torch.finfo(torch.float32).min)
     return mask[:, None]
+
+
+def accept_packed_pretraining_rows(model):
+    """Let a BERT pretraining model (`BertForPreTraining`) evaluate packed rows: given `sequence_starts`, its forward
+    predicts next-sentence relations at each packed sequence's [CLS], [rows, sequences, 2], and its loss is the MLM
+    loss over the masked tokens plus the NSP loss over the sequences, as on one sequence per row. Training forwards
+    with the serialized heads read `sequence_starts` themselves (families.py); this instance's forward is replaced,
+    its weights and state dict untouched."""
+    unpacked_forward = model.forward.__func__  # called on `self`: a deep copy of the model runs on its own weights
+
+    @functools.wraps(unpacked_forward)  # its signature: the trainer reads the label names and columns from it
+    def forward(self, *args, sequence_starts=None, **kwargs):
+        if sequence_starts is None:
+            return unpacked_forward(self, *args, **kwargs)
+        return _packed_pretraining_forward(self, sequence_starts, *args, **kwargs)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def _packed_pretraining_forward(model, sequence_starts, input_ids=None, attention_mask=None, token_type_ids=None,
+                                position_ids=None, inputs_embeds=None, labels=None, next_sentence_label=None,
+                                return_dict=None, **kwargs):
+    from transformers.models.bert.modeling_bert import BertForPreTrainingOutput
+
+    from .pipeline.families import _pooled_at
+
+    outputs = model.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                         position_ids=position_ids, inputs_embeds=inputs_embeds, return_dict=True, **kwargs)
+    prediction_logits = model.cls.predictions(outputs.last_hidden_state)
+    nsp_logits = model.cls.seq_relationship(_pooled_at(model.bert.pooler, outputs, sequence_starts))
+    loss = None
+    if labels is not None and next_sentence_label is not None:
+        loss = (F.cross_entropy(prediction_logits.view(-1, prediction_logits.shape[-1]), labels.view(-1))
+                + F.cross_entropy(nsp_logits.view(-1, 2), next_sentence_label.view(-1)))
+    output = BertForPreTrainingOutput(loss=loss, prediction_logits=prediction_logits,
+                                      seq_relationship_logits=nsp_logits, hidden_states=outputs.hidden_states,
+                                      attentions=outputs.attentions)
+    return output if return_dict is not False else output.to_tuple()
