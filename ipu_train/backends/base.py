@@ -41,6 +41,10 @@ def input_tokens(batch):
     """The tokens a batch feeds the model: its attention mask's ones, else every input id (a device value where the
     batch is on the device)."""
     mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 4:
+        # Packed rows (ipu_train.packing): additive [rows, 1, L, L], 0 where a token may attend. A token of a
+        # sequence sees that whole sequence (every sequence holds [CLS] and [SEP] at least), a padding one itself.
+        return ((mask[:, 0] == 0).sum(dim=-1) > 1).sum()
     if mask is not None:
         return mask.sum()
     ids = batch.get("input_ids")
