@@ -20,8 +20,8 @@ from ipu_train.loading import (build_model, load_config, load_raw_datasets, load
                                texts)
 from ipu_train.metrics import RunningAccuracy, argmax_predictions
 from ipu_train.script_args import DataArguments, check_mlm_probability
-from ipu_train.workflow import (columns_to_tokenize, evaluate_and_report, publish, select_splits, start,
-                                tokenize_and_group, train_and_save)
+from ipu_train.workflow import (columns_to_tokenize, evaluate_and_report, pack_splits, packed_collator, publish,
+                                select_splits, start, tokenize_and_group, train_and_save)
 
 # The runtime's logger: one logger carries the whole run, which CaptureLogger(<script>.logger) sees.
 logger = logging.getLogger("ipu_train")
@@ -43,6 +43,14 @@ class DataTrainingArguments(DataArguments):
     def __post_init__(self):
         super().__post_init__()
         check_mlm_probability(self.mlm_probability)
+
+    def check_packing(self):
+        if not self.line_by_line:
+            raise UserError("--pack_sequences packs lines, and grouped blocks are full rows already: add "
+                            "--line_by_line, or drop --pack_sequences")
+        if self.pad_to_max_length:
+            raise UserError("--pack_sequences fills rows of --max_seq_length itself, and padded lines leave no room to "
+                            "pack: drop --pad_to_max_length")
 
 
 @main_entry
@@ -90,6 +98,11 @@ def main(argv=None):
         max_masked_tokens=masked_token_cap(max_seq_length, data_args.mlm_probability),
         whole_word_mask=data_args.whole_word_masking,
         pad_to_multiple_of=8 if data_args.line_by_line and not data_args.pad_to_max_length else None)
+    eval_collator = dataclasses.replace(train_collator, max_masked_tokens=None)  # never drop a masked token
+    if data_args.pack_sequences:  # several lines per row, each masked as alone and attending only to itself
+        train_dataset, eval_dataset = pack_splits(train_dataset, eval_dataset, data_args, max_seq_length, model)
+        train_collator, eval_collator = (packed_collator(collator, data_args, max_seq_length, tokenizer, model)
+                                         for collator in (train_collator, eval_collator))
     with_accuracy = training_args.do_eval and not training_args.prediction_loss_only
     training_args.batch_eval_metrics = with_accuracy  # metrics fold in batch by batch; no predictions are kept
     trainer = IPUTrainer(
@@ -100,7 +113,7 @@ def main(argv=None):
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         data_collator=train_collator,
-        eval_data_collator=dataclasses.replace(train_collator, max_masked_tokens=None),  # never drop a masked token
+        eval_data_collator=eval_collator,
         compute_metrics=RunningAccuracy() if with_accuracy else None,
         preprocess_logits_for_metrics=argmax_predictions if with_accuracy else None,
     )

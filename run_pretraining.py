@@ -26,8 +26,10 @@ from ipu_train.loading import (build_model, column_names, load_config, load_raw_
                                local_data_files, refuse_non_utf8, sequence_length, split_off_validation,
                                text_column)
 from ipu_train.metrics import RunningPretrainingMetrics, pretraining_batch_statistics
+from ipu_train.packing import accept_packed_pretraining_rows
 from ipu_train.script_args import DataArguments, check_mlm_probability
-from ipu_train.workflow import evaluate_and_report, publish, select_splits, start, train_and_save
+from ipu_train.workflow import (evaluate_and_report, pack_splits, packed_collator, publish, select_splits, start,
+                                train_and_save)
 
 # The runtime's logger: one logger carries the whole run, which CaptureLogger(<script>.logger) sees.
 logger = logging.getLogger("ipu_train")
@@ -91,6 +93,10 @@ class DataTrainingArguments(DataArguments):
         if self.max_seq_length < MIN_PAIR_LENGTH:
             raise UserError(f"--max_seq_length {self.max_seq_length}: a sentence pair needs at least "
                             f"{MIN_PAIR_LENGTH} tokens ([CLS] A [SEP] B [SEP]); 128 is usual")
+
+    def check_packing(self):
+        if self.pad_to_max_length:
+            raise UserError("--pack_sequences fills rows of --max_seq_length itself: drop --pad_to_max_length")
 
 
 def load_documents(data_args, model_args):
@@ -186,6 +192,11 @@ def main(argv=None):
             whole_word_mask=data_args.whole_word_masking,
             pad_to_multiple_of=max_seq_length if data_args.pad_to_max_length else 8)
         eval_collator = dataclasses.replace(train_collator, max_masked_tokens=None)
+    if data_args.pack_sequences:  # several pairs per row, each masked as alone, its NSP read at its own [CLS]
+        train_dataset, eval_dataset = pack_splits(train_dataset, eval_dataset, data_args, max_seq_length, model)
+        train_collator, eval_collator = (packed_collator(collator, data_args, max_seq_length, tokenizer, model)
+                                         for collator in (train_collator, eval_collator))
+        accept_packed_pretraining_rows(model)
     with_accuracy = training_args.do_eval and not training_args.prediction_loss_only
     training_args.batch_eval_metrics = with_accuracy  # metrics fold in batch by batch; no predictions are kept
     trainer = IPUTrainer(

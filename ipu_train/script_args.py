@@ -74,6 +74,12 @@ class DataArguments:
     preprocessing_num_workers: Optional[int] = field(
         default=None, metadata={"help": "Processes for preprocessing."})
     keep_linebreaks: bool = field(default=True, metadata={"help": "Keep line breaks in .txt files."})
+    pack_sequences: bool = field(
+        default=False, metadata={"help": "Pack several sequences into each row of --max_seq_length tokens (each "
+                                         "attends only to itself), so that no compute goes to padding: pays where "
+                                         "sequences are short against the row (masked LM only)."})
+    max_sequences_per_pack: int = field(
+        default=3, metadata={"help": "With --pack_sequences, the most sequences one row holds."})
 
     def training_source(self):
         """Where training data comes from (None: nowhere); scripts with other sources extend this."""
@@ -91,6 +97,19 @@ class DataArguments:
                 raise UserError(f"--{flag} {path}: use a {', '.join(TEXT_EXTENSIONS)} file")
         if not 0 < self.validation_split_percentage < 100:
             raise UserError("--validation_split_percentage must be between 1 and 99")
+        if self.pack_sequences:
+            if self.max_sequences_per_pack < 1:
+                raise UserError(f"--max_sequences_per_pack {self.max_sequences_per_pack}: a row holds at least 1 "
+                                "sequence; 3 is usual")
+            if self.streaming:
+                raise UserError("--pack_sequences packs from the lengths of a whole split, which a stream does not "
+                                "have: drop --streaming, or --pack_sequences")
+            self.check_packing()
+
+    def check_packing(self):
+        """Whether this script can pack its sequences (--pack_sequences): only the masked-LM scripts can."""
+        raise UserError("--pack_sequences packs masked-LM sequences (run_mlm.py --line_by_line, run_pretraining.py): "
+                        "this script's objective attends across its whole block; drop --pack_sequences")
 
     def check_with(self, training_args):
         """Rules that involve the training flags too."""
@@ -100,6 +119,10 @@ class DataArguments:
             raise UserError("--compile_only compiles the training step: add --do_train")
         if training_args.do_train and self.training_source() is None:
             raise UserError("--do_train needs --train_file or --dataset_name")
+        if training_args.device_type == "ipu" and self.pack_sequences:
+            # The PopTorch step takes a 2-D attention mask and no position ids (backends/poptorch.py: LossOnly).
+            raise UserError("--pack_sequences is not available with --device ipu: the IPU step takes no block-diagonal "
+                            "attention mask or position ids; drop --pack_sequences")
         if training_args.device_type == "ipu" and getattr(self, "pad_to_max_length", True) is False:
             # An IPU executable takes the input shapes it was compiled for (poptorch python/_args_parser.py:
             # validateInputs refuses any other), so no batch may be padded to its own longest sequence.

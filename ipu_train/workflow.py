@@ -1,6 +1,7 @@
 """The steps every script shares, in the order of the Hugging Face example scripts: start (flags, logging, the
 checkpoint to resume from, the IPU configuration, the seed), tokenize and group, pick the splits, train (resuming
 when asked), save, evaluate, report metrics, and write the model card."""
+import inspect
 import logging
 
 import datasets
@@ -14,6 +15,8 @@ from .data import group_texts
 from .loading import check_hub_access, column_names, perplexity, require_samples, text_column
 from .errors import RunFailed, UserError, one_line
 from .output_dir import check_writable
+from .packing import DataCollatorForPackedSequences, PackedDataset, pack_split
+from .pipeline.families import position_offset
 from .script_args import ModelArguments
 from .signals import StopRequest
 
@@ -133,6 +136,27 @@ def select_splits(lm_datasets, data_args, training_args, ipu_config, unit, fix):
     return train_dataset, eval_dataset
 
 
+def pack_splits(train_dataset, eval_dataset, data_args, max_length, model):
+    """--pack_sequences: the splits as rows of `max_length` tokens holding up to --max_sequences_per_pack sequences
+    each, packed once from the sequences' lengths (a view: no token is copied); the efficiency of each is logged."""
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        raise UserError(f"--pack_sequences restarts the position ids at each packed sequence, and "
+                        f"{type(model).__name__} takes none: drop --pack_sequences")
+    return tuple(None if dataset is None else pack_split(dataset, split, max_length, data_args.max_sequences_per_pack)
+                 for dataset, split in ((train_dataset, "train"), (eval_dataset, "validation")))
+
+
+def packed_collator(sequence_collator, data_args, max_length, tokenizer, model):
+    """Rows of packed sequences, each masked by `sequence_collator` as it would be alone (see ipu_train.packing)."""
+    return DataCollatorForPackedSequences(sequence_collator, max_length, data_args.max_sequences_per_pack,
+                                          tokenizer.pad_token_id, position_offset(model.config))
+
+
+def sample_count(dataset):
+    """The samples a split holds: its sequences, also where they are packed into fewer rows."""
+    return len(dataset.sequences if isinstance(dataset, PackedDataset) else dataset)
+
+
 def train_and_save(trainer, training_args, last_checkpoint, train_dataset):
     """Train and save the model with its metrics and state. A run stopped by a signal keeps its last checkpoint and
     state, writes no final model, and exits with 128 + the signal's number."""
@@ -172,7 +196,7 @@ def _save_trained(trainer, train_dataset, result):
     trainer.save_model()  # model, tokenizer and ipu_config.json, loadable with from_pretrained
     metrics = dict(result.metrics)
     if not isinstance(train_dataset, datasets.IterableDataset):
-        metrics["train_samples"] = len(train_dataset)
+        metrics["train_samples"] = sample_count(train_dataset)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
@@ -183,7 +207,7 @@ def evaluate_and_report(trainer, eval_dataset, loss_key="eval_loss"):
     overflow."""
     metrics = trainer.evaluate()
     if not isinstance(eval_dataset, datasets.IterableDataset):
-        metrics["eval_samples"] = len(eval_dataset)
+        metrics["eval_samples"] = sample_count(eval_dataset)
     if loss_key is not None:
         metrics["perplexity"] = perplexity(metrics[loss_key])
     trainer.log_metrics("eval", metrics)
