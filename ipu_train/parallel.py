@@ -170,10 +170,6 @@ def check_process_stages(ipu_config, args):
     process with interleaved_1f1b) times the replicas must be the world size, and the schedule must have enough
     micro-batches (gradient_accumulation_steps). Each mismatch is one line naming what fits."""
     schedule = args.pipeline_schedule
-    for key in ("replicated_tensor_sharding", "recompute_checkpoint_every_layer"):
-        if getattr(ipu_config, key):
-            raise UserError(f"--pipeline_stages_across_processes does not support {key} yet: pass "
-                            f"--ipu_config_overrides {key}=false (or drop --gradient_checkpointing)")
     with ipu_config.in_mode("training"):
         stages = ipu_config.ipus_per_replica
     least_stages = 4 if schedule == "interleaved_1f1b" else 2
@@ -184,7 +180,7 @@ def check_process_stages(ipu_config, args):
     if schedule == "interleaved_1f1b" and stages % 2:
         raise UserError(f"--pipeline_schedule interleaved_1f1b runs two stages per process, and layers_per_ipu gives "
                         f"{stages}: use an even number of stages, or --pipeline_schedule 1f1b")
-    per_pipeline = stages // 2 if schedule == "interleaved_1f1b" else stages
+    per_pipeline = processes_per_pipeline(stages, schedule)
     world, replicas = args.world_size, ipu_config.replication_factor
     fits = ", ".join(str(per_pipeline * n) for n in range(1, 5))
     if world % per_pipeline or replicas not in (1, world // per_pipeline):
@@ -192,8 +188,16 @@ def check_process_stages(ipu_config, args):
         raise UserError(f"--pipeline_stages_across_processes: {stages} stages ({per_pipeline} process(es) per "
                         f"replica with {schedule}) x replication_factor={replicas} do not fit the {world} process(es) "
                         f"that run: launch `torchrun --nproc_per_node N` with N {wanted} (stages x replicas)")
+    if ipu_config.replicated_tensor_sharding and world > per_pipeline:
+        raise UserError("--pipeline_stages_across_processes does not shard the optimizer state over replicas yet: "
+                        "pass --ipu_config_overrides replicated_tensor_sharding=false")
     check_schedule_micro_batches(schedule, per_pipeline, ipu_config.gradient_accumulation_steps)
     return per_pipeline
+
+
+def processes_per_pipeline(stages, schedule):
+    """One stage per process, or two (virtual stages, looped) with the interleaved schedule."""
+    return stages // 2 if schedule == "interleaved_1f1b" else stages
 
 
 def check_schedule_micro_batches(schedule, per_pipeline, micro_batches):

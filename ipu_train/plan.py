@@ -31,6 +31,10 @@ def parse_args(argv=None):
     parser.add_argument("--device", choices=("auto", "cpu", "cuda", "ipu"), default="auto",
                         help="ipu: also check what the IPU target needs (gradient accumulation for the pipeline, IPUs "
                              "available with --n_ipu / --pod_type), as the training scripts do with --device ipu")
+    parser.add_argument("--pipeline_stages_across_processes", action="store_true",
+                        help="also print the process grid of the training stages, one per process (torchrun)")
+    parser.add_argument("--pipeline_schedule", choices=("gpipe", "1f1b", "interleaved_1f1b"), default="1f1b",
+                        help="the schedule of --pipeline_stages_across_processes")
     parser.add_argument("--per_device_train_batch_size", type=_positive, default=1, help="the micro-batch size")
     parser.add_argument("--per_device_eval_batch_size", type=_positive,
                         help="default: the training micro-batch size")
@@ -164,6 +168,8 @@ def render_plan(args) -> str:
     ]
     if args.device == "ipu":
         lines.append(describe_ipu_target(ipu_config, args))
+    if args.pipeline_stages_across_processes:
+        lines += ["", describe_process_grid(ipu_config, args.pipeline_schedule)]
     unused = ipu_config.unused_on_pytorch()
     if unused:
         lines.append(f"IPU only (no effect on PyTorch): {', '.join(unused)}")
@@ -184,6 +190,36 @@ def describe_ipu_target(ipu_config, args) -> str:
         f"            IPUs reserved: training {ipu_config.ipus_needed()}, inference "
         f"{ipu_config.ipus_needed(for_inference=True)}{available}",
     ])
+
+
+def describe_process_grid(ipu_config, schedule) -> str:
+    """Stages across processes: which process runs which stages of which replica, the torchrun size, and the
+    schedule's estimated bubble; a layout that would not run is refused as the training scripts refuse it."""
+    import types
+
+    from .parallel import check_process_stages, processes_per_pipeline
+    from .pipeline.process_stages import PipelineRanks, estimated_bubble
+
+    with ipu_config.in_mode("training"):
+        stages = ipu_config.ipus_per_replica
+    replicas = ipu_config.replication_factor
+    world = processes_per_pipeline(stages, schedule) * replicas
+    per_pipeline = check_process_stages(ipu_config, types.SimpleNamespace(pipeline_schedule=schedule,
+                                                                          world_size=world))
+    micro_batches, virtual = ipu_config.gradient_accumulation_steps, stages // per_pipeline
+    lines = [f"stages across processes ({schedule}): {per_pipeline} process(es) per replica x {replicas} "
+             f"replica(s) = torchrun --nproc_per_node {world} (in all, over the machines)"]
+    for rank in range(world):
+        ranks = PipelineRanks(rank=rank, ranks_per_pipeline=per_pipeline, replicas=replicas, num_stages=stages)
+        held = ranks.stage_indices
+        stage_names = f"stages {', '.join(str(s) for s in held)}" if len(held) > 1 else f"stage {held[0]}"
+        lines.append(f"  rank {rank}: {stage_names}, replica {ranks.replica}"
+                     + (" (writes output_dir)" if rank == 0 else ""))
+    bubble = estimated_bubble(per_pipeline, micro_batches, virtual)
+    lines.append(f"  estimated bubble: {bubble:.1%} of each step idle ({per_pipeline} processes, {micro_batches} "
+                 f"micro-batches = gradient_accumulation_steps" + (f", {virtual} stages per process" if virtual > 1
+                                                                      else "") + ")")
+    return "\n".join(lines)
 
 
 @one_line_errors()

@@ -834,7 +834,7 @@ class IPUTrainer(Trainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         if self.layout.pipelined and checkpoint is not None:
-            self.backend.load_optimizer(checkpoint)
+            self.backend.load_optimizer(checkpoint, self.optimizer, self.lr_scheduler)
             return
         super()._load_optimizer_and_scheduler(checkpoint)
 

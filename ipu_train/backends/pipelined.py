@@ -41,6 +41,13 @@ class PipelinedBackend(TorchBackend):  # implements backends.base.Backend
                     "schedule %s over %d micro-batches", layout.rank, self.ranks.stage_indices, self.ranks.replica,
                     args.pipeline_schedule, layout.accumulation)
 
+    def _shards_optimizer_state(self):
+        """One replica (check_process_stages refuses sharding over several): nothing to shard over."""
+        if self.ipu_config.replicated_tensor_sharding:
+            logger.info("replicated_tensor_sharding: no effect with one replica; each process keeps its stages' "
+                        "optimizer state")
+        return False
+
     def prepare_model(self, model, max_predictions=None):
         """This process's stages, built from the model's weights (the scripts build the same model, from the same
         seed or files, in every process); returns them as one module. The model itself stays for saving."""
@@ -49,7 +56,8 @@ class PipelinedBackend(TorchBackend):  # implements backends.base.Backend
         try:
             modules = [build_stage_module(model, plan, index, device=self.device,
                                           n_chunks=serialization_factor(self.ipu_config),
-                                          max_predictions=max_predictions)
+                                          max_predictions=max_predictions,
+                                          recompute=self.ipu_config.recompute_checkpoint_every_layer)
                        for index in self.ranks.stage_indices]
         except ValueError as err:
             raise UserError(f"--pipeline_stages_across_processes: {err}") from None
@@ -109,9 +117,9 @@ class PipelinedBackend(TorchBackend):  # implements backends.base.Backend
         if self.layout.writes_files:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(folder, SCHEDULER_NAME))
 
-    def load_optimizer(self, folder):
+    def load_optimizer(self, folder, optimizer, lr_scheduler):
+        """This pipeline position's optimizer state and the schedule's, into the trainer's (not yet attached)."""
         name = optimizer_file(self.ranks.pipeline_rank, self.layout.pipeline_processes)
-        self.optimizer.load_state_dict(torch.load(os.path.join(folder, name), map_location=self.device,
-                                                  weights_only=True))
-        self.lr_scheduler.load_state_dict(torch.load(os.path.join(folder, SCHEDULER_NAME), weights_only=True))
+        optimizer.load_state_dict(torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True))
+        lr_scheduler.load_state_dict(torch.load(os.path.join(folder, SCHEDULER_NAME), weights_only=True))
 

@@ -118,12 +118,17 @@ class TorchBackend:  # implements backends.base.Backend
         self.nonfinite_run = torch.zeros((), dtype=torch.int64, device=self.device)
         self.non_embedding_params = 0
         # replicated_tensor_sharding: each replica keeps the optimizer state of its share of the parameters (ZeRO-1).
-        self.shard_optimizer_state = ipu_config.replicated_tensor_sharding and layout.distributed
-        if self.shard_optimizer_state:
-            logger.info("Optimizer state sharded over the %d replicas (replicated_tensor_sharding)", layout.processes)
+        self.shard_optimizer_state = self._shards_optimizer_state()
         if ipu_config.optimizer_state_offchip:
             logger.info("optimizer_state_offchip: not applied on PyTorch yet; the optimizer state stays on %s",
                         self.device.type)
+
+    def _shards_optimizer_state(self):
+        shards = self.ipu_config.replicated_tensor_sharding and self.layout.distributed
+        if shards:
+            logger.info("Optimizer state sharded over the %d replicas (replicated_tensor_sharding)",
+                        self.layout.processes)
+        return shards
 
     def _check_cuda_graphs(self):
         """CUDA graph trees (torch.compile's reduce-overhead mode) hand out gradients that live in the graph's memory

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .families import family_layers, output_projection
 from .heads import IGNORE_INDEX, chunked_lm_loss, sparse_mlm_loss
@@ -106,8 +107,9 @@ class _StageModule(nn.Module):
     last_modules = ()  # module paths only the last stage keeps
     input_names = ("input_ids", "attention_mask")  # the first stage's inputs, from a batch, in order
 
-    def __init__(self, model, layer_indices, is_first, is_last, n_chunks=1, max_predictions=None):
+    def __init__(self, model, layer_indices, is_first, is_last, n_chunks=1, max_predictions=None, recompute=False):
         super().__init__()
+        self.recompute = recompute
         self.model = model
         self.layer_indices = list(layer_indices)
         self.is_first, self.is_last = is_first, is_last
@@ -126,7 +128,10 @@ class _StageModule(nn.Module):
         bias = self.attention_bias(hidden, attention_mask)
         layers = self.layers
         for index in self.layer_indices:
-            hidden = self.run_layer(layers[index], hidden, bias)
+            if self.recompute and torch.is_grad_enabled():  # recompute_checkpoint_every_layer
+                hidden = checkpoint(self.run_layer, layers[index], hidden, bias, use_reentrant=False)
+            else:
+                hidden = self.run_layer(layers[index], hidden, bias)
         if self.is_last:
             return self.finish(hidden)
         return hidden, attention_mask
@@ -237,14 +242,15 @@ def stage_plan_for(config, ipu_config):
 
 
 def build_stage_module(model_or_config, stage_plan, stage_index, weights=None, device="cpu", n_chunks=1,
-                       max_predictions=None) -> _StageModule:
+                       max_predictions=None, recompute=False) -> _StageModule:
     """The module of pipeline stage `stage_index` of `stage_plan`, with only that stage's weights, on `device`.
 
     `model_or_config`: a model (its state dict is the weights unless `weights` is given) or its config.
     `weights`: a state dict, or a safetensors file or a directory holding `model.safetensors`, read one tensor at a
     time so that the other stages' weights are never loaded. The model is built with parameters on the meta device,
     pruned to the stage, then loaded; a tied weight is read under whichever of its names the weights store (the
-    last stage's LM head from the embedding's). `n_chunks`, `max_predictions`: as for the serialized heads."""
+    last stage's LM head from the embedding's). `n_chunks`, `max_predictions`: as for the serialized heads;
+    `recompute`: activation checkpointing around each layer."""
     config = getattr(model_or_config, "config", model_or_config)
     stage_class = stage_class_for(config)
     if config is not model_or_config:
@@ -262,7 +268,7 @@ def build_stage_module(model_or_config, stage_plan, stage_index, weights=None, d
     _prune(model, stage_class, layer_indices, is_first, is_last)
     _load(model, weights, device, shared_names)
     _retie(model, shared_names)
-    return stage_class(model, layer_indices, is_first, is_last, n_chunks, max_predictions)
+    return stage_class(model, layer_indices, is_first, is_last, n_chunks, max_predictions, recompute)
 
 
 def _empty_model(stage_class, config):
@@ -399,6 +405,14 @@ def build_process_pipeline(ranks, groups, modules, n_microbatches, schedule="1f1
         single = {"gpipe": pipelining.ScheduleGPipe, "1f1b": pipelining.Schedule1F1B}[schedule]
         runner = single(stages[0], n_microbatches, loss_fn=loss_fn)
     return ProcessPipeline(ranks=ranks, groups=groups, modules=list(modules), schedule=runner)
+
+
+def estimated_bubble(processes_per_pipeline, micro_batches, stages_per_process=1) -> float:
+    """The fraction of a step each process idles, filling and draining the pipeline, with equal stages and no
+    communication cost: (P - 1) / (m + P - 1) for GPipe and 1F1B; interleaving v virtual stages per process divides
+    it by v (Narayanan et al., 2021)."""
+    p = processes_per_pipeline
+    return (p - 1) / (micro_batches + p - 1) / stages_per_process
 
 
 def _loss_on_the_last_stage_only(output, target):
