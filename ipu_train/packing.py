@@ -157,11 +157,12 @@ def _columns(sequences):
 
 
 def _mask_sums(masks):
-    """Per-row sums of an Arrow list column of 0/1 values."""
-    if isinstance(masks, pyarrow.ChunkedArray):
-        masks = masks.combine_chunks()
-    rows = pyarrow.compute.list_parent_indices(masks).to_numpy()
-    return numpy.bincount(rows, weights=masks.flatten().to_numpy(), minlength=len(masks)).astype(int).tolist()
+    """Per-row sums of an Arrow list column of 0/1 values, chunk by chunk (a large split is never copied whole)."""
+    sums = []
+    for chunk in masks.chunks if isinstance(masks, pyarrow.ChunkedArray) else [masks]:
+        rows = pyarrow.compute.list_parent_indices(chunk).to_numpy()
+        sums += numpy.bincount(rows, weights=chunk.flatten().to_numpy(), minlength=len(chunk)).astype(int).tolist()
+    return sums
 
 
 def pack_split(sequences, split, max_length: int, max_per_pack: int) -> PackedDataset:

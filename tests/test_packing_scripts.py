@@ -144,7 +144,8 @@ def test_a_packed_run_resumes_exactly(text_files, wordpiece_tokenizer_dir, tmp_p
     resumed = tmp_path / "resumed"
     run_pretraining.main(pretraining_args(text_files, wordpiece_tokenizer_dir, resumed, *steps,
                                           "--resume_from_checkpoint", str(full / "checkpoint-4")))
-    assert logged_losses(resumed) == logged_losses(full)[-len(logged_losses(resumed)):]
+    assert len(logged_losses(resumed)) == 2  # steps 6 and 8, logged every 2
+    assert logged_losses(resumed) == logged_losses(full)[-2:]
     assert json.loads((resumed / "train_results.json").read_text())["train_loss"] == pytest.approx(
         json.loads((full / "train_results.json").read_text())["train_loss"], rel=1e-6)
 
@@ -201,3 +202,25 @@ def test_what_cannot_pack_is_refused_in_one_line(script, extra, phrases, text_fi
     }[script]
     run_and_expect_user_error(main, argv + ["--pack_sequences", *extra], capsys, *phrases)
     assert not out.exists()
+
+
+def test_sequences_saved_padded_pack_by_their_real_tokens():
+    """Pre-tokenized pairs saved padded (e.g. to 128) pack by their attention mask's ones and lose their padding."""
+    import datasets
+
+    from ipu_train.errors import UserError
+    from ipu_train.packing import SEQUENCE_INDEX, PackedDataset
+
+    rows = {"input_ids": [[2, 7, 3, 0, 0, 0], [2, 8, 9, 3, 0, 0], [2, 5, 6, 7, 8, 3]],
+            "attention_mask": [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1] * 6],
+            "next_sentence_label": [0, 1, 1]}
+    packed = PackedDataset(datasets.Dataset.from_dict(rows).select([2, 0, 1]), max_length=8, max_per_pack=3)
+    assert packed.lengths == [6, 3, 4]
+    assert sorted(map(sorted, packed.packing.packs)) == [[0], [1, 2]]
+    pair = next(pack for pack in (packed[0], packed[1]) if len(pack) == 2)
+    assert sorted((s["input_ids"], s["attention_mask"], s["next_sentence_label"], s[SEQUENCE_INDEX]) for s in pair) \
+        == [([2, 7, 3], [1, 1, 1], 0, 1), ([2, 8, 9, 3], [1, 1, 1, 1], 1, 2)]
+    left_padded = PackedDataset(datasets.Dataset.from_dict({"input_ids": [[0, 2, 3]], "attention_mask": [[0, 1, 1]]}),
+                                8, 3)
+    with pytest.raises(UserError, match="padded on the left"):
+        left_padded[0]
