@@ -7,7 +7,8 @@ Pairs are built as run_pretraining.py builds them (`nsp_pair_builder`, short_seq
 data/corpus/train.txt with a WordPiece tokenizer trained here (vocabulary 8000). Each side trains the same
 BertForPreTraining (4 layers, hidden 128, dropout off, fp32, eager) on micro-batches of rows: one pair per padded
 row, or packs of up to `--max_per_pack` pairs per row (ipu_train.packing); the same number of rows per step, so
-packed steps carry more pairs. Real tokens per second = the pairs' own tokens in the timed steps over their time.
+packed steps carry more pairs. Real tokens per second = the pairs' own tokens in the timed steps over their time;
+the two sides take their steps in turn, so that a shared machine's changing load weighs on both alike.
 """
 import argparse
 import os
@@ -44,19 +45,29 @@ def build_pairs(tokenizer, seq):
     return documents.map(build, batched=True, with_indices=True, remove_columns=["text"])
 
 
-def time_steps(model, batches):
-    """Seconds for the steps after the first (warm-up), and the real tokens they carried; batches: (batch, tokens)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    seconds = tokens = 0.0
-    for step, (batch, real_tokens) in enumerate(batches):
-        start = time.perf_counter()
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if step:
-            seconds += time.perf_counter() - start
-            tokens += real_tokens
-    return seconds, tokens
+def train_step(model, optimizer, batch):
+    """Seconds of one training step."""
+    start = time.perf_counter()
+    model(**batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return time.perf_counter() - start
+
+
+def interleaved_rates(models, batches):
+    """Real tokens per second of each side, its steps taken in turn with the other's (a shared machine's load then
+    weighs on both alike); the first step of each (warm-up) is left out. batches: per side, a list of (batch,
+    real tokens)."""
+    optimizers = [torch.optim.AdamW(model.parameters(), lr=1e-4) for model in models]
+    seconds, tokens = [0.0] * len(models), [0] * len(models)
+    for step in range(len(batches[0])):
+        for side, (model, optimizer) in enumerate(zip(models, optimizers)):
+            batch, real_tokens = batches[side][step]
+            elapsed = train_step(model, optimizer, batch)
+            if step:
+                seconds[side] += elapsed
+                tokens[side] += real_tokens
+    return [t / s for t, s in zip(tokens, seconds)]
 
 
 def main():
@@ -80,22 +91,23 @@ def main():
         config = BertConfig(vocab_size=len(tokenizer), num_hidden_layers=4, hidden_size=128, num_attention_heads=2,
                             intermediate_size=512, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                             max_position_embeddings=seq, pad_token_id=tokenizer.pad_token_id)
-        rates = []
+        models, batches = [], []
         for side in ("padded", "packed"):
             torch.manual_seed(1)
             model = BertForPreTraining(config).train()
             enable_serialized_heads(model, IPUConfig(), max_predictions=None)
-            batches = []
+            models.append(model)
+            side_batches = []
             for step in range(opts.steps + 1):
                 rows = range(step * opts.rows, (step + 1) * opts.rows)
                 if side == "padded":
                     examples = [pairs[i] for i in rows]
-                    batches.append((pad_to_seq(examples), sum(len(e["input_ids"]) for e in examples)))
+                    side_batches.append((pad_to_seq(examples), sum(len(e["input_ids"]) for e in examples)))
                 else:
                     examples = [packed[i] for i in rows]
-                    batches.append((pack(examples), sum(len(e["input_ids"]) for row in examples for e in row)))
-            seconds, tokens = time_steps(model, batches)
-            rates.append(tokens / seconds)
+                    side_batches.append((pack(examples), sum(len(e["input_ids"]) for row in examples for e in row)))
+            batches.append(side_batches)
+        rates = interleaved_rates(models, batches)
         print(f"{seq} | {len(lengths)} | {sum(lengths) / len(lengths):.1f} | {padded_efficiency(lengths, seq):.3f} | "
               f"{len(packed)} | {packed.packing.efficiency:.3f} | {rates[0]:,.0f} | {rates[1]:,.0f} | "
               f"{rates[1] / rates[0]:.2f}x", flush=True)
