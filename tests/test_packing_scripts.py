@@ -3,6 +3,7 @@ evaluate on packed rows, report the same evaluation as without packing, resume e
 pack with one line."""
 import json
 import logging
+import shutil
 import sys
 import types
 
@@ -137,15 +138,18 @@ def test_mlm_evaluation_is_the_same_packed_or_not(sentence_files, roberta_tokeni
         assert packed[key] == pytest.approx(padded[key], rel=1e-5), key
 
 
-def test_a_packed_run_resumes_exactly(text_files, wordpiece_tokenizer_dir, tmp_path):
-    steps = ("--do_train", "--max_steps", "8", "--save_steps", "4", *PACK)
+def test_a_packed_run_resumes_exactly(text_files, wordpiece_tokenizer_dir, tmp_path, caplog):
+    """Steps 5 to 8 from checkpoint-4 take the same packed rows, masks and dropout as the run that did not stop."""
+    steps = ("--do_train", "--max_steps", "8", "--save_steps", "4", "--short_seq_probability", "0.6", *PACK)
     full = tmp_path / "full"
     run_pretraining.main(pretraining_args(text_files, wordpiece_tokenizer_dir, full, *steps))
     resumed = tmp_path / "resumed"
-    run_pretraining.main(pretraining_args(text_files, wordpiece_tokenizer_dir, resumed, *steps,
-                                          "--resume_from_checkpoint", str(full / "checkpoint-4")))
-    assert len(logged_losses(resumed)) == 2  # steps 6 and 8, logged every 2
-    assert logged_losses(resumed) == logged_losses(full)[-2:]
+    shutil.copytree(full / "checkpoint-4", resumed / "checkpoint-4")  # as a run killed after its first save
+    caplog.set_level(logging.INFO, logger="ipu_train")
+    run_pretraining.main(pretraining_args(text_files, wordpiece_tokenizer_dir, resumed, *steps))  # the same command
+    assert any(m.startswith("Resuming from") and "checkpoint-4" in m for m in caplog.messages)
+    assert len(logged_losses(full)) == 4  # logged every 2 steps; the resumed state keeps steps 2 and 4
+    assert logged_losses(resumed) == logged_losses(full)
     assert json.loads((resumed / "train_results.json").read_text())["train_loss"] == pytest.approx(
         json.loads((full / "train_results.json").read_text())["train_loss"], rel=1e-6)
 
