@@ -78,8 +78,8 @@ class DataArguments:
         default=False, metadata={"help": "Pack several sequences into each row of --max_seq_length tokens (each "
                                          "attends only to itself), so that no compute goes to padding: pays where "
                                          "sequences are short against the row (masked LM only)."})
-    max_sequences_per_pack: int = field(
-        default=3, metadata={"help": "With --pack_sequences, the most sequences one row holds."})
+    max_sequences_per_pack: Optional[int] = field(
+        default=None, metadata={"help": "With --pack_sequences, the most sequences one row holds (default 3)."})
 
     def training_source(self):
         """Where training data comes from (None: nowhere); scripts with other sources extend this."""
@@ -97,7 +97,12 @@ class DataArguments:
                 raise UserError(f"--{flag} {path}: use a {', '.join(TEXT_EXTENSIONS)} file")
         if not 0 < self.validation_split_percentage < 100:
             raise UserError("--validation_split_percentage must be between 1 and 99")
+        if self.max_sequences_per_pack is not None and not self.pack_sequences:
+            raise UserError(f"--max_sequences_per_pack {self.max_sequences_per_pack} has no effect without "
+                            "--pack_sequences: add --pack_sequences, or drop --max_sequences_per_pack")
         if self.pack_sequences:
+            if self.max_sequences_per_pack is None:
+                self.max_sequences_per_pack = 3  # Krell et al.'s choice: almost all of packing's gain at BERT's lengths
             if self.max_sequences_per_pack < 1:
                 raise UserError(f"--max_sequences_per_pack {self.max_sequences_per_pack}: a row holds at least 1 "
                                 "sequence; 3 is usual")

@@ -208,6 +208,13 @@ def test_what_cannot_pack_is_refused_in_one_line(script, extra, phrases, text_fi
     assert not out.exists()
 
 
+def test_a_pack_size_without_packing_is_refused(text_files, wordpiece_tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = pretraining_args(text_files, wordpiece_tokenizer_dir, out, "--do_train") + ["--max_sequences_per_pack", "4"]
+    run_and_expect_user_error(run_pretraining.main, argv, capsys, "--max_sequences_per_pack 4", "add --pack_sequences")
+    assert not out.exists()
+
+
 def test_sequences_saved_padded_pack_by_their_real_tokens():
     """Pre-tokenized pairs saved padded (e.g. to 128) pack by their attention mask's ones and lose their padding."""
     import datasets
