@@ -147,8 +147,6 @@ class IPUTrainingArguments(TrainingArguments):
         self.pipeline_schedule = self.pipeline_schedule or "1f1b"
         unsupported = [
             (self.device_type == "ipu", "--device ipu", "on IPU PopTorch pipelines the stages itself"),
-            (self.do_eval or self.eval_strategy not in ("no", None) or self.eval_on_start, "evaluation (--do_eval, "
-             "--eval_strategy)", "evaluation does not run through the stages yet"),
             (self.fp16, "--fp16", "loss scaling does not reach the stages' backward yet: use --bf16 or --fp32"),
             (self.torch_compile or self.cuda_graphs or self.torch_compile_mode or self.torch_compile_backend,
              "--torch_compile (and its modes) or --cuda_graphs", "the stages run eagerly"),

@@ -621,11 +621,14 @@ class IPUTrainer(Trainer):
     def _inference_loader(self, dataset, description):
         """This process's share of the samples, each exactly once: a contiguous block of a map-style dataset (so
         the shares concatenate in dataset order; their sizes differ by one at most), every processes-th
-        micro-batch of a stream."""
+        micro-batch of a stream. The processes of one replica's pipeline stages read the same share."""
         collator = self._collator(dataset, description, self.eval_data_collator)
         dataset = self._without_unused_columns(dataset, description)
-        world, rank, micro = self.layout.processes, self.layout.rank, self.args.per_device_eval_batch_size
+        world, rank, micro = self.layout.data_processes, self.layout.data_rank, self.args.per_device_eval_batch_size
         if _is_stream(dataset):
+            if self.layout.pipelined:
+                raise UserError(f"--pipeline_stages_across_processes: {description} of a streamed dataset does not "
+                                "run through the stages yet: evaluate a dataset read whole (drop --streaming)")
             return (collator(rows) for i, rows in enumerate(_chunked(dataset, micro)) if i % world == rank)
         base, extra = divmod(len(dataset), world)
         first = rank * base + min(rank, extra)

@@ -28,9 +28,12 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS
 
 
 def training_args(text_files, tokenizer_dir, output_dir, *extra):
-    """6 optimizer steps of 4 micro-batches of 2 blocks, a checkpoint every 3, a loss logged every step."""
+    """6 optimizer steps of 4 micro-batches of 2 blocks, a checkpoint every 3, a loss logged every step; an
+    evaluation every 3 steps and at the end, in batches of 3 blocks (the last one shorter)."""
     return ["--model_type", "gpt2", "--config_overrides", TINY_GPT2_NO_DROPOUT, "--tokenizer_name", str(tokenizer_dir),
-            "--train_file", str(text_files / "train.txt"), "--block_size", "32", "--do_train", "--max_steps", "6",
+            "--train_file", str(text_files / "train.txt"), "--validation_file", str(text_files / "validation.txt"),
+            "--do_eval", "--eval_strategy", "steps", "--eval_steps", "3", "--per_device_eval_batch_size", "3",
+            "--block_size", "32", "--do_train", "--max_steps", "6",
             "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "4", "--learning_rate", "3e-3",
             "--max_grad_norm", "0.5", "--logging_steps", "1", "--save_steps", "3", "--seed", "0",
             "--report_to", "none", "--disable_tqdm", "true", "--device", "cpu", "--ipu_config_overrides", TWO_STAGES,
@@ -42,6 +45,13 @@ def run(argv, processes=1):
         else []
     return subprocess.run([sys.executable, *launcher, str(REPO / "run_clm.py"), *argv], capture_output=True,
                           text=True, cwd=REPO, env=ENV, timeout=300)
+
+
+def evaluations(output_dir):
+    """The evaluations logged during training, and the final one's results."""
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    during = [entry for entry in state["log_history"] if "eval_loss" in entry]
+    return during, json.loads((output_dir / "eval_results.json").read_text())
 
 
 def grad_norms(output_dir):
@@ -68,6 +78,16 @@ def test_two_stages_on_two_processes_log_the_losses_of_one_process(runs):
     assert worst < 1e-6, f"relative loss difference {worst:.1e}: {one} vs {two}"
     # Clipped by the norm of the whole model's gradient (tied weight once), not each stage's.
     assert grad_norms(runs.two) == pytest.approx(grad_norms(runs.one), rel=1e-5)
+
+
+def test_two_stages_evaluate_as_one_process_with_the_last_batch_padded(runs):
+    (during_one, final_one), (during_two, final_two) = evaluations(runs.one), evaluations(runs.two)
+    assert [entry["step"] for entry in during_two] == [entry["step"] for entry in during_one] == [3, 6]
+    for one, two in zip(during_one + [final_one], during_two + [final_two]):
+        assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
+        assert two["eval_accuracy"] == pytest.approx(one["eval_accuracy"], rel=1e-5)
+    assert final_two["perplexity"] == pytest.approx(final_one["perplexity"], rel=1e-5)
+    assert final_two["eval_samples"] == final_one["eval_samples"] and final_one["eval_samples"] % 3  # a short batch
 
 
 def test_the_stages_save_one_from_pretrained_folder_equal_to_the_one_process_model(runs):
@@ -100,7 +120,6 @@ def test_a_checkpoint_resumes_exactly_on_its_layout_and_is_refused_on_another(ru
 
 @pytest.mark.parametrize("extra, phrases", [
     ([], ["2 stages", "the 1 process(es)", "--nproc_per_node N` with N a multiple of 2: 2, 4, 6"]),
-    (["--do_eval"], ["--pipeline_stages_across_processes does not support evaluation"]),
 ])
 def test_a_launch_that_does_not_fit_is_one_line_before_any_data(extra, phrases, text_files, bpe_tokenizer_dir,
                                                                  tmp_path, capsys):
@@ -146,7 +165,6 @@ def test_layouts_that_do_not_run_are_refused_naming_what_fits(tmp_path, config, 
 @pytest.mark.parametrize("flags, phrase", [
     (dict(pipeline_schedule="gpipe", pipeline_stages_across_processes=False), "add that flag"),
     (dict(torch_compile=True), "--torch_compile"),
-    (dict(eval_strategy="steps", eval_steps=5), "evaluation"),
 ])
 def test_flags_the_stages_do_not_run_yet_are_refused(tmp_path, flags, phrase):
     flags = {"pipeline_stages_across_processes": True, **flags}

@@ -1,11 +1,16 @@
 """The PyTorch backend with each replica's pipeline stages on separate processes (--pipeline_stages_across_processes):
 every process builds only its stages from the model (pipeline/process_stages.py) and an optimizer step runs the
 step's micro-batches through the schedule. Devices, data and the training group are the TorchBackend's; the step,
-clipping, saving and the optimizer's files are the pipeline's.
+clipping, evaluation, saving and the optimizer's files are the pipeline's.
+
+Evaluation runs forward only through the same schedule (`eval()`), a step of `gradient_accumulation_steps`
+evaluation batches at a time, every process of a replica reading the same ones. The last stage alone accounts for
+the loss and the samples, so that summing over every process counts each sample once.
 
 No host read happens inside a group: the loss comes back broadcast on the device, the gradient norm is all-reduced
 on it. On CUDA the stages talk over NCCL (written, not yet run: CI has no GPU); on CPU over gloo."""
 import logging
+import math
 import os
 
 import torch
@@ -16,12 +21,14 @@ from ..pipeline.heads import serialization_factor
 from ..pipeline.process_stages import (PipelineRanks, build_process_pipeline, build_stage_module,
                                        clip_global_grad_norm, gather_model_state, load_whole_model_state,
                                        new_pipeline_groups, pipeline_train_step, stage_plan_for)
-from .base import input_tokens
-from .torch import TorchBackend
+from ..pipeline.heads import IGNORE_INDEX
+from .base import batch_size, input_tokens
+from .torch import TorchBackend, _chunks
 
 logger = logging.getLogger("ipu_train")
 
 SCHEDULER_NAME = "scheduler.pt"
+REAL_ROWS = "real_rows"  # the batch key of an evaluation step's rows that are samples, not padding
 
 
 def optimizer_file(pipeline_rank, processes):
@@ -61,6 +68,8 @@ class PipelinedBackend(TorchBackend):  # implements backends.base.Backend
                        for index in self.ranks.stage_indices]
         except ValueError as err:
             raise UserError(f"--pipeline_stages_across_processes: {err}") from None
+        if self._evaluates():
+            self._check_evaluation(type(modules[0]))
         self.pipeline = build_process_pipeline(self.ranks, groups, modules, self.layout.accumulation,
                                                schedule=self.args.pipeline_schedule, device=self.device)
         self.non_embedding_params = model.num_parameters(exclude_embeddings=True)
@@ -98,6 +107,56 @@ class PipelinedBackend(TorchBackend):  # implements backends.base.Backend
     def compile_step(self, batches):
         raise UserError("--compile_only: the pipeline stages run eagerly")
 
+    # --- evaluation --------------------------------------------------------------------------------------------
+
+    def _evaluates(self):
+        args = self.args
+        return args.do_eval or args.eval_strategy not in ("no", None) or args.eval_on_start
+
+    def _check_evaluation(self, stage_class):
+        """Before training: what evaluation cannot run on these stages is refused in one line."""
+        cfg = self.ipu_config
+        with cfg.in_mode("training"):
+            training, inference = cfg.layers_per_ipu, cfg.inference_layers_per_ipu
+        if training != inference:
+            raise UserError(f"--pipeline_stages_across_processes evaluates on the training stages (layers_per_ipu="
+                            f"{training}), not inference_layers_per_ipu={inference}: drop inference_layers_per_ipu")
+        if not self.args.prediction_loss_only and stage_class.model_class not in LOGITS:
+            raise UserError(f"--pipeline_stages_across_processes evaluates the loss only of {stage_class.model_class} "
+                            "(its metrics need logits the stages do not return yet): add --prediction_loss_only")
+
+    def eval_loader(self, dataset, collator, indices, label_names=()):
+        """The replica's samples (`indices`) in steps of the schedule's micro-batches, read alike by every process
+        of the replica; the last step is completed with repeats of the last sample, their labels ignored."""
+        micro, per_step = self.args.per_device_eval_batch_size, self.layout.accumulation
+        rows = micro * per_step
+        padded = indices + indices[-1:] * (-len(indices) % rows)
+        loader = self._loader(dataset, collator, _chunks(padded, micro), 0)
+        return _EvaluationSteps(loader, per_step, len(indices), label_names)
+
+    def eval_outputs(self, model, batch):
+        """Forward only through the stages. The last stage returns the step's loss over its real rows (and their
+        logits where metrics need them) with those rows; the other processes return no loss and no rows."""
+        if self.pipeline is None:  # evaluation without training
+            self.prepare_model(model)
+        real = batch.pop(REAL_ROWS)
+        self.train_module.eval()
+        with torch.no_grad(), self.autocast():
+            losses, hidden = _forward_only(self.pipeline, batch)
+        kept = real if self.pipeline.holds_last else 0
+        rows = {key: value[:kept] if torch.is_tensor(value) else value for key, value in batch.items()}
+        outputs = {"loss": _real_rows_loss(losses, real, self.args.per_device_eval_batch_size) if kept else None}
+        if not self.args.prediction_loss_only:
+            outputs["logits"] = self._logits(hidden, kept, batch["input_ids"].shape[1])
+        return outputs, rows
+
+    def _logits(self, hidden, kept, length):
+        """The last stage's logits of the real rows; elsewhere none (zero rows of the same width)."""
+        if hidden is None:
+            return torch.zeros((0, length, self.model.config.vocab_size), device=self.device)
+        stage = self.pipeline.modules[-1]
+        return LOGITS[stage.model_class](stage, hidden[:kept])
+
     # --- saving ------------------------------------------------------------------------------------------------
 
     def gather_model(self):
@@ -123,3 +182,66 @@ class PipelinedBackend(TorchBackend):  # implements backends.base.Backend
         optimizer.load_state_dict(torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True))
         lr_scheduler.load_state_dict(torch.load(os.path.join(folder, SCHEDULER_NAME), weights_only=True))
 
+
+
+def _causal_lm_logits(stage, hidden):
+    return stage.model.lm_head(hidden)
+
+
+LOGITS = {"GPT2LMHeadModel": _causal_lm_logits}  # the stages whose evaluation returns logits, for metrics
+
+
+class _EvaluationSteps:
+    """A loader's micro-batches, `per_step` at a time, as one batch each, with REAL_ROWS: the rows before the
+    padding (whose labels are ignored). `dataset`: the whole evaluation set, for the trainer's count."""
+
+    def __init__(self, loader, per_step, real, label_names):
+        self.loader, self.per_step, self.real, self.label_names = loader, per_step, real, label_names
+        self.dataset = loader.dataset
+
+    def __len__(self):
+        return math.ceil(len(self.loader) / self.per_step)
+
+    def __iter__(self):
+        batches, left, shape = iter(self.loader), self.real, None
+        for group in zip(*[batches] * self.per_step):
+            shape = shape or _shapes(group[0])
+            if any(_shapes(batch) != shape for batch in group):
+                raise UserError("--pipeline_stages_across_processes: evaluation batches differ in shape, and the "
+                                "stages run one shape: pad every batch to one length (e.g. --pad_to_max_length)")
+            step = {key: torch.cat([batch[key] for batch in group]) for key in group[0]}
+            real = min(left, batch_size(step))
+            left -= real
+            yield {**_ignoring_padding(step, real, self.label_names), REAL_ROWS: real}
+
+
+def _shapes(batch):
+    return {key: tuple(value.shape) for key, value in batch.items() if torch.is_tensor(value)}
+
+
+def _ignoring_padding(batch, real, label_names):
+    """The batch with the labels of its rows from `real` on ignored, so that no loss counts them."""
+    batch = dict(batch)
+    for name in label_names:
+        if torch.is_tensor(batch.get(name)) and real < batch_size(batch):
+            batch[name] = batch[name].clone()
+            batch[name][real:] = IGNORE_INDEX
+    return batch
+
+
+def _forward_only(pipeline, batch):
+    """One evaluation step through the schedule, forward only: the last stage's loss per micro-batch and its
+    outputs, the micro-batches' concatenated (None and None on the other processes)."""
+    stage_class = type(pipeline.modules[0])
+    inputs = stage_class.first_stage_inputs(batch) if pipeline.holds_first else ()
+    target = stage_class.loss_target(batch) if pipeline.holds_last else None
+    losses = [] if pipeline.holds_last else None
+    outputs = pipeline.schedule.eval(*inputs, target=target, losses=losses)
+    return losses, outputs
+
+
+def _real_rows_loss(losses, real, micro):
+    """The mean loss over the real rows from each micro-batch's mean loss (in batch order), weighted by its real
+    rows: the padding is at the end, and a micro-batch of padding alone is left out."""
+    weights = [min(max(real - index * micro, 0), micro) for index in range(len(losses))]
+    return sum(loss.float() * weight for loss, weight in zip(losses, weights) if weight) / real
