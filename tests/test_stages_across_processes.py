@@ -90,6 +90,28 @@ def test_two_stages_evaluate_as_one_process_with_the_last_batch_padded(runs):
     assert final_two["eval_samples"] == final_one["eval_samples"] and final_one["eval_samples"] % 3  # a short batch
 
 
+def evaluation_args(model_dir, text_files, tokenizer_dir, output_dir, *extra):
+    """An evaluation alone of a trained model, in batches of 3 blocks, 4 of them per pass through the stages."""
+    return ["--model_name_or_path", str(model_dir), "--tokenizer_name", str(tokenizer_dir), "--validation_file",
+            str(text_files / "validation.txt"), "--do_eval", "--per_device_eval_batch_size", "3", "--block_size", "32",
+            "--gradient_accumulation_steps", "4", "--report_to", "none", "--disable_tqdm", "true", "--device", "cpu",
+            "--ipu_config_overrides", f"{TWO_STAGES},replicated_tensor_sharding=false", "--output_dir",
+            str(output_dir), *extra]
+
+
+def test_two_stages_by_two_replicas_evaluate_a_trained_model_as_one_process(runs, text_files, bpe_tokenizer_dir):
+    one, four = runs.root / "eval-one", runs.root / "eval-four"
+    done = run(evaluation_args(runs.one, text_files, bpe_tokenizer_dir, one))
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = run(evaluation_args(runs.one, text_files, bpe_tokenizer_dir, four, "--pipeline_stages_across_processes"),
+               processes=4)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected, got = (json.loads((folder / "eval_results.json").read_text()) for folder in (one, four))
+    assert got["eval_samples"] == expected["eval_samples"]
+    for key in ("eval_loss", "eval_accuracy", "perplexity"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-5), key
+
+
 def test_the_stages_save_one_from_pretrained_folder_equal_to_the_one_process_model(runs):
     one = AutoModelForCausalLM.from_pretrained(runs.one)
     two = AutoModelForCausalLM.from_pretrained(runs.two)
