@@ -1,5 +1,6 @@
 """Pipeline stages across processes (ipu_train/pipeline/process_stages.py), on CPU with gloo: the losses of tiny
-GPT-2 and BERT pretraining models trained through GPipe, 1F1B and interleaved 1F1B schedules equal those of the
+GPT-2, BERT (pretraining and masked LM), RoBERTa masked LM and XLNet permutation LM models trained through GPipe,
+1F1B and interleaved 1F1B schedules equal those of the
 whole model trained in this process with gradient accumulation over the same micro-batches; the tied embedding
 stays equal on the first and last stage; a stage's process holds only its own weights; a dead stage ends the rest.
 
@@ -24,7 +25,11 @@ STEPS, MICRO_BATCHES, MICRO_BATCH, SEQ, VOCAB = 10, 4, 2, 16, 128
 LEARNING_RATE = 3e-3
 TOLERANCE = 1e-5
 TIED_KEYS = {"gpt2": ("transformer.wte.weight", "lm_head.weight"),
-             "bert": ("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight")}
+             "bert": ("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight"),
+             "bert-mlm": ("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight"),
+             "roberta": ("roberta.embeddings.word_embeddings.weight", "lm_head.decoder.weight"),
+             "xlnet": ("transformer.word_embedding.weight", "lm_loss.weight")}
+FAMILIES = tuple(TIED_KEYS)
 
 
 # --- models and data ---------------------------------------------------------------------------------------------
@@ -35,13 +40,20 @@ def tiny_config(family):
         return transformers.GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=SEQ,
                                        bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
                                        attn_pdrop=0.0)
-    return transformers.BertConfig(num_hidden_layers=4, hidden_size=32, num_attention_heads=2, intermediate_size=64,
-                                   vocab_size=VOCAB, max_position_embeddings=SEQ, hidden_dropout_prob=0.0,
-                                   attention_probs_dropout_prob=0.0)
+    if family == "xlnet":  # weights larger than the default, so that the masks and segments change the loss
+        return transformers.XLNetConfig(n_layer=4, d_model=32, n_head=2, d_inner=64, vocab_size=VOCAB, dropout=0.0,
+                                        initializer_range=0.3)
+    encoder = dict(num_hidden_layers=4, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=VOCAB,
+                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if family == "roberta":  # positions start after the padding index 1
+        return transformers.RobertaConfig(max_position_embeddings=SEQ + 2, pad_token_id=1, **encoder)
+    return transformers.BertConfig(max_position_embeddings=SEQ, **encoder)
 
 
 def model_class(family):
-    return transformers.GPT2LMHeadModel if family == "gpt2" else transformers.BertForPreTraining
+    return {"gpt2": transformers.GPT2LMHeadModel, "bert": transformers.BertForPreTraining,
+            "bert-mlm": transformers.BertForMaskedLM, "roberta": transformers.RobertaForMaskedLM,
+            "xlnet": transformers.XLNetLMHeadModel}[family]
 
 
 def save_tiny_model(family, directory):
@@ -59,10 +71,26 @@ def micro_batch(family, generator):
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
     masked = (torch.rand(input_ids.shape, generator=generator) < 0.3) & (attention_mask == 1)
     masked[:, 0] = True  # at least one masked token per row
-    return {"input_ids": input_ids.masked_fill(masked, 4), "attention_mask": attention_mask,
-            "token_type_ids": (torch.arange(SEQ) >= SEQ // 2).long().expand(MICRO_BATCH, SEQ).clone(),
-            "labels": input_ids.masked_fill(~masked, -100),
-            "next_sentence_label": torch.randint(0, 2, (MICRO_BATCH,), generator=generator)}
+    batch = {"input_ids": input_ids.masked_fill(masked, 4), "attention_mask": attention_mask,
+             "labels": input_ids.masked_fill(~masked, -100)}
+    if family == "xlnet":
+        batch.update(permutation_inputs(masked, generator))
+    if family == "bert":
+        batch.update(token_type_ids=segments(), next_sentence_label=torch.randint(0, 2, (MICRO_BATCH,),
+                                                                                  generator=generator))
+    return batch
+
+
+def segments():
+    return (torch.arange(SEQ) >= SEQ // 2).long().expand(MICRO_BATCH, SEQ).clone()
+
+
+def permutation_inputs(masked, generator):
+    """XLNet's: the masked tokens are predicted in a random order, each seeing the unmasked tokens and the masked
+    ones earlier in that order; one prediction per position."""
+    order = torch.rand(masked.shape, generator=generator)
+    perm_mask = ((order[:, None, :] >= order[:, :, None]) & masked[:, None, :]).float()
+    return {"perm_mask": perm_mask, "target_mapping": torch.eye(SEQ).expand(MICRO_BATCH, SEQ, SEQ).clone()}
 
 
 def training_data(family, replicas):
@@ -110,12 +138,13 @@ def run_scenario(rank, world, scenario, model_dir):
     """Train one scenario's stages on this rank; what the tests compare."""
     family, layers_per_ipu = scenario["family"], scenario["layers_per_ipu"]
     replicas = scenario.get("replicas", 1)
-    config = tiny_config(family)
-    plan = stage_plan_for(config, IPUConfig(layers_per_ipu=layers_per_ipu))
+    config, class_name = tiny_config(family), model_class(family).__name__
+    plan = stage_plan_for(config, IPUConfig(layers_per_ipu=layers_per_ipu), class_name)
     ranks = PipelineRanks(rank=rank, ranks_per_pipeline=world // replicas, replicas=replicas,
                           num_stages=len(plan.stages))
     groups = new_pipeline_groups(ranks)
-    modules = [build_stage_module(config, plan, index, weights=model_dir) for index in ranks.stage_indices]
+    modules = [build_stage_module(config, plan, index, weights=model_dir, model_class=class_name)
+               for index in ranks.stage_indices]
     for module in modules:
         module.train()
     pipeline = build_process_pipeline(ranks, groups, modules, MICRO_BATCHES, schedule=scenario["schedule"])
@@ -156,7 +185,7 @@ def spawn(world, scenarios, model_dirs, out_dir):
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     dirs = {}
-    for family in ("gpt2", "bert"):
+    for family in FAMILIES:
         dirs[family] = str(tmp_path_factory.mktemp(family))
         save_tiny_model(family, dirs[family])
     return dirs
@@ -164,8 +193,15 @@ def model_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def references(model_dirs):
-    return {(family, replicas): reference_run(family, model_dirs[family], replicas)
-            for family in ("gpt2", "bert") for replicas in (1, 2)}
+    """(family, replicas) -> reference_run's result, each run once when a test first asks for it."""
+    runs = {}
+
+    def reference(family, replicas):
+        if (family, replicas) not in runs:
+            runs[(family, replicas)] = reference_run(family, model_dirs[family], replicas)
+        return runs[(family, replicas)]
+
+    return reference
 
 
 TWO_STAGES = [
@@ -174,6 +210,8 @@ TWO_STAGES = [
     {"family": "bert", "layers_per_ipu": [2, 2], "schedule": "gpipe"},
     {"family": "bert", "layers_per_ipu": [2, 2], "schedule": "1f1b"},
     {"family": "gpt2", "layers_per_ipu": [1, 1, 1, 1], "schedule": "interleaved_1f1b"},  # 2 virtual stages a rank
+    *({"family": family, "layers_per_ipu": [2, 2], "schedule": schedule}
+      for family in ("bert-mlm", "roberta", "xlnet") for schedule in ("gpipe", "1f1b")),
 ]
 
 
@@ -196,7 +234,7 @@ def assert_losses_close(pipeline_losses, reference_losses):
                          ids=[f"{s['family']}-{s['schedule']}" for s in TWO_STAGES])
 def test_two_stage_losses_equal_one_process_with_accumulation(two_stage_results, references, number):
     family = TWO_STAGES[number]["family"]
-    reference_losses, _ = references[(family, 1)]
+    reference_losses, _ = references(family, 1)
     for rank_result in two_stage_results[number]:  # every rank logs the loss the last stage computed
         assert_losses_close(rank_result["losses"], reference_losses)
 
@@ -211,7 +249,7 @@ def test_tied_weight_equal_on_first_and_last_stage(two_stage_results, references
         first, last = last, first
     embedding, head = first["tied"][f"model.{embedding_key}"], last["tied"][f"model.{head_key}"]
     assert torch.equal(embedding, head)
-    _, reference_embedding = references[(family, 1)]
+    _, reference_embedding = references(family, 1)
     torch.testing.assert_close(embedding, reference_embedding, rtol=1e-4, atol=1e-5)
 
 
@@ -246,7 +284,7 @@ def test_two_stages_by_two_replicas_equal_one_process(two_replica_results, refer
     """4 processes: replica r on ranks 2r, 2r + 1; each stage's gradients averaged with the other replica's."""
     results = two_replica_results[number]
     family = TWO_REPLICAS[number]["family"]
-    reference_losses, reference_embedding = references[(family, 2)]
+    reference_losses, reference_embedding = references(family, 2)
     for rank_result in results:
         assert_losses_close(rank_result["losses"], reference_losses)
     embedding_key, head_key = TIED_KEYS[family]
@@ -289,13 +327,16 @@ def test_ranks_loop_virtual_stages_and_keep_each_replica_contiguous():
         PipelineRanks(rank=0, ranks_per_pipeline=2, replicas=1, num_stages=3)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "bert"])
-def test_stages_chained_in_one_process_give_the_models_loss(model_dirs, family):
-    """Stage 0's output fed to stage 1 by hand, weights from an in-memory model: the model's own loss."""
+@pytest.mark.parametrize("family, with_segments", [*((family, False) for family in FAMILIES), ("xlnet", True)])
+def test_stages_chained_in_one_process_give_the_models_loss(model_dirs, family, with_segments):
+    """Stage 0's output fed to stage 1 by hand, weights from an in-memory model: the model's own loss (XLNet's with
+    and without segments: the model adds a segment term only for a batch with token_type_ids)."""
     model = model_class(family).from_pretrained(model_dirs[family])
-    plan = stage_plan_for(model.config, IPUConfig(layers_per_ipu=[1, 3]))
+    plan = stage_plan_for(model.config, IPUConfig(layers_per_ipu=[1, 3]), type(model).__name__)
     first, last = (build_stage_module(model, plan, index) for index in (0, 1))
     batch = micro_batch(family, torch.Generator().manual_seed(0))
+    if with_segments:
+        batch["token_type_ids"] = segments()
     loss = last.loss(last(*first(*first.first_stage_inputs(batch))), last.loss_target(batch))
     torch.testing.assert_close(loss, model(**batch).loss, rtol=1e-6, atol=0)
     assert {p.data_ptr() for p in first.parameters()}.isdisjoint(p.data_ptr() for p in model.parameters())
@@ -311,5 +352,6 @@ def test_a_stage_names_each_weight_once_under_the_models_names(model_dirs):
 
 def test_a_head_the_stages_do_not_serve_is_refused():
     config = tiny_config("bert")
-    with pytest.raises(ValueError, match="BertForPreTraining"):
-        build_stage_module(transformers.BertForMaskedLM(config), stage_plan_for(config, IPUConfig()), 0)
+    with pytest.raises(ValueError, match="serve BertForPreTraining and BertForMaskedLM for model type 'bert', not "
+                                         "BertForSequenceClassification"):
+        build_stage_module(transformers.BertForSequenceClassification(config), stage_plan_for(config, IPUConfig()), 0)

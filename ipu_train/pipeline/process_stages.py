@@ -10,11 +10,13 @@ the last layer's hidden states, and sending them back to stage 0 would add a pip
 own copy of the embedding weight; after backward the two copies' gradients are summed between the first and last
 rank of each replica (as Megatron does), so the same optimizer keeps them equal.
 
-Between stages flow (hidden states (B, S, H) float, attention mask (B, S) int64), the same shapes for every
-micro-batch. Each stage rebuilds its attention bias from the 2-D mask rather than receiving a (B, 1, S, S) tensor.
-The last stage returns its final hidden states; the schedule's loss function (`loss`) runs the head on them, the
-chunked LM loss (GPT-2) or the sparse MLM loss plus next-sentence prediction (BERT pretraining), against a target
-tensor: the labels, with BERT's next-sentence label as one extra column.
+Served: GPT2LMHeadModel, BertForPreTraining, BertForMaskedLM, RobertaForMaskedLM and XLNetLMHeadModel. Between
+stages flow (hidden states (B, S, H) float, attention mask (B, S) int64), the same shapes for every micro-batch;
+XLNet's two streams and the inputs it rebuilds its masks from (see XLNetStage). Each stage rebuilds its attention
+bias from what it receives rather than receiving a (B, 1, S, S) tensor. The last stage returns its final hidden
+states; the schedule's loss function (`loss`) runs the head on them, the chunked LM loss (GPT-2, XLNet) or the
+sparse MLM loss (BERT, RoBERTa; plus next-sentence prediction for BERT pretraining), against a target tensor: the
+labels, with BERT's next-sentence label as one extra column.
 """
 import os
 from dataclasses import dataclass
@@ -103,9 +105,11 @@ class _StageModule(nn.Module):
     and how its embeddings, attention bias, layers, final modules and loss run."""
 
     model_class = None  # the transformers class name served
+    model_type = None  # its config's model_type
     first_modules = ()  # module paths only the first stage keeps
     last_modules = ()  # module paths only the last stage keeps
     input_names = ("input_ids", "attention_mask")  # the first stage's inputs, from a batch, in order
+    hidden_count = 1  # the leading tensors between stages that the layers update; the inputs passed on follow
 
     def __init__(self, model, layer_indices, is_first, is_last, n_chunks=1, max_predictions=None, recompute=False):
         super().__init__()
@@ -121,20 +125,18 @@ class _StageModule(nn.Module):
         return family_layers(self.model)[1]
 
     def forward(self, *inputs):
-        if self.is_first:
-            hidden, attention_mask = self.embed(*inputs)
-        else:
-            hidden, attention_mask = inputs
-        bias = self.attention_bias(hidden, attention_mask)
+        flowing = self.embed(*inputs) if self.is_first else inputs
+        hidden, passed_on = flowing[:self.hidden_count], flowing[self.hidden_count:]
+        context = self.layer_context(hidden, *passed_on)
         layers = self.layers
         for index in self.layer_indices:
             if self.recompute and torch.is_grad_enabled():  # recompute_checkpoint_every_layer
-                hidden = checkpoint(self.run_layer, layers[index], hidden, bias, use_reentrant=False)
+                hidden = checkpoint(self.run_layer, layers[index], hidden, context, use_reentrant=False)
             else:
-                hidden = self.run_layer(layers[index], hidden, bias)
+                hidden = self.run_layer(layers[index], hidden, context)
         if self.is_last:
-            return self.finish(hidden)
-        return hidden, attention_mask
+            return self.finish(*hidden)
+        return (*hidden, *passed_on)
 
     def tied_weight(self) -> Optional[nn.Parameter]:
         """This stage's copy of the weight shared by the input embedding and the LM head, if it holds one."""
@@ -151,11 +153,24 @@ class _StageModule(nn.Module):
         inputs.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
         return tuple(inputs[name] for name in cls.input_names)
 
-    # Per family: embed(*first stage inputs) -> (hidden, mask), attention_bias, run_layer, finish, loss, loss_target.
+    @staticmethod
+    def loss_target(batch):
+        """What the last stage's loss compares with: the labels (B, S)."""
+        return batch["labels"]
+
+    def masked_lm_loss(self, hidden, labels, transform, decoder):
+        """The sparse MLM loss, as the families' training forwards compute it: a mean over masked tokens."""
+        return sparse_mlm_loss(hidden, labels, transform, decoder.weight, decoder.bias,
+                               max_predictions=self.max_predictions, n_chunks=self.n_chunks)
+
+    # Per family: embed(*first stage inputs) -> (*hidden, *inputs passed on); layer_context(hidden, *passed on):
+    # what every layer needs, rebuilt on each stage (the attention bias); run_layer(layer, hidden, context) ->
+    # hidden; finish(*hidden); loss(finished, target); loss_target(batch).
 
 
 class GPT2Stage(_StageModule):
     model_class = "GPT2LMHeadModel"
+    model_type = "gpt2"
     first_modules = ("transformer.wte", "transformer.wpe")
     last_modules = ("transformer.ln_f", "lm_head")
 
@@ -164,15 +179,15 @@ class GPT2Stage(_StageModule):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         return transformer.drop(transformer.wte(input_ids) + transformer.wpe(positions)), attention_mask
 
-    def attention_bias(self, hidden, attention_mask):
+    def layer_context(self, hidden, attention_mask):
         from transformers.masking_utils import create_causal_mask
 
-        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        return create_causal_mask(config=self.model.config, inputs_embeds=hidden, attention_mask=attention_mask,
+        positions = torch.arange(hidden[0].shape[1], device=hidden[0].device).unsqueeze(0)
+        return create_causal_mask(config=self.model.config, inputs_embeds=hidden[0], attention_mask=attention_mask,
                                   cache=None, position_ids=positions)
 
     def run_layer(self, layer, hidden, bias):
-        return layer(hidden, None, bias)
+        return (layer(hidden[0], None, bias),)
 
     def finish(self, hidden):
         return self.model.transformer.ln_f(hidden)
@@ -183,26 +198,40 @@ class GPT2Stage(_StageModule):
         head = self.model.lm_head
         return chunked_lm_loss(hidden, head.weight, shift_labels, self.n_chunks, bias=head.bias)
 
-    @staticmethod
-    def loss_target(batch):
-        return batch["labels"]
 
+class _EncoderStage(_StageModule):
+    """BERT-like encoders: embeddings of tokens and segments (positions after the padding index for RoBERTa, as
+    its embeddings module counts them), a bidirectional attention bias from the 2-D mask."""
 
-class BertPreTrainingStage(_StageModule):
-    model_class = "BertForPreTraining"
-    first_modules = ("bert.embeddings",)
-    last_modules = ("bert.pooler", "cls")
     input_names = ("input_ids", "attention_mask", "token_type_ids")
 
     def embed(self, input_ids, attention_mask, token_type_ids):
-        return self.model.bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids), attention_mask
+        embeddings = self.model.base_model.embeddings
+        return embeddings(input_ids=input_ids, token_type_ids=token_type_ids), attention_mask
 
-    def attention_bias(self, hidden, attention_mask):
-        bias, _ = self.model.bert._create_attention_masks(attention_mask, None, hidden, None, None)
+    def layer_context(self, hidden, attention_mask):
+        bias, _ = self.model.base_model._create_attention_masks(attention_mask, None, hidden[0], None, None)
         return bias
 
     def run_layer(self, layer, hidden, bias):
-        return layer(hidden, attention_mask=bias)
+        return (layer(hidden[0], attention_mask=bias),)
+
+    def finish(self, hidden):
+        return hidden
+
+    @classmethod
+    def first_stage_inputs(cls, batch) -> tuple:
+        """Segment 0 throughout where the batch has no token_type_ids: what the embeddings use without them."""
+        batch = dict(batch)
+        batch.setdefault("token_type_ids", torch.zeros_like(batch["input_ids"]))
+        return super().first_stage_inputs(batch)
+
+
+class BertPreTrainingStage(_EncoderStage):
+    model_class = "BertForPreTraining"
+    model_type = "bert"
+    first_modules = ("bert.embeddings",)
+    last_modules = ("bert.pooler", "cls")
 
     def finish(self, hidden):
         return hidden, self.model.bert.pooler(hidden)
@@ -213,9 +242,7 @@ class BertPreTrainingStage(_StageModule):
         hidden, pooled = outputs
         labels, next_sentence_label = target[:, :-1], target[:, -1]
         head = self.model.cls
-        decoder = head.predictions.decoder
-        mlm = sparse_mlm_loss(hidden, labels, head.predictions.transform, decoder.weight, decoder.bias,
-                              max_predictions=self.max_predictions, n_chunks=self.n_chunks)
+        mlm = self.masked_lm_loss(hidden, labels, head.predictions.transform, head.predictions.decoder)
         return mlm + F.cross_entropy(head.seq_relationship(pooled), next_sentence_label)
 
     @staticmethod
@@ -223,41 +250,145 @@ class BertPreTrainingStage(_StageModule):
         return torch.cat([batch["labels"], batch["next_sentence_label"].reshape(-1, 1)], dim=1)
 
 
-STAGE_CLASSES = {"gpt2": GPT2Stage, "bert": BertPreTrainingStage}
+class BertMaskedLMStage(_EncoderStage):
+    model_class = "BertForMaskedLM"
+    model_type = "bert"
+    first_modules = ("bert.embeddings",)
+    last_modules = ("cls",)
+
+    def loss(self, hidden, labels):
+        """As BertForMaskedLM's: the mean over masked tokens (the decoder tied to the word embeddings)."""
+        predictions = self.model.cls.predictions
+        return self.masked_lm_loss(hidden, labels, predictions.transform, predictions.decoder)
 
 
-def stage_class_for(config):
-    stage_class = STAGE_CLASSES.get(config.model_type)
-    if stage_class is None:
+class RobertaMaskedLMStage(_EncoderStage):
+    model_class = "RobertaForMaskedLM"
+    model_type = "roberta"
+    first_modules = ("roberta.embeddings",)
+    last_modules = ("lm_head",)
+
+    def loss(self, hidden, labels):
+        """As RobertaForMaskedLM's: the mean over masked tokens (the decoder tied to the word embeddings)."""
+        return self.masked_lm_loss(hidden, labels, self._transform, self.model.lm_head.decoder)
+
+    def _transform(self, hidden):
+        """RobertaLMHead.forward without its decoder."""
+        from transformers.models.roberta.modeling_roberta import gelu
+
+        head = self.model.lm_head
+        return head.layer_norm(gelu(head.dense(hidden)))
+
+
+class XLNetStage(_StageModule):
+    """XLNetLMHeadModel as run_plm.py trains it: two-stream attention, mems off. Between stages flow both streams
+    in XLNet's own layout, output_h (S, B, H) and output_g (P, B, H), then the inputs every stage rebuilds its masks
+    from: attention_mask (B, S), perm_mask (B, S, S), target_mapping (B, P, S) and token_type_ids (B, S), or (B, 0)
+    for a batch without segments (the model then adds no segment term). The relative positional encoding depends
+    only on the shapes: each stage computes its own (its dropout mask is the stage's)."""
+
+    model_class = "XLNetLMHeadModel"
+    model_type = "xlnet"
+    first_modules = ("transformer.word_embedding", "transformer.mask_emb")
+    last_modules = ("lm_loss",)
+    input_names = ("input_ids", "attention_mask", "perm_mask", "target_mapping", "token_type_ids")
+    hidden_count = 2
+
+    def embed(self, input_ids, attention_mask, perm_mask, target_mapping, token_type_ids):
+        transformer = self.model.transformer
+        output_h = transformer.dropout(transformer.word_embedding(input_ids.t()))
+        output_g = transformer.dropout(transformer.mask_emb.expand(target_mapping.shape[1], input_ids.shape[0], -1))
+        return output_h, output_g, attention_mask, perm_mask, target_mapping, token_type_ids
+
+    def layer_context(self, hidden, attention_mask, perm_mask, target_mapping, token_type_ids):
+        """As XLNetModel.forward without mems: the query stream's mask, the content stream's (which also sees its
+        own token), the relative positional encoding, the segment matrix, the target mapping (P, S, B)."""
+        transformer, dtype = self.model.transformer, self.model.dtype
+        length, batch = attention_mask.shape[1], attention_mask.shape[0]
+        data_mask = (1.0 - attention_mask.t())[None] + perm_mask.permute(1, 2, 0)
+        query_mask = data_mask[:, :, :, None]
+        if transformer.attn_type == "uni":
+            query_mask = query_mask + transformer.create_mask(length, 0)[:, :, None, None]
+        query_mask = (query_mask > 0).to(dtype)
+        not_self = -torch.eye(length, device=query_mask.device, dtype=dtype)
+        content_mask = ((query_mask + not_self[:, :, None, None]) > 0).to(dtype)
+        positions = transformer.dropout(transformer.relative_positional_encoding(length, length, bsz=batch,
+                                                                                 device=query_mask.device))
+        return content_mask, query_mask, positions, self._segments(token_type_ids, dtype), \
+            target_mapping.permute(1, 2, 0)
+
+    @staticmethod
+    def _segments(token_type_ids, dtype):
+        """XLNet's seg_mat (S, S, B, 2): one-hot of "not in the same segment"; None for a batch without segments."""
+        if token_type_ids.shape[1] == 0:
+            return None
+        segments = token_type_ids.t()
+        return F.one_hot((segments[:, None] != segments[None, :]).long(), num_classes=2).to(dtype)
+
+    def run_layer(self, layer, hidden, context):
+        content_mask, query_mask, positions, segments, target_mapping = context
+        output_h, output_g = hidden
+        return layer(output_h, output_g, attn_mask_h=content_mask, attn_mask_g=query_mask, r=positions,
+                     seg_mat=segments, target_mapping=target_mapping)[:2]
+
+    def finish(self, output_h, output_g):
+        return self.model.transformer.dropout(output_g).permute(1, 0, 2)
+
+    def loss(self, hidden, labels):
+        """As XLNetLMHeadModel's: the mean cross-entropy over the labelled predictions (lm_loss tied to the word
+        embedding)."""
+        head = self.model.lm_loss
+        return chunked_lm_loss(hidden, head.weight, labels, self.n_chunks, bias=head.bias)
+
+    @classmethod
+    def first_stage_inputs(cls, batch) -> tuple:
+        """An empty token_type_ids where the batch has none: the model then builds no segment matrix."""
+        batch = dict(batch)
+        batch.setdefault("token_type_ids", batch["input_ids"][:, :0])
+        return super().first_stage_inputs(batch)
+
+
+STAGE_CLASSES = (GPT2Stage, BertPreTrainingStage, BertMaskedLMStage, RobertaMaskedLMStage, XLNetStage)
+
+
+def stage_class_for(config, model_class=None):
+    """The stage class of the transformers class named `model_class`; without one, the first class served for the
+    config's model type (the heads differ, the layers and so the stage plan do not)."""
+    served = [stage_class for stage_class in STAGE_CLASSES if stage_class.model_type == config.model_type]
+    if not served:
         raise ValueError(f"no pipeline stages across processes for model type {config.model_type!r} yet: "
-                         f"{', '.join(STAGE_CLASSES)} have them")
-    return stage_class
+                         f"{', '.join(dict.fromkeys(c.model_type for c in STAGE_CLASSES))} have them")
+    chosen = [c for c in served if c.model_class == model_class] if model_class else served[:1]
+    if not chosen:
+        raise ValueError(f"pipeline stages across processes serve {' and '.join(c.model_class for c in served)} "
+                         f"for model type {config.model_type!r}, not {model_class}")
+    return chosen[0]
 
 
-def stage_plan_for(config, ipu_config):
-    """The stage plan of the model `config` describes, from a model with no weights allocated."""
+def stage_plan_for(config, ipu_config, model_class=None):
+    """The stage plan of the model `config` describes (of the transformers class `model_class`, else the model
+    type's first served), from a model with no weights allocated."""
     from .stages import build_stage_plan
 
-    return build_stage_plan(_empty_model(stage_class_for(config), config), ipu_config)
+    return build_stage_plan(_empty_model(stage_class_for(config, model_class), config), ipu_config)
 
 
 def build_stage_module(model_or_config, stage_plan, stage_index, weights=None, device="cpu", n_chunks=1,
-                       max_predictions=None, recompute=False) -> _StageModule:
+                       max_predictions=None, recompute=False, model_class=None) -> _StageModule:
     """The module of pipeline stage `stage_index` of `stage_plan`, with only that stage's weights, on `device`.
 
-    `model_or_config`: a model (its state dict is the weights unless `weights` is given) or its config.
+    `model_or_config`: a model (its state dict is the weights unless `weights` is given) or its config, with
+    `model_class` the name of the transformers class to build (default: the model type's first served).
     `weights`: a state dict, or a safetensors file or a directory holding `model.safetensors`, read one tensor at a
     time so that the other stages' weights are never loaded. The model is built with parameters on the meta device,
     pruned to the stage, then loaded; a tied weight is read under whichever of its names the weights store (the
     last stage's LM head from the embedding's). `n_chunks`, `max_predictions`: as for the serialized heads;
     `recompute`: activation checkpointing around each layer."""
     config = getattr(model_or_config, "config", model_or_config)
-    stage_class = stage_class_for(config)
     if config is not model_or_config:
-        if type(model_or_config).__name__ != stage_class.model_class:
-            raise ValueError(f"pipeline stages across processes serve {stage_class.model_class} for model type "
-                             f"{config.model_type!r}, not {type(model_or_config).__name__}")
+        model_class = type(model_or_config).__name__
         weights = model_or_config.state_dict() if weights is None else weights
+    stage_class = stage_class_for(config, model_class)
     if weights is None:
         raise ValueError("build_stage_module needs weights (a state dict or a safetensors path) with a config")
     model = _empty_model(stage_class, config)
