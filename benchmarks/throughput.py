@@ -336,6 +336,7 @@ def make_sync_recorder(warmup, steps):
 
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == warmup:
+                self.filters = warnings.filters[:]
                 warnings.simplefilter("always")
                 warnings.showwarning = self._record
                 torch.cuda.set_sync_debug_mode("warn")
@@ -344,6 +345,7 @@ def make_sync_recorder(warmup, steps):
             if state.global_step == steps:
                 torch.cuda.set_sync_debug_mode("default")
                 warnings.showwarning = self.show_warning
+                warnings.filters[:] = self.filters
 
         def count(self):
             return sum(self.stacks.values())

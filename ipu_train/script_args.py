@@ -128,10 +128,17 @@ class DataArguments:
             # The PopTorch step takes a 2-D attention mask and no position ids (backends/poptorch.py: LossOnly).
             raise UserError("--pack_sequences is not available with --device ipu: the IPU step takes no block-diagonal "
                             "attention mask or position ids; drop --pack_sequences")
-        if training_args.device_type == "ipu" and getattr(self, "pad_to_max_length", True) is False:
+        stages = getattr(training_args, "pipeline_stages_across_processes", False)
+        if stages and self.pack_sequences:
+            # The stages pass a 2-D attention mask between them and read NSP at position 0 (process_stages.py).
+            raise UserError("--pack_sequences is not available with --pipeline_stages_across_processes: the stages "
+                            "take no block-diagonal attention mask or position ids; drop one of the two flags")
+        if (training_args.device_type == "ipu" or stages) and getattr(self, "pad_to_max_length", True) is False:
             # An IPU executable takes the input shapes it was compiled for (poptorch python/_args_parser.py:
-            # validateInputs refuses any other), so no batch may be padded to its own longest sequence.
-            logger.info("--device ipu: --pad_to_max_length is on (every sequence padded to the same length)")
+            # validateInputs refuses any other), and pipeline stages fix the shapes sent between them at their first
+            # step (torch.distributed.pipelining), so no batch may be padded to its own longest sequence.
+            reason = "--device ipu" if training_args.device_type == "ipu" else "--pipeline_stages_across_processes"
+            logger.info("%s: --pad_to_max_length is on (every sequence padded to the same length)", reason)
             self.pad_to_max_length = True
 
 

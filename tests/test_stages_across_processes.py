@@ -220,3 +220,22 @@ def test_the_plan_prints_the_process_grid_and_the_bubble(capsys):
     out = capsys.readouterr().out
     assert code == 0 and "  rank 1: stages 1, 3, replica 0" in out
     assert "estimated bubble: 5.6% of each step idle" in out  # (2 - 1) / (8 + 2 - 1) / 2
+
+
+def test_stages_pad_every_sequence_to_one_length_and_refuse_packing(text_files):
+    """Stages fix the shapes sent between them at their first step: no batch padded to its own longest sequence,
+    and no packed rows (their 4-D mask and position ids do not travel between stages)."""
+    import run_pretraining
+
+    flags = types.SimpleNamespace(do_train=True, max_steps=-1, compile_only=False, device_type="cpu",
+                                  pipeline_stages_across_processes=True)
+    data_args = run_pretraining.DataTrainingArguments(train_file=str(text_files / "train.txt"))
+    assert not data_args.pad_to_max_length
+    data_args.check_with(flags)
+    assert data_args.pad_to_max_length
+    packed = run_pretraining.DataTrainingArguments(train_file=str(text_files / "train.txt"), pack_sequences=True)
+    with pytest.raises(UserError, match="--pack_sequences is not available with --pipeline_stages_across_processes"):
+        packed.check_with(flags)
+    one_process = run_pretraining.DataTrainingArguments(train_file=str(text_files / "train.txt"))
+    one_process.check_with(types.SimpleNamespace(**{**vars(flags), "pipeline_stages_across_processes": False}))
+    assert not one_process.pad_to_max_length
