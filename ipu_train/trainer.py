@@ -227,6 +227,11 @@ class IPUTrainer(Trainer):
         if unused:
             logger.info("IPU configuration fields with no effect on %s: %s", args.device_type, ", ".join(unused))
 
+    def _move_model_to_device(self, model, device):
+        """Stages across processes: only this process's stage modules go to the device (PipelinedBackend)."""
+        if not self.layout.pipelined:
+            super()._move_model_to_device(model, device)
+
     # --- optimizer ---------------------------------------------------------------------------------------------
 
     def create_optimizer(self, model=None):

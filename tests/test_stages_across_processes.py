@@ -4,16 +4,18 @@ folder equal to the one process's model, resumes a checkpoint exactly on its own
 launches that do not fit, and what is not supported yet, are refused in one line; the plan printer shows the grid."""
 import json
 import os
+import re
 import subprocess
 import sys
 import types
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import run_clm
 from ipu_train.arguments import IPUTrainingArguments
+from ipu_train.backends.pipelined import free_weights
 from ipu_train.config import IPUConfig
 from ipu_train.errors import UserError
 from ipu_train.parallel import ParallelLayout
@@ -66,9 +68,24 @@ def runs(text_files, bpe_tokenizer_dir, tmp_path_factory):
     one, two = root / "one", root / "two"
     done = run(training_args(text_files, bpe_tokenizer_dir, one))
     assert done.returncode == 0, done.stderr[-3000:]
-    done = run(training_args(text_files, bpe_tokenizer_dir, two, "--pipeline_stages_across_processes"), processes=2)
+    done = run(training_args(text_files, bpe_tokenizer_dir, two, "--pipeline_stages_across_processes",
+                             "--log_level_replica", "info"), processes=2)
     assert done.returncode == 0, done.stderr[-3000:]
-    return types.SimpleNamespace(one=one, two=two, root=root)
+    return types.SimpleNamespace(one=one, two=two, root=root, two_log=done.stdout + done.stderr)
+
+
+def test_each_process_keeps_only_its_stage_and_frees_the_whole_model(runs):
+    kept = dict(re.findall(r"Rank (\d) keeps stage\(s\) \[\d\] on \S+: (\d+) of the model's \d+ parameters",
+                           runs.two_log))
+    whole = AutoModelForCausalLM.from_pretrained(runs.one).num_parameters()
+    assert sorted(kept) == ["0", "1"] and all(int(count) < whole for count in kept.values()), kept
+
+
+def test_freeing_the_whole_model_leaves_no_weight_and_keeps_the_ties():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=8, n_head=2, vocab_size=40, n_positions=16))
+    free_weights(model)
+    assert all(param.is_meta for param in model.parameters())
+    assert model.lm_head.weight is model.transformer.wte.weight
 
 
 def test_two_stages_on_two_processes_log_the_losses_of_one_process(runs):

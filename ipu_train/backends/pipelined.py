@@ -57,7 +57,8 @@ class PipelinedBackend(TorchBackend):  # implements backends.base.Backend
 
     def prepare_model(self, model, max_predictions=None):
         """This process's stages, built from the model's weights (the scripts build the same model, from the same
-        seed or files, in every process); returns them as one module. The model itself stays for saving."""
+        seed or files, in every process), alone on the device; returns them as one module. The model itself stays,
+        its weights freed, for its config and for saving (the stages' weights are gathered into it then)."""
         plan = stage_plan_for(model.config, self.ipu_config)
         groups = new_pipeline_groups(self.ranks)
         try:
@@ -74,7 +75,14 @@ class PipelinedBackend(TorchBackend):  # implements backends.base.Backend
                                                schedule=self.args.pipeline_schedule, device=self.device)
         self.non_embedding_params = model.num_parameters(exclude_embeddings=True)
         self.model, self.train_module = model, nn.ModuleList(modules)
+        self._log_kept_share(model)
+        free_weights(model)
         return self.train_module
+
+    def _log_kept_share(self, model):
+        kept = sum(p.numel() for p in self.train_module.parameters())
+        logger.info("Rank %d keeps stage(s) %s on %s: %d of the model's %d parameters; the whole model's weights are "
+                    "freed", self.layout.rank, self.ranks.stage_indices, self.device, kept, model.num_parameters())
 
     def to_device(self, batch):
         """The batch as it is: every micro-batch of a step keeps its attention mask, since the schedule concatenates
@@ -182,6 +190,18 @@ class PipelinedBackend(TorchBackend):  # implements backends.base.Backend
         optimizer.load_state_dict(torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True))
         lr_scheduler.load_state_dict(torch.load(os.path.join(folder, SCHEDULER_NAME), weights_only=True))
 
+
+
+def free_weights(model):
+    """Every parameter of `model` replaced by a meta tensor of its shape (no memory), tied ones still shared; the
+    buffers stay (small, and read by some models' config-level code)."""
+    emptied = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                if id(param) not in emptied:
+                    emptied[id(param)] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+                module._parameters[name] = emptied[id(param)]
 
 
 def _causal_lm_logits(stage, hidden):

@@ -638,9 +638,10 @@ def gather_model_state(pipeline: ProcessPipeline, dst=0):
 
 
 def load_whole_model_state(model, state):
-    """Load a gathered state dict into the whole model: every weight must come from some stage, a tied weight under
-    any of its names."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    """Load a gathered state dict into the whole model, whose weights may have been freed (meta): every weight must
+    come from some stage, a tied weight under any of its names."""
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()  # assigned one name at a time, a tied weight's names hold separate copies
     shared = _shared_names(model)
     absent = [name for name in missing if not any(other in state for other in shared.get(name, [name]))]
     if unexpected or absent:
