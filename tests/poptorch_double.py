@@ -1589,7 +1589,7 @@ class DataLoader(torch.utils.data.DataLoader):
             assert rebatched_worker_size <= self._combined_batch_size, (
                 f"The rebatched_worker_size ({rebatched_worker_size}) must be <= to the combined batch size "
                 f"({self._combined_batch_size})")
-        self._warn_incomplete(dataset, drop_last)
+        self._warn_incomplete(dataset, drop_last, options)
         if options.Distributed.numProcesses > 1 and auto_distributed_partitioning:
             dataset = _process_share(dataset, options, self._combined_batch_size, drop_last, shuffle)
         if persistent_workers is None:
@@ -1598,16 +1598,18 @@ class DataLoader(torch.utils.data.DataLoader):
                          num_workers=num_workers, drop_last=drop_last, persistent_workers=persistent_workers,
                          **kwargs)
 
-    def _warn_incomplete(self, dataset, drop_last):
-        # python/__init__.py: DataLoader.__init__ — the last batch is smaller when drop_last=False
+    def _warn_incomplete(self, dataset, drop_last, options):
+        # python/__init__.py: DataLoader.__init__ — the last batch is smaller when drop_last=False, reckoned against
+        # the combined batch of all processes (x Distributed.numProcesses), whatever auto_distributed_partitioning
         if drop_last or self._combined_batch_size is None or isinstance(dataset, torch.utils.data.IterableDataset):
             return
-        left = len(dataset) % self._combined_batch_size
+        per_step = self._combined_batch_size * options.Distributed.numProcesses
+        left = len(dataset) % per_step
         if left:
             logger.warning("The number of elements in the dataset (%d) is not divisible by the number of elements "
                            "processed per step (%d) and drop_last=False. The last tensor will have a batch size of "
                            "%d. To avoid having to handle this special case switch to drop_last=True",
-                           len(dataset), self._combined_batch_size, left)
+                           len(dataset), per_step, left)
 
     def __iter__(self):
         for batch in super().__iter__():

@@ -329,8 +329,11 @@ class PopTorchBackend:  # implements backends.base.Backend
         largest_share = -(-len(dataset) // instances) if instances > 1 else len(indices)
         length = -(-largest_share // combined) * combined
         padded = _PaddedSubset(dataset, indices, length) if length else torch.utils.data.Subset(dataset, [])
+        # drop_last=True drops nothing (the padded share is whole combined batches) and spares PopTorch's warning
+        # about a short last batch, which under poprun it reckons against all instances' batches together
+        # (python/__init__.py: DataLoader.__init__, combined batch x Distributed.numProcesses).
         return self._loader(self.options["inference"], padded, _PaddingCollator(collator, label_names), micro,
-                            drop_last=False)
+                            drop_last=True)
 
     def _loader(self, options, dataset, collator, batch_size, drop_last):
         modes = {"sync": poptorch.DataLoaderMode.Sync, "async": poptorch.DataLoaderMode.Async,
