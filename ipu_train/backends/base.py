@@ -11,6 +11,8 @@ from typing import Iterator, Optional, Protocol
 
 import torch
 
+from ..pipeline.heads import IGNORE_INDEX
+
 
 @dataclass(frozen=True)
 class GroupSums:
@@ -35,6 +37,26 @@ class EvalSums:
 def batch_size(batch):
     """The rows of a collated batch: the first dimension of its first tensor."""
     return next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
+
+
+def ignore_padding_labels(batch, first_padding_row, label_names):
+    """`batch` (a dict) with the labels of its rows from `first_padding_row` on set to IGNORE_INDEX, so that no loss
+    counts the padding that completes a static-shaped evaluation batch (the padding is at the end)."""
+    for name in label_names:
+        if torch.is_tensor(batch.get(name)) and first_padding_row < batch_size(batch):
+            batch[name] = batch[name].clone()
+            batch[name][first_padding_row:] = IGNORE_INDEX
+    return batch
+
+
+def real_rows_loss(losses, real, micro_batch):
+    """The mean loss of an evaluation step's first `real` rows from one mean loss per micro-batch (in batch order),
+    each weighted by its real rows; the padding is at the end, and a micro-batch of padding alone (whose mean may be
+    NaN) is left out. No host read: the weights are known on the host."""
+    losses = losses.float().reshape(-1)
+    weights = torch.tensor([min(max(real - k * micro_batch, 0), micro_batch) for k in range(losses.numel())],
+                           dtype=torch.float, device=losses.device)
+    return torch.where(weights > 0, losses * weights, 0.0).sum() / weights.sum()
 
 
 def input_tokens(batch):

@@ -21,8 +21,7 @@ from ..pipeline.heads import serialization_factor
 from ..pipeline.process_stages import (PipelineRanks, build_process_pipeline, build_stage_module,
                                        clip_global_grad_norm, gather_model_state, load_whole_model_state,
                                        new_pipeline_groups, pipeline_train_step, stage_plan_for)
-from ..pipeline.heads import IGNORE_INDEX
-from .base import batch_size, input_tokens
+from .base import batch_size, ignore_padding_labels, input_tokens, real_rows_loss
 from .torch import TorchBackend, _chunks
 
 logger = logging.getLogger("ipu_train")
@@ -153,7 +152,8 @@ class PipelinedBackend(TorchBackend):  # implements backends.base.Backend
             losses, hidden = _forward_only(self.pipeline, batch)
         kept = real if self.pipeline.holds_last else 0
         rows = {key: value[:kept] if torch.is_tensor(value) else value for key, value in batch.items()}
-        outputs = {"loss": _real_rows_loss(losses, real, self.args.per_device_eval_batch_size) if kept else None}
+        outputs = {"loss": real_rows_loss(torch.stack(losses), real, self.args.per_device_eval_batch_size)
+                   if kept else None}
         if not self.args.prediction_loss_only:
             outputs["logits"] = self._logits(hidden, kept, batch["input_ids"].shape[1])
         return outputs, rows
@@ -189,7 +189,6 @@ class PipelinedBackend(TorchBackend):  # implements backends.base.Backend
         name = optimizer_file(self.ranks.pipeline_rank, self.layout.pipeline_processes)
         optimizer.load_state_dict(torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True))
         lr_scheduler.load_state_dict(torch.load(os.path.join(folder, SCHEDULER_NAME), weights_only=True))
-
 
 
 def free_weights(model):
@@ -232,21 +231,11 @@ class _EvaluationSteps:
             step = {key: torch.cat([batch[key] for batch in group]) for key in group[0]}
             real = min(left, batch_size(step))
             left -= real
-            yield {**_ignoring_padding(step, real, self.label_names), REAL_ROWS: real}
+            yield {**ignore_padding_labels(step, real, self.label_names), REAL_ROWS: real}
 
 
 def _shapes(batch):
     return {key: tuple(value.shape) for key, value in batch.items() if torch.is_tensor(value)}
-
-
-def _ignoring_padding(batch, real, label_names):
-    """The batch with the labels of its rows from `real` on ignored, so that no loss counts them."""
-    batch = dict(batch)
-    for name in label_names:
-        if torch.is_tensor(batch.get(name)) and real < batch_size(batch):
-            batch[name] = batch[name].clone()
-            batch[name][real:] = IGNORE_INDEX
-    return batch
 
 
 def _forward_only(pipeline, batch):
@@ -258,10 +247,3 @@ def _forward_only(pipeline, batch):
     losses = [] if pipeline.holds_last else None
     outputs = pipeline.schedule.eval(*inputs, target=target, losses=losses)
     return losses, outputs
-
-
-def _real_rows_loss(losses, real, micro):
-    """The mean loss over the real rows from each micro-batch's mean loss (in batch order), weighted by its real
-    rows: the padding is at the end, and a micro-batch of padding alone is left out."""
-    weights = [min(max(real - index * micro, 0), micro) for index in range(len(losses))]
-    return sum(loss.float() * weight for loss, weight in zip(losses, weights) if weight) / real

@@ -33,10 +33,11 @@ import poptorch
 import torch
 
 from ..pipeline.families import stage0_modules, tied_head
-from ..pipeline.heads import IGNORE_INDEX, loss_of
+from ..pipeline.heads import loss_of
 from ..pipeline.stages import transformer_layers
 from . import poptorch_serialization as serialization
-from .base import DeviceSums, GroupResult, GroupSums, PendingHostRead, batch_size, input_tokens
+from .base import (DeviceSums, GroupResult, GroupSums, PendingHostRead, batch_size, ignore_padding_labels,
+                   input_tokens, real_rows_loss)
 
 logger = logging.getLogger("ipu_train")
 
@@ -223,12 +224,8 @@ class _PaddingCollator:
 
     def __call__(self, items):
         rows, padding = zip(*items)
-        batch = dict(self.collator(list(rows)))
         padded = sum(padding)  # the padding is at the end of the last batch
-        for name in self.label_names:
-            if padded and torch.is_tensor(batch.get(name)):
-                batch[name] = batch[name].clone()
-                batch[name][len(rows) - padded:] = IGNORE_INDEX
+        batch = ignore_padding_labels(dict(self.collator(list(rows))), len(rows) - padded, self.label_names)
         batch[PADDING_ROWS] = torch.tensor(padded)  # a tensor: PopTorch's asynchronous loaders pass tensors only
         return batch
 
@@ -362,7 +359,7 @@ class PopTorchBackend:  # implements backends.base.Backend
         real = batch_size(batch) - padded
         if isinstance(outputs, dict) and outputs.get("loss") is not None:
             # a batch of padding alone (an instance whose share ended earlier) has no loss
-            outputs["loss"] = _real_rows_loss(outputs["loss"].float(), real, self.args.per_device_eval_batch_size) \
+            outputs["loss"] = real_rows_loss(outputs["loss"], real, self.args.per_device_eval_batch_size) \
                 if real else None
         if not padded:
             return outputs, batch
@@ -401,15 +398,6 @@ class PopTorchBackend:  # implements backends.base.Backend
 
     def load_state(self, folder):
         """Nothing beyond the optimizer's state (see save_state)."""
-
-
-def _real_rows_loss(losses, real, micro):
-    """The mean loss of the real rows from one loss per micro-batch (in batch order), each weighted by its real
-    rows; the padding is at the end."""
-    losses = losses.reshape(-1)
-    weights = torch.tensor([min(max(real - k * micro, 0), micro) for k in range(losses.numel())], dtype=torch.float)
-    counted = weights > 0
-    return (losses[counted] * weights[counted]).sum() / weights[counted].sum()
 
 
 class _PopTorchGroup:
