@@ -242,7 +242,6 @@ class DataCollatorForPackedSequences:
             batch["sequence_starts"] = starts
         return batch
 
-
     def _collated_in_data_order(self, flat):
         """The sequence collator's batch for `flat`, with the sequences handed to it in the data's order (where
         PackedDataset says it): the same sequences in one batch get the same random masks, packed or not."""

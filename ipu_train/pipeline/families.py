@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .heads import IGNORE_INDEX, chunked_lm_loss, sparse_mlm_loss
+from .heads import IGNORE_INDEX, chunked_lm_loss, next_token_labels, sparse_mlm_loss
 
 
 def input_embeddings(model):
@@ -71,8 +71,8 @@ def _gpt2_training_forward(model, named, extra, n_chunks, max_predictions):
     named.pop("logits_to_keep", None)
     outputs = model.transformer(**named, **extra)
     shift_labels = extra.get("shift_labels")
-    if shift_labels is None:  # position t predicts token t+1; the last position predicts nothing
-        shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    if shift_labels is None:
+        shift_labels = next_token_labels(labels)
     # The LM head is tied to transformer.wte: its weight is the embedding table.
     loss = chunked_lm_loss(outputs.last_hidden_state, model.lm_head.weight, shift_labels, n_chunks,
                            bias=model.lm_head.bias, num_items_in_batch=extra.get("num_items_in_batch"))
@@ -121,18 +121,20 @@ def _pooled_at(pooler, encoder_outputs, positions):
     return pooler.activation(pooler.dense(first_tokens))
 
 
+def roberta_head_transform(head):
+    """RobertaLMHead.forward without its decoder, as a function of the hidden states."""
+    from transformers.models.roberta.modeling_roberta import gelu
+
+    return lambda hidden: head.layer_norm(gelu(head.dense(hidden)))
+
+
 def _roberta_mlm_training_forward(model, named, extra, n_chunks, max_predictions):
     from transformers.modeling_outputs import MaskedLMOutput
-    from transformers.models.roberta.modeling_roberta import gelu
 
     labels = named.pop("labels")
     outputs = model.roberta(**named, **extra, return_dict=True)
     head = model.lm_head  # its decoder is tied to roberta.embeddings.word_embeddings
-
-    def transform(x):  # RobertaLMHead.forward without its decoder
-        return head.layer_norm(gelu(head.dense(x)))
-
-    loss = _masked_lm_loss(outputs, labels, transform, head.decoder, n_chunks, max_predictions)
+    loss = _masked_lm_loss(outputs, labels, roberta_head_transform(head), head.decoder, n_chunks, max_predictions)
     return MaskedLMOutput(loss=loss, logits=None, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 

@@ -37,6 +37,11 @@ def loss_of(outputs):
 
 
 # ---------------------------------------------------------------------------------------------------- chunked loss
+def next_token_labels(labels):
+    """A causal LM's targets: position t predicts token t + 1; the last position predicts nothing."""
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+
+
 def chunked_lm_loss(hidden, weight, labels, n_chunks, bias=None, ignore_index=IGNORE_INDEX, num_items_in_batch=None,
                     vocab_alignment=VOCAB_ALIGNMENT):
     """Cross-entropy of `hidden @ weight.T (+ bias)` against `labels`, computed in `n_chunks` chunks of tokens.

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .families import family_layers, output_projection
-from .heads import IGNORE_INDEX, chunked_lm_loss, sparse_mlm_loss
+from .families import family_layers, output_projection, roberta_head_transform
+from .heads import chunked_lm_loss, next_token_labels, sparse_mlm_loss
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 
@@ -194,9 +194,8 @@ class GPT2Stage(_StageModule):
 
     def loss(self, hidden, labels):
         """As GPT2LMHeadModel's: position t predicts token t + 1, the mean over labelled tokens."""
-        shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
         head = self.model.lm_head
-        return chunked_lm_loss(hidden, head.weight, shift_labels, self.n_chunks, bias=head.bias)
+        return chunked_lm_loss(hidden, head.weight, next_token_labels(labels), self.n_chunks, bias=head.bias)
 
 
 class _EncoderStage(_StageModule):
@@ -270,14 +269,8 @@ class RobertaMaskedLMStage(_EncoderStage):
 
     def loss(self, hidden, labels):
         """As RobertaForMaskedLM's: the mean over masked tokens (the decoder tied to the word embeddings)."""
-        return self.masked_lm_loss(hidden, labels, self._transform, self.model.lm_head.decoder)
-
-    def _transform(self, hidden):
-        """RobertaLMHead.forward without its decoder."""
-        from transformers.models.roberta.modeling_roberta import gelu
-
         head = self.model.lm_head
-        return head.layer_norm(gelu(head.dense(hidden)))
+        return self.masked_lm_loss(hidden, labels, roberta_head_transform(head), head.decoder)
 
 
 class XLNetStage(_StageModule):
