@@ -37,7 +37,7 @@ def main(argv=None):
     raw_datasets = load_raw_datasets(data_args, model_args)
     config = load_config(model_args)
     tokenizer = load_tokenizer(model_args)
-    model = build_model(model_args, config, tokenizer, AutoModelForCausalLM, ipu_config)
+    model = build_model(model_args, config, tokenizer, AutoModelForCausalLM, ipu_config, training_args)
 
     text, columns = columns_to_tokenize(raw_datasets, training_args)
     block_size = sequence_length(data_args.block_size, "--block_size", tokenizer, config)

@@ -63,7 +63,7 @@ def main(argv=None):
     if tokenizer.mask_token is None:
         raise UserError("this tokenizer has no mask token, so it cannot be used for masked LM: pass a --tokenizer_name "
                         "made for BERT/RoBERTa (train_tokenizer.py --type wordpiece, or --type bpe --style roberta)")
-    model = build_model(model_args, config, tokenizer, AutoModelForMaskedLM, ipu_config)
+    model = build_model(model_args, config, tokenizer, AutoModelForMaskedLM, ipu_config, training_args)
 
     text, columns = columns_to_tokenize(raw_datasets, training_args)
     max_seq_length = sequence_length(data_args.max_seq_length, "--max_seq_length", tokenizer, config)

@@ -87,7 +87,7 @@ def main(argv=None):
     if tokenizer.mask_token is None or tokenizer.pad_token is None:
         raise UserError("permutation LM needs a tokenizer with mask and padding tokens: pass a --tokenizer_name made "
                         "for XLNet (train_tokenizer.py --type unigram)")
-    model = build_model(model_args, config, tokenizer, XLNetLMHeadModel, ipu_config)
+    model = build_model(model_args, config, tokenizer, XLNetLMHeadModel, ipu_config, training_args)
 
     text, columns = columns_to_tokenize(raw_datasets, training_args)
     max_seq_length = even_sequence_length(data_args, tokenizer, config)

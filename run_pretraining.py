@@ -171,7 +171,7 @@ def main(argv=None):
 
     config = load_config(model_args)
     tokenizer = load_tokenizer(model_args)
-    model = build_model(model_args, config, tokenizer, AutoModelForPreTraining, ipu_config)
+    model = build_model(model_args, config, tokenizer, AutoModelForPreTraining, ipu_config, training_args)
     if "next_sentence_label" not in inspect.signature(model.forward).parameters:
         raise UserError(f"pretraining needs a model with a next-sentence head; {type(model).__name__} has none: pass "
                         "--model_type bert, or a BERT --model_name_or_path (run_mlm.py trains masked LM alone)")

@@ -13,13 +13,16 @@ import pyarrow.compute
 import huggingface_hub
 import huggingface_hub.constants
 import torch
+from accelerate import init_empty_weights
 from huggingface_hub.errors import HFValidationError, StrictDataclassError
 from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer
 
 from .compat import dtype_kwarg, validate_config
 from .errors import UserError
 from .pipeline.families import position_offset
+from .pipeline.process_stages import unloadable_names
 from .pipeline.stages import transformer_layers
+from .pipeline.weight_files import defer_loading, find_saved_weights
 
 logger = logging.getLogger("ipu_train")
 
@@ -438,12 +441,16 @@ def _built(model_args):
         raise UserError(f"--{flag} {value}: the model cannot be built: {_first_sentence(err)}") from None
 
 
-def build_model(model_args, config, tokenizer, auto_class, ipu_config):
+def build_model(model_args, config, tokenizer, auto_class, ipu_config, training_args=None):
     """The model for this tokenizer: a new one sized to it, or pretrained weights with the embedding table grown
     to fit tokens the tokenizer added. A layer layout that does not fit the model stops here, before any data is
-    processed."""
+    processed. With --pipeline_stages_across_processes, pretrained weights are read later, stage by stage, where
+    they can be (see model_to_load_by_stage)."""
     fit_config_to_tokenizer(config, tokenizer, model_args)
-    model = load_model(model_args, config, auto_class)
+    by_stage = getattr(training_args, "pipeline_stages_across_processes", False)
+    model = model_to_load_by_stage(model_args, config, tokenizer, auto_class) if by_stage else None
+    if model is None:
+        model = load_model(model_args, config, auto_class)
     fit_embeddings_to_tokenizer(model, tokenizer)
     # Logged once, as built: vocabulary size and token ids fitted to the tokenizer, --config_overrides applied.
     overrides = f" (with --config_overrides {model_args.config_overrides})" if model_args.config_overrides else ""
@@ -453,6 +460,67 @@ def build_model(model_args, config, tokenizer, auto_class, ipu_config):
         with ipu_config.in_mode(mode):
             ipu_config.layer_stages(num_layers)
     return model
+
+
+def model_to_load_by_stage(model_args, config, tokenizer, auto_class):
+    """For --pipeline_stages_across_processes: the pretrained model built with meta weights (no memory), to be loaded
+    by each process from its stage's tensors alone (pipeline/process_stages.py), where its safetensors hold every
+    weight in the shape the config gives and the tokenizer fits the embedding table. None otherwise, and the model
+    loads whole, as without stages: a new model (every process builds it from the seed, so that each layout starts
+    from one process's weights), a checkpoint in other files, or weights to add, reshape or grow."""
+    if not model_args.model_name_or_path:
+        return None
+    _require_model_class(auto_class, config, model_args)
+    weights = find_saved_weights(_model_file_locator(model_args), model_args.model_name_or_path,
+                                 dtype=_weights_dtype(model_args, config))
+    if weights is None:
+        logger.info("Every process loads the whole model before keeping its stage: %s has no safetensors weights",
+                    model_args.model_name_or_path)
+        return None
+    with _built(model_args), init_empty_weights(include_buffers=False):
+        model = _new_model(auto_class, config, model_args)
+    model.tie_weights()  # the context gave each tied name its own meta tensor
+    unloadable = unloadable_names(model, weights)
+    if unloadable or len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        logger.info("Every process loads the whole model before keeping its stage: %s", (
+            f"{len(unloadable)} weights ({_some(unloadable)}) are not saved in the model's shape" if unloadable
+            else "the tokenizer has more tokens than the embedding table"))
+        return None
+    if weights.dtype is not None:
+        model.to(weights.dtype)
+    defer_loading(model, weights)
+    logger.info("Each process will read only its stage's weights from %s (%d tensors in %d file(s))",
+                model_args.model_name_or_path, len(weights.files_by_name), len(set(weights.files_by_name.values())))
+    return model
+
+
+def _model_file_locator(model_args):
+    """filename -> the local path of that file of --model_name_or_path (a folder, or a hub model fetched into the
+    cache), None where there is none or it cannot be fetched (the whole-model loading then reports why)."""
+    source = model_args.model_name_or_path
+    if os.path.isdir(source):
+        return lambda filename: os.path.join(source, filename)
+    if os.path.exists(source) or _only_a_path(source):
+        return lambda filename: None
+
+    def fetch(filename):
+        from transformers.utils import cached_file
+
+        try:
+            return cached_file(source, filename, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
+                               token=model_args.token, _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False)
+        except (OSError, ValueError):
+            return None
+
+    return fetch
+
+
+def _weights_dtype(model_args, config):
+    """The dtype pretrained weights load in, as from_pretrained gives them: --dtype, else the config's (transformers
+    5's "auto"); None: as saved."""
+    name = model_args.dtype if model_args.dtype not in (None, "auto") else getattr(config, "dtype", None)
+    return getattr(torch, name) if isinstance(name, str) else name
 
 
 def fit_config_to_tokenizer(config, tokenizer, model_args):

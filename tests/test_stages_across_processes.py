@@ -123,6 +123,7 @@ def test_two_stages_by_two_replicas_evaluate_a_trained_model_as_one_process(runs
     done = run(evaluation_args(runs.one, text_files, bpe_tokenizer_dir, four, "--pipeline_stages_across_processes"),
                processes=4)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "Each process will read only its stage's weights from" in done.stdout  # the model is not loaded whole
     expected, got = (json.loads((folder / "eval_results.json").read_text()) for folder in (one, four))
     assert got["eval_samples"] == expected["eval_samples"]
     for key in ("eval_loss", "eval_accuracy", "perplexity"):

@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .families import family_layers, output_projection, roberta_head_transform
 from .heads import chunked_lm_loss, next_token_labels, sparse_mlm_loss
+from .weight_files import SHARD_INDEX, SINGLE_FILE, SavedWeights, deferred_weights, find_saved_weights
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 
@@ -370,17 +371,21 @@ def build_stage_module(model_or_config, stage_plan, stage_index, weights=None, d
                        max_predictions=None, recompute=False, model_class=None) -> _StageModule:
     """The module of pipeline stage `stage_index` of `stage_plan`, with only that stage's weights, on `device`.
 
-    `model_or_config`: a model (its state dict is the weights unless `weights` is given) or its config, with
-    `model_class` the name of the transformers class to build (default: the model type's first served).
-    `weights`: a state dict, or a safetensors file or a directory holding `model.safetensors`, read one tensor at a
-    time so that the other stages' weights are never loaded. The model is built with parameters on the meta device,
-    pruned to the stage, then loaded; a tied weight is read under whichever of its names the weights store (the
-    last stage's LM head from the embedding's). `n_chunks`, `max_predictions`: as for the serialized heads;
+    `model_or_config`: a model (the weights are its own, or the saved weights it was built to read later, unless
+    `weights` is given) or its config, with `model_class` the name of the transformers class to build (default:
+    the model type's first served). `weights`: a state dict, SavedWeights, a safetensors file or a model folder
+    (single or sharded safetensors), read one tensor at a time so that the other stages' weights are never loaded.
+    The model is built with parameters on the meta device, pruned to the stage, then loaded; a weight is read under
+    whichever of its names the weights store (see stored_names: the last stage's LM head from the embedding's).
+    `n_chunks`, `max_predictions`: as for the serialized heads;
     `recompute`: activation checkpointing around each layer."""
     config = getattr(model_or_config, "config", model_or_config)
     if config is not model_or_config:
         model_class = type(model_or_config).__name__
-        weights = model_or_config.state_dict() if weights is None else weights
+        if weights is None:  # the saved weights of a model built without them (loading.py), else its own
+            weights = deferred_weights(model_or_config)
+        if weights is None:
+            weights = model_or_config.state_dict()
     stage_class = stage_class_for(config, model_class)
     if weights is None:
         raise ValueError("build_stage_module needs weights (a state dict or a safetensors path) with a config")
@@ -429,16 +434,39 @@ def _prune(model, stage_class, layer_indices, is_first, is_last):
 
 
 def _load(model, weights, device, shared_names):
-    """Replace the model's meta parameters with the stage's tensors from `weights`, on `device`; a tied weight is
-    read under whichever of its names `weights` has."""
-    read, available = _tensor_reader(weights), _available(weights)
-
-    def stored_name(name):
-        return next((n for n in shared_names.get(name, [name]) if n in available), name)
-
-    state = {name: read(stored_name(name)).to(device) for name in model.state_dict()}
+    """Replace the model's meta parameters with the stage's tensors from `weights`, on `device`."""
+    weights = _as_saved_weights(weights)
+    found, missing = stored_names(model, weights, shared_names)
+    if missing:
+        raise ValueError(f"the weights lack {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
+    state = {name: weights.read(stored).to(device) for name, stored in found.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.to(device)  # the buffers
+
+
+def stored_names(model, weights, shared_names=None):
+    """({name in the model's state dict: the name `weights` hold it under}, [names held under none]). A weight is
+    read under its own name or a tied weight's other name, either also without the base model's prefix (a
+    checkpoint of the base model, as the hub's gpt2 is: `h.0.attn.c_attn.weight`)."""
+    shared_names = _shared_names(model) if shared_names is None else shared_names
+    prefix = model.base_model_prefix + "."
+    found, missing = {}, []
+    for name in model.state_dict():
+        candidates = [form for own in shared_names.get(name, [name]) for form in (own, own.removeprefix(prefix))]
+        stored = next((candidate for candidate in candidates if candidate in weights), None)
+        if stored is None:
+            missing.append(name)
+        else:
+            found[name] = stored
+    return found, missing
+
+
+def unloadable_names(model, weights):
+    """The names of the model's state dict (a model with meta weights will do) that `weights` (SavedWeights) do not
+    hold in the model's shape: missing, or saved in another shape. Reads no tensor."""
+    found, missing = stored_names(model, weights)
+    state = model.state_dict()
+    return missing + [name for name, stored in found.items() if weights.shapes[stored] != tuple(state[name].shape)]
 
 
 def _retie(model, shared_names):
@@ -452,34 +480,26 @@ def _retie(model, shared_names):
             setattr(model.get_submodule(owner_path), attribute, model.get_parameter(first))
 
 
-def _available(weights):
-    return weights.keys() if isinstance(weights, dict) else _safetensors_keys(weights)
-
-
-def _tensor_reader(weights):
+def _as_saved_weights(weights):
+    """A state dict as it is; a safetensors file, or a model folder, as SavedWeights."""
+    if isinstance(weights, SavedWeights):
+        return weights
     if isinstance(weights, dict):
-        return lambda name: weights[name].detach().clone()
-    from safetensors import safe_open
-
-    path = _safetensors_file(weights)
-
-    def read(name):
-        with safe_open(path, framework="pt") as handle:
-            return handle.get_tensor(name)
-
-    return read
+        return _StateDictWeights(weights)
+    path = os.fspath(weights)
+    if os.path.isdir(path):
+        found = find_saved_weights(lambda name: os.path.join(path, name), path)
+        if found is None:
+            raise ValueError(f"{path} holds no {SINGLE_FILE} (nor {SHARD_INDEX})")
+        return found
+    return SavedWeights.from_files([path], source=path)
 
 
-def _safetensors_keys(weights):
-    from safetensors import safe_open
+class _StateDictWeights(dict):
+    """A state dict read as SavedWeights: each tensor a copy, so that the stage never shares the model's."""
 
-    with safe_open(_safetensors_file(weights), framework="pt") as handle:
-        return set(handle.keys())
-
-
-def _safetensors_file(path):
-    path = os.fspath(path)
-    return os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
+    def read(self, name):
+        return self[name].detach().clone()
 
 
 # --- schedules ---------------------------------------------------------------------------------------------------
