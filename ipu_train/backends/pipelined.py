@@ -4,14 +4,19 @@ step's micro-batches through the schedule. Devices, data and the training group 
 clipping, evaluation, saving and the optimizer's files are the pipeline's.
 
 Evaluation runs forward only through the same schedule (`eval()`), a step of `gradient_accumulation_steps`
-evaluation batches at a time, every process of a replica reading the same ones. The last stage alone accounts for
-the loss and the samples, so that summing over every process counts each sample once.
+evaluation batches at a time, every process of a replica reading the same ones; the trainer then receives the step
+one micro-batch at a time, as one process would. The last stage alone accounts for the loss, the samples and the
+logits (its head run on one micro-batch's real rows at a time, so no more logits exist at once than in one
+process), so that summing over every process counts each sample once; the other processes hand over no rows.
 
 No host read happens inside a group: the loss comes back broadcast on the device, the gradient norm is all-reduced
 on it. On CUDA the stages talk over NCCL (written, not yet run: CI has no GPU); on CPU over gloo."""
+import itertools
 import logging
 import math
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -21,13 +26,14 @@ from ..pipeline.heads import serialization_factor
 from ..pipeline.process_stages import (PipelineRanks, build_process_pipeline, build_stage_module,
                                        clip_global_grad_norm, gather_model_state, load_whole_model_state,
                                        new_pipeline_groups, pipeline_train_step, stage_plan_for)
-from .base import batch_size, ignore_padding_labels, input_tokens, real_rows_loss
+from .base import batch_size, ignore_padding_labels, input_tokens
 from .torch import TorchBackend, _chunks
 
 logger = logging.getLogger("ipu_train")
 
 SCHEDULER_NAME = "scheduler.pt"
 REAL_ROWS = "real_rows"  # the batch key of an evaluation step's rows that are samples, not padding
+STEP_POSITION = "step_position"  # an evaluation item's micro-batch in its step (0 carries the whole step)
 
 
 def optimizer_file(pipeline_rank, processes):
@@ -41,6 +47,7 @@ class PipelinedBackend(TorchBackend):  # implements backends.base.Backend
     def __init__(self, args, ipu_config, layout):
         super().__init__(args, ipu_config, layout)
         self.pipeline = None
+        self._evaluated = None  # the evaluation step whose micro-batches the trainer is reading
         self.ranks = PipelineRanks(rank=layout.rank, ranks_per_pipeline=layout.pipeline_processes,
                                    replicas=layout.replicas, num_stages=layout.pipeline_stages)
         logger.info("Pipeline stages across processes: this process (rank %d) runs stage(s) %s of replica %d, "
@@ -134,36 +141,49 @@ class PipelinedBackend(TorchBackend):  # implements backends.base.Backend
 
     def eval_loader(self, dataset, collator, indices, label_names=()):
         """The replica's samples (`indices`) in steps of the schedule's micro-batches, read alike by every process
-        of the replica; the last step is completed with repeats of the last sample, their labels ignored."""
-        micro, per_step = self.args.per_device_eval_batch_size, self.layout.accumulation
-        rows = micro * per_step
-        padded = indices + indices[-1:] * (-len(indices) % rows)
-        loader = self._loader(dataset, collator, _chunks(padded, micro), 0)
-        return _EvaluationSteps(loader, per_step, len(indices), label_names)
+        of the replica. The micro-batches are collated as one process collates them (so random masks draw alike);
+        the last step is then completed with repeats of its last row, their labels ignored."""
+        micro = self.args.per_device_eval_batch_size
+        loader = self._loader(dataset, collator, _chunks(indices, micro), 0)
+        return _EvaluationSteps(loader, micro, self.layout.accumulation, label_names)
 
     def eval_outputs(self, model, batch):
-        """Forward only through the stages. The last stage returns the step's loss over its real rows (and their
-        logits where metrics need them) with those rows; the other processes return no loss and no rows."""
-        if self.pipeline is None:  # evaluation without training
-            self.prepare_model(model)
+        """One micro-batch's outputs and rows. At the first of a step, the whole step runs forward only through the
+        stages. The last stage returns the micro-batch's loss (over its real rows) and, where metrics need them,
+        their logits, with those rows; the other processes return no loss, no rows and logits of no rows."""
+        position = batch.pop(STEP_POSITION)
+        if position == 0:
+            if self.pipeline is None:  # evaluation without training
+                self.prepare_model(model)
+            self._evaluated = self._forward_step(batch)
+        step = self._evaluated
+        if position == self.layout.accumulation - 1:
+            self._evaluated = None  # the step's final outputs go with its last micro-batch
+        micro = self.args.per_device_eval_batch_size
+        first = position * micro
+        rows = slice(first, first + min(max(step.real - first, 0), micro))
+        outputs = {"loss": step.losses[position].float() if rows.stop > first else None}
+        if not self.args.prediction_loss_only:
+            outputs.update(self._logits(step, rows))
+        return outputs, {key: _rows_of(value, rows) for key, value in step.batch.items()}
+
+    def _forward_step(self, batch):
         real = batch.pop(REAL_ROWS)
         self.train_module.eval()
         with torch.no_grad(), self.autocast():
-            losses, hidden = _forward_only(self.pipeline, batch)
-        kept = real if self.pipeline.holds_last else 0
-        rows = {key: value[:kept] if torch.is_tensor(value) else value for key, value in batch.items()}
-        outputs = {"loss": real_rows_loss(torch.stack(losses), real, self.args.per_device_eval_batch_size)
-                   if kept else None}
-        if not self.args.prediction_loss_only:
-            outputs["logits"] = self._logits(hidden, kept, batch["input_ids"].shape[1])
-        return outputs, rows
+            losses, finished = _forward_only(self.pipeline, batch)
+        return _EvaluatedStep(batch, real if self.pipeline.holds_last else 0, losses, finished)
 
-    def _logits(self, hidden, kept, length):
-        """The last stage's logits of the real rows; elsewhere none (zero rows of the same width)."""
-        if hidden is None:
-            return torch.zeros((0, length, self.model.config.vocab_size), device=self.device)
-        stage = self.pipeline.modules[-1]
-        return LOGITS[stage.model_class](stage, hidden[:kept])
+    def _logits(self, step, rows):
+        """The model's logits, by the names its own output gives them, of the step's `rows` (a slice), computed on
+        the last stage from its final outputs; elsewhere the same names with no rows."""
+        logits = LOGITS[self.pipeline.modules[0].model_class]
+        if step.finished is None:
+            dtype = self.autocast_dtype or self.model.dtype
+            return {name: torch.zeros((0, *shape), dtype=dtype, device=self.device)
+                    for name, shape in logits.row_shapes(step.batch, self.model.config.vocab_size).items()}
+        with torch.no_grad(), self.autocast():
+            return logits.compute(self.pipeline.modules[-1], _rows_of(step.finished, rows))
 
     # --- saving ------------------------------------------------------------------------------------------------
 
@@ -203,39 +223,94 @@ def free_weights(model):
                 module._parameters[name] = emptied[id(param)]
 
 
-def _causal_lm_logits(stage, hidden):
-    return stage.model.lm_head(hidden)
+@dataclass(frozen=True)
+class _Logits:
+    """How a last stage turns its final outputs into the model's logits, and what shape one row of them has."""
+    compute: Callable  # (last stage module, its final outputs of some rows) -> {output name: logits of those rows}
+    row_shapes: Callable  # (an evaluation step's batch, vocabulary size) -> {output name: one row's logits shape}
 
 
-LOGITS = {"GPT2LMHeadModel": _causal_lm_logits}  # the stages whose evaluation returns logits, for metrics
+def _token_logits_shape(batch, vocab_size):
+    return {"logits": (batch["input_ids"].shape[1], vocab_size)}
+
+
+def _lm_head_logits(stage, hidden):  # GPT-2's and RoBERTa's head modules are both `lm_head`
+    return {"logits": stage.model.lm_head(hidden)}
+
+
+def _bert_pretraining_logits(stage, finished):
+    prediction_logits, seq_relationship_logits = stage.model.cls(*finished)
+    return {"prediction_logits": prediction_logits, "seq_relationship_logits": seq_relationship_logits}
+
+
+def _bert_pretraining_shapes(batch, vocab_size):
+    return {"prediction_logits": (batch["input_ids"].shape[1], vocab_size), "seq_relationship_logits": (2,)}
+
+
+def _xlnet_shape(batch, vocab_size):  # one row of logits per predicted position (target_mapping's second axis)
+    return {"logits": (batch["target_mapping"].shape[1], vocab_size)}
+
+
+# The stages whose evaluation returns the logits the scripts' metrics read: what each model's own forward returns
+# (BertForPreTraining: prediction_logits and seq_relationship_logits), computed on the last stage alone.
+LOGITS = {
+    "GPT2LMHeadModel": _Logits(_lm_head_logits, _token_logits_shape),
+    "BertForPreTraining": _Logits(_bert_pretraining_logits, _bert_pretraining_shapes),
+    "BertForMaskedLM": _Logits(lambda stage, hidden: {"logits": stage.model.cls(hidden)}, _token_logits_shape),
+    "RobertaForMaskedLM": _Logits(_lm_head_logits, _token_logits_shape),
+    "XLNetLMHeadModel": _Logits(lambda stage, hidden: {"logits": stage.model.lm_loss(hidden)}, _xlnet_shape),
+}
+
+
+def _rows_of(value, rows):
+    """`value`'s rows `rows` (a slice), a tuple of tensors (the last stage's outputs) slice by slice."""
+    if isinstance(value, tuple):
+        return tuple(_rows_of(part, rows) for part in value)
+    return value[rows] if torch.is_tensor(value) else value
+
+
+@dataclass
+class _EvaluatedStep:
+    """An evaluation step run through the stages: its batch, its real rows (0 but on the last stage), the last
+    stage's loss per micro-batch and its final outputs (None elsewhere)."""
+    batch: dict
+    real: int
+    losses: list
+    finished: object
 
 
 class _EvaluationSteps:
-    """A loader's micro-batches, `per_step` at a time, as one batch each, with REAL_ROWS: the rows before the
-    padding (whose labels are ignored). `dataset`: the whole evaluation set, for the trainer's count."""
+    """A loader's micro-batches, `per_step` at a time, as steps of `micro` x `per_step` rows: the first item of a
+    step is the whole step, the last one completed with repeats of its last row, with REAL_ROWS, the rows before
+    that padding (whose labels are ignored); the others name only their micro-batch's position in the step
+    (STEP_POSITION), so that the trainer reads one micro-batch per item. `dataset`: the whole evaluation set, for
+    the trainer's count."""
 
-    def __init__(self, loader, per_step, real, label_names):
-        self.loader, self.per_step, self.real, self.label_names = loader, per_step, real, label_names
+    def __init__(self, loader, micro, per_step, label_names):
+        self.loader, self.micro, self.per_step, self.label_names = loader, micro, per_step, label_names
         self.dataset = loader.dataset
 
     def __len__(self):
-        return math.ceil(len(self.loader) / self.per_step)
+        return math.ceil(len(self.loader) / self.per_step) * self.per_step
 
     def __iter__(self):
-        batches, left, shape = iter(self.loader), self.real, None
-        for group in zip(*[batches] * self.per_step):
-            shape = shape or _shapes(group[0])
-            if any(_shapes(batch) != shape for batch in group):
+        batches, rows, shape = iter(self.loader), self.micro * self.per_step, None
+        while group := list(itertools.islice(batches, self.per_step)):
+            shape = shape or _row_shapes(group[0])
+            if any(_row_shapes(batch) != shape for batch in group):
                 raise UserError("--pipeline_stages_across_processes: evaluation batches differ in shape, and the "
                                 "stages run one shape: pad every batch to one length (e.g. --pad_to_max_length)")
             step = {key: torch.cat([batch[key] for batch in group]) for key in group[0]}
-            real = min(left, batch_size(step))
-            left -= real
-            yield {**ignore_padding_labels(step, real, self.label_names), REAL_ROWS: real}
+            real = batch_size(step)
+            step = {key: torch.cat([value, value[-1:].expand(rows - real, *value.shape[1:])])
+                    for key, value in step.items()}
+            yield {**ignore_padding_labels(step, real, self.label_names), REAL_ROWS: real, STEP_POSITION: 0}
+            for position in range(1, self.per_step):
+                yield {STEP_POSITION: position}
 
 
-def _shapes(batch):
-    return {key: tuple(value.shape) for key, value in batch.items() if torch.is_tensor(value)}
+def _row_shapes(batch):
+    return {key: tuple(value.shape[1:]) for key, value in batch.items() if torch.is_tensor(value)}
 
 
 def _forward_only(pipeline, batch):
