@@ -6,8 +6,8 @@ evaluation set of 35 samples, in micro-batches of 2, 4 to a step, leaves the las
 checks that the padding draws no random masks: the following steps' masks, and so their losses, would differ.
 
 In this process: the last stage's logits are the whole model's (names, shapes, values) for every model served, and
-the other stages' stand-ins have the same names and shapes with no rows; the last step is padded after
-collation."""
+the other stages' stand-ins have the same names and shapes with no rows; the evaluation loss counts every masked
+token, as the model's own forward does, not the training cap's; the last step is padded after collation."""
 import json
 import subprocess
 import sys
@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from ipu_train.backends.pipelined import LOGITS, REAL_ROWS, STEP_POSITION, _EvaluationSteps
+from ipu_train.backends.pipelined import LOGITS, REAL_ROWS, STEP_POSITION, _EvaluationSteps, _uncapped
 from ipu_train.config import IPUConfig
 from ipu_train.pipeline.heads import IGNORE_INDEX
 from ipu_train.pipeline.process_stages import build_stage_module, stage_plan_for
@@ -117,6 +117,21 @@ def test_the_last_stage_returns_the_logits_of_the_whole_model(family):
     for name, logits in got.items():
         assert logits.shape == (len(batch["input_ids"]), *shapes[name])
         torch.testing.assert_close(logits, expected[name], rtol=1e-5, atol=1e-5)
+
+
+def test_the_evaluation_loss_counts_every_masked_token():
+    """Built with the training cap of 1 masked token a row, the stage evaluates the loss of all of them."""
+    model, stage = whole_model_stage("bert-mlm", max_predictions=1)
+    batch = micro_batch("bert-mlm", torch.Generator().manual_seed(5))
+    assert ((batch["labels"] != IGNORE_INDEX).sum(dim=1) > 1).all()
+    with torch.no_grad():
+        expected = model(**batch).loss
+        finished = stage(*type(stage).first_stage_inputs(batch))
+        capped = stage.loss(finished, batch["labels"])
+        with _uncapped([stage]):
+            uncapped = stage.loss(finished, batch["labels"])
+    assert stage.max_predictions == 1 and not torch.isclose(capped, expected)
+    torch.testing.assert_close(uncapped, expected)
 
 
 class _Loader(list):

@@ -11,6 +11,7 @@ process), so that summing over every process counts each sample once; the other 
 
 No host read happens inside a group: the loss comes back broadcast on the device, the gradient norm is all-reduced
 on it. On CUDA the stages talk over NCCL (written, not yet run: CI has no GPU); on CPU over gloo."""
+import contextlib
 import itertools
 import logging
 import math
@@ -170,7 +171,7 @@ class PipelinedBackend(TorchBackend):  # implements backends.base.Backend
     def _forward_step(self, batch):
         real = batch.pop(REAL_ROWS)
         self.train_module.eval()
-        with torch.no_grad(), self.autocast():
+        with torch.no_grad(), self.autocast(), _uncapped(self.pipeline.modules):
             losses, finished = _forward_only(self.pipeline, batch)
         return _EvaluatedStep(batch, real if self.pipeline.holds_last else 0, losses, finished)
 
@@ -311,6 +312,20 @@ class _EvaluationSteps:
 
 def _row_shapes(batch):
     return {key: tuple(value.shape[1:]) for key, value in batch.items() if torch.is_tensor(value)}
+
+
+@contextlib.contextmanager
+def _uncapped(modules):
+    """The stages' sparse MLM loss without the training cap on masked tokens per sequence: the evaluation collators
+    mask without one, and one process evaluates with the model's own forward, which counts every masked token."""
+    caps = [module.max_predictions for module in modules]
+    for module in modules:
+        module.max_predictions = None
+    try:
+        yield
+    finally:
+        for module, cap in zip(modules, caps):
+            module.max_predictions = cap
 
 
 def _forward_only(pipeline, batch):
