@@ -27,6 +27,9 @@ logger = logging.getLogger("ipu_train")
 
 # A packed sequence's index in its split, beside its columns: the collator masks sequences in the data's order.
 SEQUENCE_INDEX = "packed_sequence_index"
+# The collator's per-token record of packed rows, [rows, L] int32: each token's sequence in its row (1, 2, ...; 0 for
+# padding). No model takes it: packed_model_inputs turns it into the attention mask on the device.
+SEQUENCE_IN_ROW = "sequence_in_row"
 
 
 @dataclass(frozen=True)
@@ -179,12 +182,14 @@ class DataCollatorForPackedSequences:
     """Rows of packed sequences, from a collator of single sequences (e.g. the capped MLM collator): each sequence is
     collated (masked, labelled) on its own, exactly as without packing, then laid into its row.
 
-    A row's sequences see only themselves: `attention_mask` is additive and block-diagonal, [rows, 1, L, L] (0 where
-    a token may attend, the dtype's minimum elsewhere; a padding token attends to itself alone, so no softmax row is
-    empty), which transformers' SDPA and eager attention take as given. Position ids restart at each sequence (after
-    `position_offset`, for families that count positions from the padding index); token type ids are each
-    sequence's own. Per-sequence columns (`next_sentence_label`) become [rows, max_per_pack], -100 where a row holds
-    fewer sequences, with `sequence_starts` (each sequence's first token: its [CLS]) beside them."""
+    A row's sequences see only themselves. The batch holds no attention mask: `sequence_in_row` (SEQUENCE_IN_ROW,
+    [rows, L] int32) numbers each token's sequence in its row (1, 2, ...; 0 for padding), and `packed_model_inputs`
+    builds the [rows, 1, L, L] block-diagonal mask from it on the device, right before the forward (an L x L mask
+    per row is 1 MiB at 512 in float32: too much to build on the host and copy every step). Position ids restart
+    at each sequence (after `position_offset`, for families that count positions from the padding index); token
+    type ids are each sequence's own. Per-sequence columns (`next_sentence_label`) become [rows, max_per_pack], -100
+    where a row holds fewer sequences, with `sequence_starts` (each sequence's first token: its [CLS]) beside
+    them."""
 
     sequence_collator: Any
     max_length: int
@@ -234,8 +239,7 @@ class DataCollatorForPackedSequences:
                 batch[key] = lay_out(values, 0)
         positions = torch.arange(width).expand_as(real) + self.position_offset
         batch["position_ids"] = lay_out(positions, self.position_offset)
-        sequence = lay_out(slot[:, None].expand_as(real), -1)
-        batch["attention_mask"] = _block_diagonal_mask(sequence)
+        batch[SEQUENCE_IN_ROW] = lay_out((slot + 1).to(torch.int32)[:, None].expand_as(real), 0)
         if any(key in self.per_sequence_columns for key in collated):
             starts = torch.zeros(len(packs), self.max_per_pack, dtype=torch.long)
             starts[row, slot] = start
@@ -254,13 +258,52 @@ class DataCollatorForPackedSequences:
                 for key, values in collated.items()}
 
 
-def _block_diagonal_mask(sequence):
-    """Additive [rows, 1, L, L] mask: token i attends to token j where both belong to the same sequence; a padding
-    token (sequence -1) attends to itself only."""
-    same = (sequence[:, :, None] == sequence[:, None, :]) & (sequence[:, :, None] >= 0)
-    same |= torch.eye(sequence.shape[1], dtype=torch.bool)
-    mask = torch.zeros(same.shape, dtype=torch.float32).masked_fill_(~same, torch.finfo(torch.float32).min)
-    return mask[:, None]
+def packed_model_inputs(batch, model):
+    """The keyword arguments `model` takes for `batch`: a batch of packed rows (one holding SEQUENCE_IN_ROW) gets
+    its block-diagonal attention mask in place of SEQUENCE_IN_ROW, built where the batch lies (on the device) in the
+    model's dtype; any other batch is returned as it is. Every path that runs a model on packed rows calls this
+    right before the forward: TorchBackend's training step, compile step and evaluation, benchmarks/packing.py and
+    the tests. No host read."""
+    sequence_in_row = batch.get(SEQUENCE_IN_ROW)
+    if sequence_in_row is None:
+        return batch
+    inputs = {key: value for key, value in batch.items() if key != SEQUENCE_IN_ROW}
+    inputs["attention_mask"] = block_diagonal_mask(sequence_in_row, _dtype_of(model))
+    return inputs
+
+
+def block_diagonal_mask(sequence_in_row, dtype):
+    """Additive [rows, 1, L, L] mask from each token's sequence in its row ([rows, L], 0 for padding): 0 where token
+    i may attend to token j (both of one sequence), the dtype's minimum elsewhere, which transformers' SDPA and eager
+    attention take as given. A padding token attends to itself alone, so that no softmax row is empty."""
+    length, device = sequence_in_row.shape[1], sequence_in_row.device
+    alone = -1 - torch.arange(length, device=device)  # each padding token a sequence of its own
+    sequence = torch.where(sequence_in_row > 0, sequence_in_row, alone)
+    same = sequence[:, None, :, None] == sequence[:, None, None, :]
+    return torch.zeros(same.shape, dtype=dtype, device=device).masked_fill_(~same, torch.finfo(dtype).min)
+
+
+def _dtype_of(model):
+    """The dtype of the model's activations where no autocast changes it: its floating-point weights'."""
+    dtype = getattr(model, "dtype", None)  # transformers' models say it
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def refuse_unconverted_packed_rows(model):
+    """Make `model` raise when called on a batch that still holds SEQUENCE_IN_ROW: transformers' models take unknown
+    keyword arguments without a word (**kwargs), so a path that skipped packed_model_inputs would otherwise run
+    without any attention mask, each sequence attending to every other one of its row. Once per model."""
+    if not getattr(model, "_refuses_unconverted_packed_rows", False):
+        model.register_forward_pre_hook(_refuse_sequence_in_row, with_kwargs=True)
+        model._refuses_unconverted_packed_rows = True
+
+
+def _refuse_sequence_in_row(module, args, kwargs):
+    if SEQUENCE_IN_ROW in kwargs:
+        raise RuntimeError(f"{type(module).__name__} was given a batch of packed rows as the collator made it: pass it "
+                           "through ipu_train.packing.packed_model_inputs first, which builds its attention mask")
 
 
 def accept_packed_pretraining_rows(model):

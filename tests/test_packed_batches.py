@@ -1,13 +1,19 @@
 """Packed rows give a masked LM exactly what one sequence per padded row gives it (issue 15, points 2 and 3)."""
 import random
+import types
 
 import pytest
 import torch
 from transformers import (AutoTokenizer, BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM,
                           RobertaConfig, RobertaForMaskedLM)
 
+from ipu_train.backends.base import input_tokens
+from ipu_train.backends.torch import TorchBackend
+from ipu_train.config import IPUConfig
 from ipu_train.data import DataCollatorForCappedMLM
-from ipu_train.packing import DataCollatorForPackedSequences, PackedDataset
+from ipu_train.packing import (SEQUENCE_IN_ROW, DataCollatorForPackedSequences, PackedDataset, block_diagonal_mask,
+                               packed_model_inputs, refuse_unconverted_packed_rows)
+from ipu_train.parallel import ParallelLayout
 from ipu_train.pipeline.families import position_offset
 
 SMALL = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
@@ -40,7 +46,7 @@ def sequences(tokenizer, count, seed):
 
 def loss_and_grads(model, batch):
     model.zero_grad()
-    loss = model(**batch).loss
+    loss = model(**packed_model_inputs(batch, model)).loss
     loss.backward()
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
@@ -88,7 +94,9 @@ def test_packed_rows_keep_each_sequence_to_itself(wordpiece_tokenizer_dir):
     assert batch["token_type_ids"].tolist() == [[0, 0, 1, 1, 0, 0, 1, 0, 0, 0], [0, 0, 1, 1, 1, 0, 0, 0, 0, 0]]
     assert batch["next_sentence_label"].tolist() == [[1, 0, -100], [1, -100, -100]]
     assert batch["sequence_starts"].tolist() == [[0, 4, 0], [0, 0, 0]]
-    allowed = batch["attention_mask"][0, 0] == 0
+    assert batch[SEQUENCE_IN_ROW].tolist() == [[1] * 4 + [2] * 3 + [0] * 3, [1] * 5 + [0] * 5]
+    assert "attention_mask" not in batch
+    allowed = packed_model_inputs(batch, bert(len(tokenizer), tokenizer))["attention_mask"][0, 0] == 0
     assert allowed[:4, :4].all() and allowed[4:7, 4:7].all()
     assert not allowed[:4, 4:].any() and not allowed[4:7, :4].any() and not allowed[4:7, 7:].any()
     assert torch.equal(allowed[7:, 7:], torch.eye(3, dtype=torch.bool))  # padding sees itself alone
@@ -129,3 +137,112 @@ def test_packed_pretraining_equals_padded_pairs(wordpiece_tokenizer_dir):
     for name, grad in padded_grads.items():
         if "position_embeddings" not in name:
             assert torch.allclose(packed_grads[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_the_collator_hands_over_no_l_by_l_tensor(wordpiece_tokenizer_dir):
+    """A batch of packed rows holds per-token and per-sequence tensors only: the [rows, 1, L, L] mask is built on the
+    device (packed_model_inputs), not by the collator, and the batch's bytes grow with L, not with L x L."""
+    tokenizer = AutoTokenizer.from_pretrained(wordpiece_tokenizer_dir)
+    examples = sequences(tokenizer, 24, seed=4)
+    packs = [[examples[i] for i in pack] for pack in PackedDataset(
+        {"input_ids": [e["input_ids"] for e in examples]}, max_length=128, max_per_pack=3).packing.packs]
+    mlm = DataCollatorForCappedMLM(tokenizer, mlm_probability=0.15, pad_to_multiple_of=None)
+    batch = DataCollatorForPackedSequences(mlm, 128, 3, tokenizer.pad_token_id)(packs)
+    rows = len(packs)
+    assert {tuple(value.shape) for value in batch.values()} <= {(rows, 128), (rows, 3)}
+    assert batch[SEQUENCE_IN_ROW].dtype == torch.int32
+    assert sum(value.numel() * value.element_size() for value in batch.values()) < 8 * rows * 128 * 8
+
+
+def test_the_mask_is_built_in_the_model_dtype_with_each_padding_token_alone():
+    sequence_in_row = torch.tensor([[1, 1, 2, 0, 0]], dtype=torch.int32)
+    mask = block_diagonal_mask(sequence_in_row, torch.bfloat16)
+    assert mask.shape == (1, 1, 5, 5) and mask.dtype == torch.bfloat16
+    allowed = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 1]],
+                           dtype=torch.bool)
+    assert torch.equal(mask[0, 0] == 0, allowed)
+    assert (mask[0, 0][~allowed] == torch.finfo(torch.bfloat16).min).all()
+    model = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    assert packed_model_inputs({SEQUENCE_IN_ROW: sequence_in_row}, model)["attention_mask"].dtype == torch.bfloat16
+
+
+def test_a_model_refuses_packed_rows_whose_mask_was_not_built(wordpiece_tokenizer_dir):
+    """transformers' models take unknown keyword arguments without a word: unguarded, a batch that skipped
+    packed_model_inputs would run with no attention mask at all, each sequence attending to its neighbours."""
+    tokenizer = AutoTokenizer.from_pretrained(wordpiece_tokenizer_dir)
+    model = bert(len(tokenizer), tokenizer)
+    batch = DataCollatorForPackedSequences(DataCollatorForCappedMLM(tokenizer, pad_to_multiple_of=None), 120, 3,
+                                           tokenizer.pad_token_id)([sequences(tokenizer, 3, seed=5)])
+    model(**batch)  # unguarded: no error, and no mask either
+    refuse_unconverted_packed_rows(model)
+    refuse_unconverted_packed_rows(model)  # once per model
+    with pytest.raises(RuntimeError, match="packed_model_inputs"):
+        model(**batch)
+    assert model(**packed_model_inputs(batch, model)).loss is not None
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+def backend_on(device):
+    args = types.SimpleNamespace(device=torch.device(device), world_size=1, process_index=0, precision="fp32",
+                                 loss_scaling=None, cuda_graphs=False, torch_compile=False, max_grad_norm=1.0,
+                                 dataloader_pin_memory=True)
+    return TorchBackend(args, IPUConfig(), ParallelLayout(processes=1, rank=0, replicas=1, accumulation=1,
+                                                          writes_files=True))
+
+
+def packed_pair_batch(tokenizer, second_ids, mlm_probability=1e-9):
+    """Two rows: a first and a second sequence packed together, then one sequence alone (by default no token
+    masked)."""
+    first = {"input_ids": [2, 7, 8, 9, 3]}
+    alone = {"input_ids": [2, 10, 11, 3]}
+    mlm = DataCollatorForCappedMLM(tokenizer, mlm_probability=mlm_probability, pad_to_multiple_of=None)
+    return DataCollatorForPackedSequences(mlm, 16, 3, tokenizer.pad_token_id)([[first, {"input_ids": second_ids}],
+                                                                             [alone]])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_device_path_keeps_each_packed_sequence_to_itself(device, wordpiece_tokenizer_dir):
+    """Evaluated as the trainer evaluates (TorchBackend.to_device, then eval_outputs, which builds the mask on the
+    device), a row's first sequence gives the same logits whatever its neighbour holds, while the neighbour's own
+    logits change; without the mask they would not stay the same."""
+    tokenizer = AutoTokenizer.from_pretrained(wordpiece_tokenizer_dir)
+    torch.manual_seed(0)
+    model = bert(len(tokenizer), tokenizer).to(device).eval()
+    refuse_unconverted_packed_rows(model)
+    backend = backend_on(device)
+
+    def logits(batch):
+        outputs, _ = backend.eval_outputs(model, backend.to_device(batch))
+        return outputs.logits.cpu()
+
+    batches = [packed_pair_batch(tokenizer, [2, *range(first, first + 8), 3]) for first in (12, 40)]
+    before, after = (logits(batch) for batch in batches)
+    assert torch.allclose(before[0, :5], after[0, :5], rtol=0, atol=1e-6)  # the first sequence: untouched
+    assert (before[0, 5:15] - after[0, 5:15]).abs().max() > 0.1  # its neighbour: changed
+    assert torch.equal(before[1], after[1])  # the other row
+    with torch.no_grad():
+        unmasked = [model(**{key: value.to(device) for key, value in batch.items() if key != SEQUENCE_IN_ROW}).logits
+                    for batch in batches]
+    assert (unmasked[0][0, :5] - unmasked[1][0, :5]).abs().max() > 1e-4  # what a leak would do
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_training_step_builds_the_mask_and_counts_real_tokens(device, wordpiece_tokenizer_dir):
+    """TorchBackend's training and compile steps hand the model its mask (the model refuses a batch without it),
+    and the step's input tokens are the sequences' own."""
+    tokenizer = AutoTokenizer.from_pretrained(wordpiece_tokenizer_dir)
+    torch.manual_seed(0)
+    model = bert(len(tokenizer), tokenizer).to(device)
+    refuse_unconverted_packed_rows(model)
+    backend = backend_on(device)
+    module = backend.prepare_model(model)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    backend.attach(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
+    torch.manual_seed(0)
+    batch = packed_pair_batch(tokenizer, [2, 12, 13, 3], mlm_probability=0.5)
+    assert (batch["labels"] != -100).any()
+    backend.compile_step(iter([batch]))
+    loss, tokens, _ = backend.train_step([backend.to_device(batch)])
+    assert torch.isfinite(loss) and int(tokens) == int(input_tokens(batch)) == 5 + 4 + 4

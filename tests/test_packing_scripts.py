@@ -50,7 +50,7 @@ def test_pretraining_trains_and_evaluates_on_packed_rows(text_files, wordpiece_t
         assert 0 <= metrics[key] <= 1
     train = results(out, "train")
     assert train["train_samples"] > 0
-    # Tokens seen are the pairs' own, not the additive values of the packed (4-D) attention mask.
+    # Tokens seen are the pairs' own (those of sequence_in_row's sequences), not the rows' padding.
     seen = json.loads((out / "trainer_state.json").read_text())["num_input_tokens_seen"]
     assert 0 < seen <= 12 * 8 * 64
 

@@ -11,6 +11,7 @@ from typing import Iterator, Optional, Protocol
 
 import torch
 
+from ..packing import SEQUENCE_IN_ROW
 from ..pipeline.heads import IGNORE_INDEX
 
 
@@ -60,13 +61,13 @@ def real_rows_loss(losses, real, micro_batch):
 
 
 def input_tokens(batch):
-    """The tokens a batch feeds the model: its attention mask's ones, else every input id (a device value where the
+    """The tokens a batch feeds the model: the tokens of its sequences where it holds packed rows (as the collator
+    made it: padding is sequence 0), else its attention mask's ones, else every input id (a device value where the
     batch is on the device)."""
+    sequence_in_row = batch.get(SEQUENCE_IN_ROW)
+    if sequence_in_row is not None:
+        return (sequence_in_row > 0).sum()
     mask = batch.get("attention_mask")
-    if mask is not None and mask.dim() == 4:
-        # Packed rows (ipu_train.packing): additive [rows, 1, L, L], 0 where a token may attend. A token of a
-        # sequence sees that whole sequence (every sequence holds [CLS] and [SEP] at least), a padding one itself.
-        return ((mask[:, 0] == 0).sum(dim=-1) > 1).sum()
     if mask is not None:
         return mask.sum()
     ids = batch.get("input_ids")

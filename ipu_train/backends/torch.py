@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from ..compat import compile_in_place, grad_scaler
 from ..errors import UserError
 from ..optim import LAMB
+from ..packing import packed_model_inputs
 from ..pipeline.heads import enable_serialized_heads, loss_of
 from ..pipeline.recompute import enable_recompute
 from .base import DeviceSums, GroupResult, GroupSums, PendingHostRead, batch_size, input_tokens
@@ -284,7 +285,7 @@ class TorchBackend:  # implements backends.base.Backend
             defer_all_reduce = self.layout.distributed and i < accumulation - 1
             with module.no_sync() if defer_all_reduce else contextlib.nullcontext():
                 with self.autocast():
-                    outputs = module(**batch)
+                    outputs = module(**packed_model_inputs(batch, self.model))
                 loss = loss_of(outputs).float() / accumulation
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             step_loss += loss.detach()
@@ -310,7 +311,7 @@ class TorchBackend:  # implements backends.base.Backend
         self.train_module.train()
         for batch in [next(batches) for _ in range(self.layout.micro_batches_per_step)]:
             with self.autocast():
-                loss = loss_of(self.train_module(**self.to_device(batch))).float()
+                loss = loss_of(self.train_module(**packed_model_inputs(self.to_device(batch), self.model))).float()
             loss.backward()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -332,7 +333,7 @@ class TorchBackend:  # implements backends.base.Backend
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad(), self.autocast():
-            outputs = model(**batch)
+            outputs = model(**packed_model_inputs(batch, model))
         if self.cuda_graphs:  # the next replay overwrites the graph's outputs: keep copies of what is read later
             return _cloned(outputs), batch
         return outputs, batch
