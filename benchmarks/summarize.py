@@ -4,7 +4,9 @@ measured in the same call when anchors.json (benchmarks/hf_baseline_gpu.py) hold
 - throughput_<label>.json: benchmarks/throughput.py;
 - anchors.json: benchmarks/hf_baseline_gpu.py;
 - script_<model>.json: the train_results.json of a real script (run_clm.py, run_pretraining.py), set next to our
-  side of throughput_<model>.json, the benchmark it must come within 10% of.
+  side of throughput_<model>.json, the benchmark it must come within 10% of;
+- packing_<label>.json: benchmarks/packing.py (benchmarks/gpu_packing.sh), real tokens/s of the padded and the
+  packed side of each sequence length, and their ratio.
 
     python benchmarks/summarize.py [--combined results.json] FILE...
 
@@ -54,6 +56,19 @@ def script_rows(model, metrics, benchmarks):
     return rows
 
 
+def packing_rows(label, data):
+    rows = []
+    for run in data["runs"]:
+        name = f"packing {label}" if len(data["runs"]) == 1 else f"packing {label} seq {run['seq']}"
+        for side in ("padded", "packed"):
+            r = run[side]
+            rows.append(dict(run=f"{name} {side}", tokens_per_s=r["real_tokens_per_s"],
+                             seq_per_s=r["pairs_per_step"] * 1e3 / r["ms_per_step"], step_ms=r["ms_per_step"],
+                             tflops=0, peak_mem_GB=r["peak_memory_GB"]))
+        rows.append(dict(run=f"{name} packed/padded", ratio=run["packed_over_padded"]))
+    return rows
+
+
 def main(argv):
     combined = None
     if argv[:1] == ["--combined"]:
@@ -68,6 +83,8 @@ def main(argv):
             rows += throughput_rows(name[len("throughput_"):], data)
         elif name.startswith("script_"):
             rows += script_rows(name[len("script_"):], data, contents)
+        elif name.startswith("packing_"):
+            rows += packing_rows(name[len("packing_"):], data)
     print(f"\nrun | tokens/s | seq/s | ms/step | TFLOP/s | MFU % (of measured {peak and round(peak)} TFLOP/s) | peak GB")
     for r in rows:
         if "error" in r:
