@@ -131,13 +131,12 @@ class IPUTrainingArguments(TrainingArguments):
         requested = False if self.no_torch_compile else self.torch_compile
         if requested is None and (self.torch_compile_mode or self.torch_compile_backend):
             requested = True  # as transformers.TrainingArguments does
-        if getattr(self, "pipeline_stages_across_processes", False):  # tests call this on a bare namespace
-            requested = False  # the stages run eagerly (_check_process_stages refused a request to compile)
         self.torch_compile = compile_by_default(requested, self.device_type)
 
     def _check_process_stages(self):
-        """--pipeline_stages_across_processes trains through torch.distributed.pipelining, in eager fp32 or bf16;
-        what it does not run yet is refused here, before any data is read."""
+        """--pipeline_stages_across_processes trains through torch.distributed.pipelining, in fp32 or bf16, each
+        stage compiled as the model would be (by default on CUDA); what it does not run yet is refused here, before
+        any data is read."""
         if self.pipeline_schedule not in (None, *PIPELINE_SCHEDULES):
             raise UserError(f"--pipeline_schedule {self.pipeline_schedule} is not one of {', '.join(PIPELINE_SCHEDULES)}")
         if not self.pipeline_stages_across_processes:
@@ -149,9 +148,10 @@ class IPUTrainingArguments(TrainingArguments):
         unsupported = [
             (self.device_type == "ipu", "--device ipu", "on IPU PopTorch pipelines the stages itself"),
             (self.fp16, "--fp16", "loss scaling does not reach the stages' backward yet: use --bf16 or --fp32"),
-            (self.torch_compile or self.cuda_graphs or self.torch_compile_mode or self.torch_compile_backend,
-             "--torch_compile (and its modes) or --cuda_graphs", "the stages run eagerly"),
-            (self.compile_only, "--compile_only", "the stages run eagerly: there is nothing to compile"),
+            (self.cuda_graphs or self.torch_compile_mode in CUDA_GRAPH_MODES,
+             f"--cuda_graphs (nor --torch_compile_mode {' or '.join(CUDA_GRAPH_MODES)})",
+             "a schedule keeps several micro-batches' activations, which a CUDA graph's replay would overwrite"),
+            (self.compile_only, "--compile_only", "each stage compiles on the first step, through the schedule"),
         ]
         for refused, what, why in unsupported:
             if refused:

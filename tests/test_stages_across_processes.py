@@ -97,6 +97,19 @@ def test_two_stages_on_two_processes_log_the_losses_of_one_process(runs):
     assert grad_norms(runs.two) == pytest.approx(grad_norms(runs.one), rel=1e-5)
 
 
+def test_compiled_stages_train_and_evaluate_as_the_eager_ones(runs, text_files, bpe_tokenizer_dir):
+    """Each stage and the last stage's loss through torch.compile (aot_eager: dynamo and autograd tracing as on
+    CUDA, without inductor's minute of code generation on the CPU)."""
+    compiled = runs.root / "compiled"
+    done = run(training_args(text_files, bpe_tokenizer_dir, compiled, "--pipeline_stages_across_processes",
+                             "--torch_compile", "--torch_compile_backend", "aot_eager"), processes=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "torch.compile: the model's forward, loss and backward (backend aot_eager" in done.stdout
+    eager, got = logged_losses(runs.two), logged_losses(compiled)
+    assert got == pytest.approx(eager, rel=1e-6)
+    assert evaluations(compiled)[1]["eval_loss"] == pytest.approx(evaluations(runs.two)[1]["eval_loss"], rel=1e-6)
+
+
 def test_two_stages_evaluate_as_one_process_with_the_last_batch_padded(runs):
     (during_one, final_one), (during_two, final_two) = evaluations(runs.one), evaluations(runs.two)
     assert [entry["step"] for entry in during_two] == [entry["step"] for entry in during_one] == [3, 6]
@@ -204,7 +217,8 @@ def test_layouts_that_do_not_run_are_refused_naming_what_fits(tmp_path, config, 
 
 @pytest.mark.parametrize("flags, phrase", [
     (dict(pipeline_schedule="gpipe", pipeline_stages_across_processes=False), "add that flag"),
-    (dict(torch_compile=True), "--torch_compile"),
+    (dict(torch_compile=True, torch_compile_mode="reduce-overhead"), "--cuda_graphs"),
+    (dict(compile_only=True), "--compile_only"),
 ])
 def test_flags_the_stages_do_not_run_yet_are_refused(tmp_path, flags, phrase):
     flags = {"pipeline_stages_across_processes": True, **flags}
