@@ -155,6 +155,29 @@ def test_the_stages_save_one_from_pretrained_folder_equal_to_the_one_process_mod
             "scheduler.pt", "rng_state_0.pth", "rng_state_1.pth"} <= checkpoint
 
 
+def test_stages_fine_tune_a_pretrained_model_read_stage_by_stage_as_one_process(runs, text_files, bpe_tokenizer_dir):
+    """From --model_name_or_path each process reads only its stage's weights (the model built without any); the
+    model saved after training equals the one process's."""
+    def fine_tuning(output_dir, *extra):
+        args = training_args(text_files, bpe_tokenizer_dir, output_dir, "--max_steps", "2", "--eval_strategy", "no",
+                             "--save_strategy", "no", *extra)
+        start = args.index("--model_type")
+        return args[:start] + ["--model_name_or_path", str(runs.one)] + args[start + 4:]  # for type and overrides
+
+    one, two = runs.root / "tuned-one", runs.root / "tuned-two"
+    done = run(fine_tuning(one))
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = run(fine_tuning(two, "--pipeline_stages_across_processes"), processes=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Each process will read only its stage's weights from" in done.stdout
+    expected, got = (AutoModelForCausalLM.from_pretrained(folder).state_dict() for folder in (one, two))
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    assert not torch.equal(got["transformer.h.0.mlp.c_fc.weight"],
+                           AutoModelForCausalLM.from_pretrained(runs.one).state_dict()["transformer.h.0.mlp.c_fc.weight"])
+
+
 def test_a_checkpoint_resumes_exactly_on_its_layout_and_is_refused_on_another(runs, text_files, bpe_tokenizer_dir,
                                                                                capsys):
     checkpoint = runs.two / "checkpoint-3"
