@@ -134,7 +134,7 @@ class IPUTrainingArguments(TrainingArguments):
         self.torch_compile = compile_by_default(requested, self.device_type)
 
     def _check_process_stages(self):
-        """--pipeline_stages_across_processes trains through torch.distributed.pipelining, in fp32 or bf16, each
+        """--pipeline_stages_across_processes trains through torch.distributed.pipelining, in fp32, bf16 or fp16, each
         stage compiled as the model would be (by default on CUDA); what it does not run yet is refused here, before
         any data is read."""
         if self.pipeline_schedule not in (None, *PIPELINE_SCHEDULES):
@@ -147,7 +147,6 @@ class IPUTrainingArguments(TrainingArguments):
         self.pipeline_schedule = self.pipeline_schedule or "1f1b"
         unsupported = [
             (self.device_type == "ipu", "--device ipu", "on IPU PopTorch pipelines the stages itself"),
-            (self.fp16, "--fp16", "loss scaling does not reach the stages' backward yet: use --bf16 or --fp32"),
             (self.cuda_graphs or self.torch_compile_mode in CUDA_GRAPH_MODES,
              f"--cuda_graphs (nor --torch_compile_mode {' or '.join(CUDA_GRAPH_MODES)})",
              "a schedule keeps several micro-batches' activations, which a CUDA graph's replay would overwrite"),

@@ -24,11 +24,13 @@ from torch import nn
 
 from ..errors import UserError
 from ..pipeline.heads import serialization_factor
+from ..pipeline.loss_scale import PipelineLossScale
 from ..pipeline.process_stages import (PipelineRanks, build_process_pipeline, build_stage_module,
-                                       clip_global_grad_norm, gather_model_state, load_whole_model_state,
-                                       new_pipeline_groups, pipeline_train_step, stage_plan_for)
+                                       gather_model_state, load_whole_model_state,
+                                       new_pipeline_groups, pipeline_optimizer_step, pipeline_train_step,
+                                       stage_plan_for)
 from .base import batch_size, ignore_padding_labels, input_tokens
-from .torch import TorchBackend, _chunks
+from .torch import StaticLossScale, TorchBackend, _chunks
 
 logger = logging.getLogger("ipu_train")
 
@@ -62,6 +64,16 @@ class PipelinedBackend(TorchBackend):  # implements backends.base.Backend
                         "optimizer state")
         return False
 
+    def _loss_scaler(self):
+        """fp16: the same scale on every process of the pipelines (see pipeline/loss_scale.py), dynamic unless
+        --loss_scaling is given without auto_loss_scaling."""
+        scaler = super()._loss_scaler()
+        if scaler is None:
+            return None
+        if isinstance(scaler, StaticLossScale):
+            return PipelineLossScale(scaler.loss_scale, self.device, dynamic=False)
+        return PipelineLossScale(scaler.get_scale(), self.device)
+
     def prepare_model(self, model, max_predictions=None):
         """This process's stages, built from the model's weights (the scripts build the same model, from the same
         seed or files, in every process), alone on the device; returns them as one module. The model itself stays,
@@ -81,7 +93,8 @@ class PipelinedBackend(TorchBackend):  # implements backends.base.Backend
         if self.args.torch_compile:
             self._compile_stages(modules)
         self.pipeline = build_process_pipeline(self.ranks, groups, modules, self.layout.accumulation,
-                                               schedule=self.args.pipeline_schedule, device=self.device)
+                                               schedule=self.args.pipeline_schedule, device=self.device,
+                                               loss_scale=self.scaler)
         self.non_embedding_params = model.num_parameters(exclude_embeddings=True)
         self.model, self.train_module = model, nn.ModuleList(modules)
         self._log_kept_share(model)
@@ -113,10 +126,7 @@ class PipelinedBackend(TorchBackend):  # implements backends.base.Backend
         self.train_module.train()
         with self.autocast():
             step_loss = pipeline_train_step(self.pipeline, micro_batches, device=self.device)
-        grad_norm = None
-        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
-            grad_norm = clip_global_grad_norm(self.pipeline, self.args.max_grad_norm)
-        self.optimizer.step()
+        grad_norm = pipeline_optimizer_step(self.pipeline, self.optimizer, self.args.max_grad_norm, self.scaler)
         self.last_learning_rate = self.lr_scheduler.get_last_lr()[0]
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

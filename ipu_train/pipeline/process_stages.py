@@ -527,11 +527,13 @@ class ProcessPipeline:
         return self.modules[-1].is_last
 
 
-def build_process_pipeline(ranks, groups, modules, n_microbatches, schedule="1f1b", device="cpu") -> ProcessPipeline:
+def build_process_pipeline(ranks, groups, modules, n_microbatches, schedule="1f1b", device="cpu",
+                           loss_scale=None) -> ProcessPipeline:
     """Wrap this rank's stage modules (one per entry of `ranks.stage_indices`) in `PipelineStage`s and a schedule.
     `n_microbatches`: gradient_accumulation_steps. Shapes between stages are inferred from the first micro-batch
     (every micro-batch must have the same). The schedule scales gradients by 1 / n_microbatches: each micro-batch's
-    loss is its mean, so the step's gradient is that of the mean over micro-batches, as under accumulation."""
+    loss is its mean, so the step's gradient is that of the mean over micro-batches, as under accumulation.
+    `loss_scale`: a PipelineLossScale (fp16), whose scale the last stage's backward starts from."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
     from torch.distributed import pipelining
@@ -540,6 +542,11 @@ def build_process_pipeline(ranks, groups, modules, n_microbatches, schedule="1f1
               for index, module in zip(ranks.stage_indices, modules)]
     # Every rank passes a loss function: without one the schedule runs no backward. Only the last stage calls it.
     loss_fn = modules[-1].loss if modules[-1].is_last else _loss_on_the_last_stage_only
+    if loss_scale is not None and modules[-1].is_last:
+        unscaled_loss = loss_fn
+
+        def loss_fn(output, target):
+            return loss_scale.scaled_backward(unscaled_loss(output, target))
     if schedule == "interleaved_1f1b":
         runner = pipelining.ScheduleInterleaved1F1B(stages, n_microbatches, loss_fn=loss_fn)
     elif len(stages) > 1:
@@ -612,6 +619,21 @@ def _mean_loss(pipeline, losses, device):
         dist.all_reduce(loss, group=pipeline.groups.data_parallel)
         loss /= pipeline.ranks.replicas
     return loss
+
+
+def pipeline_optimizer_step(pipeline: ProcessPipeline, optimizer, max_grad_norm=None, loss_scale=None):
+    """After pipeline_train_step: the gradients unscaled (fp16: `loss_scale`), clipped by the global norm, the
+    optimizer's step (skipped on every process where a scaled step overflowed on any), the scale updated. Returns
+    the global gradient norm, None without clipping."""
+    if loss_scale is not None:
+        loss_scale.unscale_(pipeline.parameters())
+    grad_norm = clip_global_grad_norm(pipeline, max_grad_norm) if max_grad_norm and max_grad_norm > 0 else None
+    if loss_scale is None:
+        optimizer.step()
+    else:
+        loss_scale.step(optimizer)
+        loss_scale.update()
+    return grad_norm
 
 
 def clip_global_grad_norm(pipeline: ProcessPipeline, max_norm) -> torch.Tensor:
