@@ -18,30 +18,13 @@
 # From the repository root, through the device tool:
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
 # .whl holds the project's pinned transformers and datasets (+ dill, multiprocess) for the GPU image's Python 3.12
-# (see benchmarks/RESULTS.md); they are installed into /tmp/site when present.
+# (see benchmarks/RESULTS.md); benchmarks/gpu_setup.sh installs them into /tmp/site when present.
 # DRY=1 runs steps 2 to 5 with tiny models on the CPU, to check the script anywhere (about 2 minutes).
 set -u
 start=$SECONDS  # every step's guard counts from here: the call must end inside the tool's 600 s
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export OUT=${OUT:-/tmp/gpu_check}
-WORK=${WORK:-/tmp/gpu_check_work}  # intermediate JSON and data; only gpu_check.log and results.json go to $OUT
-rm -rf "$WORK" && mkdir -p "$OUT" "$WORK"
-LOG=$OUT/gpu_check.log
-# One compile cache for every process of the call: the real scripts reuse the benchmark's compiled kernels.
-export TORCHINDUCTOR_CACHE_DIR=$WORK/inductor_cache
-if ls .whl/*.whl >/dev/null 2>&1; then
-  wheels=(.whl/*.whl)
-  # datasets 5.2 (the project's pin) needs pyarrow >= 24; with an older pyarrow on the image, datasets 5.0.
-  if ! $PY -c "import pyarrow, sys; sys.exit(int(pyarrow.__version__.split('.')[0]) < 24)" 2>/dev/null \
-      && ls .whl/older/datasets-*.whl >/dev/null 2>&1; then
-    wheels=($(ls .whl/*.whl | grep -v /datasets-) .whl/older/datasets-*.whl)
-  fi
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}" \
-    && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+NAME=gpu_check
+source benchmarks/gpu_setup.sh  # PY, OUT, WORK (intermediate JSON and data), LOG; the .whl wheels; PYTHONPATH
 
 DRY=${DRY:-0}
 if [ "$DRY" = 1 ]; then

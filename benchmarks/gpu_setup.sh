@@ -1,9 +1,8 @@
-# Sourced by a GPU script from the repository root, with NAME set (gpu_packing.sh): what every call to the device
+# Sourced by a GPU script from the repository root, with NAME set (gpu_check.sh, gpu_packing.sh): what every call to the device
 # machine needs first. Sets PY (the Python of $PYTHON, else python3), OUT (/tmp/$NAME unless given; what comes back),
 # WORK (/tmp/${NAME}_work unless given; emptied), LOG ($OUT/$NAME.log) and PYTHONPATH (the repository, after the
 # wheels of .whl when the call carried them: the project's pinned transformers and datasets for the GPU image's
 # Python 3.12, see benchmarks/fetch_gpu_wheels.sh, installed into /tmp/site). Hub and datasets offline.
-# benchmarks/gpu_check.sh does the same in its own lines.
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export OUT=${OUT:-/tmp/$NAME}
