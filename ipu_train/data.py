@@ -67,9 +67,9 @@ class DataCollatorForCappedMLM(DataCollatorForLanguageModeling):
       tokens): exact for every fast tokenizer, including byte-level BPE. Without that column (and for examples given as
       lists of ids) a WordPiece tokenizer's "##" continuation pieces mark them; other tokenizers then raise.
     - `token_type_ids` and `next_sentence_label` pass through; `word_ids` and `special_tokens_mask` are consumed.
-    - Host cost: rows that need no padding are stacked with one conversion per column, and special tokens are found
-      with torch.isin, not per token in Python; the batch and the random draws are the parent's
-      (tests/test_collator_fast.py, benchmarks/collate.py).
+    - Host cost: rows are stacked, or padded as tokenizer.pad pads them, with one conversion per column (not
+      tokenizer.pad's per-row Python path), and special tokens are looked up per id, not tested per token in Python;
+      the batch and the random draws are the parent's (tests/test_collator_fast.py, benchmarks/collate.py).
     """
 
     consumed_columns: ClassVar[tuple[str, ...]] = ("word_ids", "special_tokens_mask")  # read here, not by the model
@@ -87,6 +87,8 @@ class DataCollatorForCappedMLM(DataCollatorForLanguageModeling):
             raise ValueError("the cap is applied to torch batches: return_tensors must be 'pt'")
         super().__post_init__()
         self._special_ids = torch.tensor(self.tokenizer.all_special_ids)  # as get_special_tokens_mask tests them
+        self._is_special = torch.zeros(max(len(self.tokenizer), *self.tokenizer.all_special_ids) + 1, dtype=torch.bool)
+        self._is_special[self._special_ids] = True  # per id: a lookup, 6x faster than torch.isin
         self._continuation = None  # per-vocabulary "##" flags, built on first use without a word_ids column
 
     def cap_for(self, seq_len: int) -> int | None:
@@ -101,8 +103,8 @@ class DataCollatorForCappedMLM(DataCollatorForLanguageModeling):
         if not self.mlm:  # labels are the inputs: nothing to mask
             return super().torch_call(columns)
         self._seed_generator()
-        batch = self._stacked(columns)
-        if batch is None:  # rows to pad, or values only tokenizer.pad handles
+        batch = self._padded(columns)
+        if batch is None:  # values only tokenizer.pad handles
             batch = pad_without_fast_tokenizer_warning(self.tokenizer, columns, return_tensors="pt",
                                                        pad_to_multiple_of=self.pad_to_multiple_of)
         special_tokens_mask = batch.pop("special_tokens_mask", None)
@@ -115,7 +117,7 @@ class DataCollatorForCappedMLM(DataCollatorForLanguageModeling):
 
     def torch_mask_tokens(self, inputs, special_tokens_mask=None, offset_mapping=None):
         if special_tokens_mask is None:  # the parent's test, get_special_tokens_mask, is a Python loop over tokens
-            special_tokens_mask = torch.isin(inputs, self._special_ids)
+            special_tokens_mask = self._special_tokens(inputs)
         if self.whole_word_mask and offset_mapping is None:  # no word_ids column: "##" pieces continue a word
             offset_mapping = self._offsets((~self._continuation_flags()[inputs]).long().cumsum(dim=1))
         inputs, labels = super().torch_mask_tokens(inputs, special_tokens_mask, offset_mapping)
@@ -127,6 +129,14 @@ class DataCollatorForCappedMLM(DataCollatorForLanguageModeling):
             labels[dropped] = IGNORE_INDEX
         return inputs, labels
 
+    def _special_tokens(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Where `inputs` holds one of the tokenizer's special ids: looked up per id, or by torch.isin for ids
+        outside the vocabulary."""
+        if (inputs.dtype in (torch.int64, torch.int32) and inputs.numel()  # (uint8 and bool would index as masks)
+                and 0 <= int(inputs.min()) and int(inputs.max()) < len(self._is_special)):
+            return self._is_special[inputs]
+        return torch.isin(inputs, self._special_ids)
+
     def _seed_generator(self):
         """The generator as the parent's torch_call seeds it (this one pads dicts itself): once per process, with
         seed plus the DataLoader worker's id."""
@@ -136,22 +146,47 @@ class DataCollatorForCappedMLM(DataCollatorForLanguageModeling):
             self.generator = torch.Generator().manual_seed(self.seed + (worker.id if worker is not None else 0))
             self._generator_pid = os.getpid()
 
-    def _stacked(self, columns: list[dict[str, Any]]) -> BatchEncoding | None:
-        """tokenizer.pad's batch, built with one conversion per column, where no row needs padding; else None.
+    def _padded(self, columns: list[dict[str, Any]]) -> BatchEncoding | None:
+        """tokenizer.pad's batch, built with one conversion per column; None where only tokenizer.pad can build it.
 
-        tokenizer.pad's per-token Python path costs milliseconds a batch. It keeps the dtype of numpy values beside
-        lists of ids; everything else becomes Python lists, then int64, bool or default-float tensors.
+        tokenizer.pad's per-token Python path (then `torch.tensor` on nested lists) costs milliseconds a batch, tens
+        of them for rows of different lengths. Rows that need no padding are stacked as they are: numpy values
+        beside lists of ids keep their dtype, everything else becomes Python lists, then int64, bool or
+        default-float tensors. Rows to pad (lists of ids of different lengths, or a length off
+        `pad_to_multiple_of`) are padded here as tokenizer.pad pads them, where every column is one it pads (ids,
+        token types, attention and special-token masks, lists of ints as long as the ids) or a value per row.
         """
-        length = len(columns[0]["input_ids"])
-        if (not length or length % (self.pad_to_multiple_of or 1)
-                or any(len(example["input_ids"]) != length for example in columns)):
+        lengths = [len(example["input_ids"]) for example in columns]
+        multiple = self.pad_to_multiple_of or 1
+        width = -(-max(lengths) // multiple) * multiple
+        if not width:
             return None
+        padding = self._padding_values() if any(length != width for length in lengths) else {}
+        if padding is None:
+            return None
+        if padding:  # where each row's tokens go
+            position, lengths_column = np.arange(width), np.array(lengths)[:, None]
+            real = (position >= width - lengths_column if self.tokenizer.padding_side == "left"
+                    else position < lengths_column)
         arrays_kept = isinstance(columns[0]["input_ids"], (list, tuple))
         python_dtypes = {"b": torch.bool, "i": torch.long, "u": torch.long, "f": torch.get_default_dtype()}
         batch = {}
         for key in columns[0]:
             values = [example[key] for example in columns]
-            array = np.array(values)
+            if key in padding:  # padded: int64, as torch.tensor makes ints and bools beside the padding's ints
+                if not all(type(value) is list and len(value) == length for value, length in zip(values, lengths)):
+                    return None
+                flat = np.array(list(itertools.chain.from_iterable(values)))
+                if flat.dtype.kind not in "ib":
+                    return None
+                padded = np.full((len(columns), width), padding[key], dtype=np.int64)
+                padded[real] = flat
+                batch[key] = torch.from_numpy(padded)
+                continue
+            try:
+                array = np.array(values)
+            except ValueError:  # lists of different lengths, which tokenizer.pad does not pad either
+                return None
             if arrays_kept and isinstance(values[0], (np.ndarray, np.generic)):
                 batch[key] = torch.from_numpy(array)
             elif array.dtype.kind in python_dtypes:
@@ -159,8 +194,20 @@ class DataCollatorForCappedMLM(DataCollatorForLanguageModeling):
             else:  # strings, None: tokenizer.pad says what it cannot convert
                 return None
         if "attention_mask" not in batch and "attention_mask" in self.tokenizer.model_input_names:
-            batch["attention_mask"] = torch.ones(len(columns), length, dtype=torch.long)
+            batch["attention_mask"] = (torch.from_numpy(real.astype(np.int64)) if padding
+                                       else torch.ones(len(columns), width, dtype=torch.long))
         return BatchEncoding(batch)
+
+    def _padding_values(self) -> dict[str, int] | None:
+        """The columns tokenizer.pad pads, with their padding values; None where this tokenizer pads otherwise."""
+        tokenizer = self.tokenizer
+        if tokenizer.model_input_names[0] != "input_ids" or tokenizer.padding_side not in ("left", "right"):
+            return None
+        padding = {"input_ids": tokenizer.pad_token_id, "token_type_ids": tokenizer.pad_token_type_id,
+                   "special_tokens_mask": 1}
+        if "attention_mask" in tokenizer.model_input_names:  # tokenizer.pad leaves it as it is otherwise
+            padding["attention_mask"] = 0
+        return padding
 
     def _whole_word_mask(self, word_ids, mask):
         """The parent's whole words (-1: special token), capped before their tokens are replaced.

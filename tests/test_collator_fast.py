@@ -1,5 +1,6 @@
 """DataCollatorForCappedMLM's fast paths (one conversion per column where no row needs padding, the special-token mask
 by torch.isin) give exactly what the previous collator gave: the same batches, and the same masks for a seed."""
+import copy
 import importlib.util
 import itertools
 import pathlib
@@ -109,7 +110,7 @@ def test_worker_processes_seed_as_before(wordpiece_tokenizer_dir):
 def stacked_and_padded(tokenizer, rows, pad_to_multiple_of=None):
     collator = DataCollatorForCappedMLM(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
     padded = tokenizer.pad([dict(row) for row in rows], return_tensors="pt", pad_to_multiple_of=pad_to_multiple_of)
-    return collator._stacked(rows), padded
+    return collator._padded(rows), padded
 
 
 @pytest.mark.parametrize("make_row", [
@@ -126,11 +127,80 @@ def test_stacking_equals_tokenizer_pad(tokenizer, make_row):
     assert_same_batch(stacked, padded)
 
 
-@pytest.mark.parametrize("rows, pad_to_multiple_of", [
-    ([{"input_ids": [2, 5, 3]}, {"input_ids": [2, 3]}], None),  # rows of different lengths
-    ([{"input_ids": [2, 5, 6, 3]}], 8),  # padded up to a multiple
-    ([{"input_ids": [2, 5, 3], "text": "a b"}], None),  # tokenizer.pad says what it cannot convert
-])
-def test_rows_that_need_tokenizer_pad_are_left_to_it(wordpiece_tokenizer_dir, rows, pad_to_multiple_of):
-    tokenizer = AutoTokenizer.from_pretrained(wordpiece_tokenizer_dir)
-    assert DataCollatorForCappedMLM(tokenizer, pad_to_multiple_of=pad_to_multiple_of)._stacked(rows) is None
+def ragged(i, length):
+    """`length` ids: 2, then `i`s, then 3."""
+    return [2, *[i] * (length - 2), 3]
+
+
+PADDED_ROWS = {  # rows the collator pads itself, in every case
+    "pairs": lambda i, n: {"input_ids": ragged(i, n), "token_type_ids": [0] * (n - 1) + [1],
+                           "attention_mask": [1] * n},
+    "scalars": lambda i, n: {"input_ids": ragged(i, n), "next_sentence_label": i % 2, "weight": 0.5 * i,
+                             "flag": bool(i % 2), "label": np.float16(i)},
+    "bool masks": lambda i, n: {"input_ids": ragged(i, n), "attention_mask": [True] * n,
+                                "special_tokens_mask": [True] + [False] * (n - 2) + [True]},
+    "ints and bools": lambda i, n: {"input_ids": ragged(i, n), "special_tokens_mask": [1] + [False] * (n - 2) + [1]},
+}
+LEFT_TO_TOKENIZER_PAD = {  # rows it leaves to tokenizer.pad where they need padding (which may refuse them)
+    "per-token floats": lambda i, n: {"input_ids": ragged(i, n), "score": [0.5] * n},
+    "float mask": lambda i, n: {"input_ids": ragged(i, n), "attention_mask": [1.0] * n},
+    "arrays": lambda i, n: {"input_ids": np.array(ragged(i, n), np.int32), "attention_mask": np.ones(n, np.uint8)},
+    "tuples": lambda i, n: {"input_ids": tuple(ragged(i, n))},
+    "offsets beside lists": lambda i, n: {"input_ids": ragged(i, n), "offset_mapping": np.zeros((n, 2), np.int32)},
+    "text": lambda i, n: {"input_ids": ragged(i, n), "text": "a b"},
+    "a short mask": lambda i, n: {"input_ids": ragged(i, n), "attention_mask": [1] * (n - 1)},
+}
+
+
+@pytest.mark.parametrize("lengths, pad_to_multiple_of", [([3, 5, 4, 5], None), ([3, 5, 4, 5], 8), ([4, 4], 8)],
+                         ids=["longest", "multiple", "equal lengths to a multiple"])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("case", [*PADDED_ROWS, *LEFT_TO_TOKENIZER_PAD])
+def test_padding_equals_tokenizer_pad(tokenizer, case, lengths, pad_to_multiple_of, padding_side):
+    """Rows to pad: the collator pads ids, token types and masks as tokenizer.pad does, on its padding side, and
+    leaves to tokenizer.pad what it cannot pad the same way."""
+    tokenizer = copy.copy(tokenizer)
+    tokenizer.padding_side = padding_side
+    make_row = {**PADDED_ROWS, **LEFT_TO_TOKENIZER_PAD}[case]
+    rows = [make_row(5 + i, n) for i, n in enumerate(lengths)]
+    collator = DataCollatorForCappedMLM(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+    padded = collator._padded(rows)
+    if case in PADDED_ROWS:
+        assert padded is not None
+    elif len(set(lengths)) > 1:
+        assert padded is None
+    try:
+        expected = tokenizer.pad([dict(row) for row in rows], return_tensors="pt",
+                                 pad_to_multiple_of=pad_to_multiple_of)
+    except (ValueError, TypeError, RuntimeError):
+        assert padded is None
+        return
+    if padded is not None:
+        assert isinstance(padded, BatchEncoding)
+        assert_same_batch(padded, expected)
+
+
+def test_rows_of_unknown_padding_are_left_to_tokenizer_pad(wordpiece_tokenizer_dir):
+    """A tokenizer whose first input is not input_ids, or whose model takes no attention mask (tokenizer.pad then
+    leaves a given mask unpadded), pads its own way."""
+    rows = [{"input_ids": [2, 5, 3], "attention_mask": [1, 1, 1]}, {"input_ids": [2, 3], "attention_mask": [1, 1]}]
+    for model_input_names in (["input_values", "input_ids"], ["input_ids", "token_type_ids"]):
+        tokenizer = AutoTokenizer.from_pretrained(wordpiece_tokenizer_dir, model_input_names=model_input_names)
+        assert DataCollatorForCappedMLM(tokenizer)._padded(rows) is None
+
+
+def test_an_empty_row_is_padded_as_tokenizer_pad_pads_it(tokenizer):
+    rows = [{"input_ids": [2, 7, 3], "token_type_ids": [0, 0, 1], "next_sentence_label": 1},
+            {"input_ids": [], "token_type_ids": [], "next_sentence_label": 0}]
+    expected = tokenizer.pad([dict(row) for row in rows], return_tensors="pt", pad_to_multiple_of=4)
+    assert_same_batch(DataCollatorForCappedMLM(tokenizer, pad_to_multiple_of=4)._padded(rows), expected)
+    assert DataCollatorForCappedMLM(tokenizer)._padded([rows[1]]) is None  # no token at all: tokenizer.pad's case
+
+
+def test_special_tokens_are_found_at_any_id(tokenizer):
+    """The lookup of special ids gives torch.isin's answer, also for ids beyond the vocabulary and other dtypes."""
+    collator = DataCollatorForCappedMLM(tokenizer)
+    special = torch.tensor(tokenizer.all_special_ids)
+    ids = torch.cat([special, torch.arange(len(tokenizer) + 3)]).reshape(1, -1)
+    for inputs in (ids, ids.int(), ids[:, :len(special) + 50].to(torch.uint8), ids - 1, ids[:, :0]):
+        assert torch.equal(collator._special_tokens(inputs), torch.isin(inputs, special))
