@@ -81,7 +81,7 @@ class IPUTrainingArguments(TrainingArguments):
     pipeline_stages_across_processes: bool = field(
         default=False, metadata={"help": "Run each pipeline stage of layers_per_ipu in its own process (torchrun; "
                                          "CPU or CUDA): world size = stages x replicas. GPT-2, BERT, RoBERTa, "
-                                         "XLNet."})
+                                         "DistilBERT, XLNet."})
     # None means "not given": 1f1b with --pipeline_stages_across_processes, refused without it.
     pipeline_schedule: Optional[str] = field(
         default=None, metadata={"choices": list(PIPELINE_SCHEDULES),

@@ -1,8 +1,8 @@
-"""Pipeline stages across processes (ipu_train/pipeline/process_stages.py), on CPU with gloo: the losses of tiny
-GPT-2, BERT (pretraining and masked LM), RoBERTa masked LM and XLNet permutation LM models trained through GPipe,
-1F1B and interleaved 1F1B schedules equal those of the
-whole model trained in this process with gradient accumulation over the same micro-batches; the tied embedding
-stays equal on the first and last stage; a stage's process holds only its own weights; a dead stage ends the rest.
+"""Pipeline stages across processes (ipu_train/pipeline/process_stages.py), on CPU with gloo: the losses of tiny GPT-2,
+BERT (pretraining and masked LM), RoBERTa, XLM-RoBERTa and DistilBERT masked LM and XLNet permutation LM models
+trained through GPipe, 1F1B and interleaved 1F1B schedules equal those of the whole model trained in this process
+with gradient accumulation over the same micro-batches; the tied embedding stays equal on the first and last stage;
+a stage's process holds only its own weights; a dead stage ends the rest.
 
 Each spawn starts its processes once and runs several scenarios in them (process start-up dominates on 2 cores)."""
 import os
@@ -28,6 +28,8 @@ TIED_KEYS = {"gpt2": ("transformer.wte.weight", "lm_head.weight"),
              "bert": ("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight"),
              "bert-mlm": ("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight"),
              "roberta": ("roberta.embeddings.word_embeddings.weight", "lm_head.decoder.weight"),
+             "xlm-roberta": ("roberta.embeddings.word_embeddings.weight", "lm_head.decoder.weight"),
+             "distilbert": ("distilbert.embeddings.word_embeddings.weight", "vocab_projector.weight"),
              "xlnet": ("transformer.word_embedding.weight", "lm_loss.weight")}
 FAMILIES = tuple(TIED_KEYS)
 
@@ -47,12 +49,18 @@ def tiny_config(family):
                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     if family == "roberta":  # positions start after the padding index 1
         return transformers.RobertaConfig(max_position_embeddings=SEQ + 2, pad_token_id=1, **encoder)
+    if family == "xlm-roberta":
+        return transformers.XLMRobertaConfig(max_position_embeddings=SEQ + 2, pad_token_id=1, **encoder)
+    if family == "distilbert":
+        return transformers.DistilBertConfig(n_layers=4, dim=32, n_heads=2, hidden_dim=64, vocab_size=VOCAB,
+                                             max_position_embeddings=SEQ, dropout=0.0, attention_dropout=0.0)
     return transformers.BertConfig(max_position_embeddings=SEQ, **encoder)
 
 
 def model_class(family):
     return {"gpt2": transformers.GPT2LMHeadModel, "bert": transformers.BertForPreTraining,
             "bert-mlm": transformers.BertForMaskedLM, "roberta": transformers.RobertaForMaskedLM,
+            "xlm-roberta": transformers.XLMRobertaForMaskedLM, "distilbert": transformers.DistilBertForMaskedLM,
             "xlnet": transformers.XLNetLMHeadModel}[family]
 
 
@@ -212,6 +220,7 @@ TWO_STAGES = [
     {"family": "gpt2", "layers_per_ipu": [1, 1, 1, 1], "schedule": "interleaved_1f1b"},  # 2 virtual stages a rank
     *({"family": family, "layers_per_ipu": [2, 2], "schedule": schedule}
       for family in ("bert-mlm", "roberta", "xlnet") for schedule in ("gpipe", "1f1b")),
+    *({"family": family, "layers_per_ipu": [2, 2], "schedule": "1f1b"} for family in ("xlm-roberta", "distilbert")),
 ]
 
 

@@ -1,5 +1,5 @@
-"""--pipeline_stages_across_processes from run_mlm.py (RoBERTa) and run_plm.py (XLNet): a tiny model of 4 layers in 2
-stages under `torchrun --nproc_per_node 2` logs the losses of the same run in one process (dropout off; the data
+"""--pipeline_stages_across_processes from run_mlm.py (RoBERTa, DistilBERT) and run_plm.py (XLNet): a tiny model of 4
+layers in 2 stages under `torchrun --nproc_per_node 2` logs the losses of the same run in one process (dropout off; the data
 collators' random masks and permutations come from the same seed in every process)."""
 import subprocess
 import sys
@@ -13,7 +13,10 @@ from .test_stages_across_processes import ENV
 ENCODER_NO_DROPOUT = ("num_hidden_layers=4,hidden_size=32,num_attention_heads=2,intermediate_size=64,"
                       "max_position_embeddings=66,hidden_dropout_prob=0,attention_probs_dropout_prob=0")
 XLNET_NO_DROPOUT = "n_layer=4,d_model=32,n_head=2,d_head=16,d_inner=64,dropout=0"
-SCRIPTS = {"mlm": ("run_mlm.py", "roberta", ENCODER_NO_DROPOUT), "plm": ("run_plm.py", "xlnet", XLNET_NO_DROPOUT)}
+DISTILBERT_NO_DROPOUT = ("n_layers=4,dim=32,n_heads=2,hidden_dim=64,max_position_embeddings=64,dropout=0,"
+                         "attention_dropout=0")
+SCRIPTS = {"mlm": ("run_mlm.py", "roberta", ENCODER_NO_DROPOUT), "plm": ("run_plm.py", "xlnet", XLNET_NO_DROPOUT),
+           "mlm-distilbert": ("run_mlm.py", "distilbert", DISTILBERT_NO_DROPOUT)}
 
 
 def training_args(script, text_files, tokenizer_dir, output_dir):
@@ -35,10 +38,12 @@ def run(script, argv, processes):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("script", ["mlm", "plm"])
+@pytest.mark.parametrize("script", list(SCRIPTS))
 def test_two_stages_on_two_processes_log_the_losses_of_one_process(script, text_files, roberta_tokenizer_dir,
-                                                                   unigram_tokenizer_dir, tmp_path):
-    tokenizer_dir = roberta_tokenizer_dir if script == "mlm" else unigram_tokenizer_dir
+                                                                   unigram_tokenizer_dir, wordpiece_tokenizer_dir,
+                                                                   tmp_path):
+    tokenizer_dir = {"mlm": roberta_tokenizer_dir, "plm": unigram_tokenizer_dir,
+                     "mlm-distilbert": wordpiece_tokenizer_dir}[script]
     one, two = tmp_path / "one", tmp_path / "two"
     run(script, training_args(script, text_files, tokenizer_dir, one), processes=1)
     run(script, training_args(script, text_files, tokenizer_dir, two) + ["--pipeline_stages_across_processes"],

@@ -280,6 +280,9 @@ LOGITS = {
     "BertForPreTraining": _Logits(_bert_pretraining_logits, _bert_pretraining_shapes),
     "BertForMaskedLM": _Logits(lambda stage, hidden: {"logits": stage.model.cls(hidden)}, _token_logits_shape),
     "RobertaForMaskedLM": _Logits(_lm_head_logits, _token_logits_shape),
+    "XLMRobertaForMaskedLM": _Logits(_lm_head_logits, _token_logits_shape),
+    "DistilBertForMaskedLM": _Logits(lambda stage, hidden: {"logits": stage.model.vocab_projector(
+        stage.head_transform(hidden))}, _token_logits_shape),
     "XLNetLMHeadModel": _Logits(lambda stage, hidden: {"logits": stage.model.lm_loss(hidden)}, _xlnet_shape),
 }
 

@@ -10,13 +10,13 @@ the last layer's hidden states, and sending them back to stage 0 would add a pip
 own copy of the embedding weight; after backward the two copies' gradients are summed between the first and last
 rank of each replica (as Megatron does), so the same optimizer keeps them equal.
 
-Served: GPT2LMHeadModel, BertForPreTraining, BertForMaskedLM, RobertaForMaskedLM and XLNetLMHeadModel. Between
-stages flow (hidden states (B, S, H) float, attention mask (B, S) int64), the same shapes for every micro-batch;
-XLNet's two streams and the inputs it rebuilds its masks from (see XLNetStage). Each stage rebuilds its attention
-bias from what it receives rather than receiving a (B, 1, S, S) tensor. The last stage returns its final hidden
-states; the schedule's loss function (`loss`) runs the head on them, the chunked LM loss (GPT-2, XLNet) or the
-sparse MLM loss (BERT, RoBERTa; plus next-sentence prediction for BERT pretraining), against a target tensor: the
-labels, with BERT's next-sentence label as one extra column.
+Served: GPT2LMHeadModel, BertForPreTraining, BertForMaskedLM, RobertaForMaskedLM, XLMRobertaForMaskedLM,
+DistilBertForMaskedLM and XLNetLMHeadModel. Between stages flow (hidden states (B, S, H) float, attention mask (B,
+S) int64), the same shapes for every micro-batch; XLNet's two streams and the inputs it rebuilds its masks from (see
+XLNetStage). Each stage rebuilds its attention bias from what it receives rather than receiving a (B, 1, S, S)
+tensor. The last stage returns its final hidden states; the schedule's loss function (`loss`) runs the head on them,
+the chunked LM loss (GPT-2, XLNet) or the sparse MLM loss (BERT, RoBERTa, DistilBERT; plus next-sentence prediction for BERT
+pretraining), against a target tensor: the labels, with BERT's next-sentence label as one extra column.
 """
 import os
 from dataclasses import dataclass
@@ -274,6 +274,45 @@ class RobertaMaskedLMStage(_EncoderStage):
         return self.masked_lm_loss(hidden, labels, roberta_head_transform(head), head.decoder)
 
 
+class XLMRobertaMaskedLMStage(RobertaMaskedLMStage):
+    model_class = "XLMRobertaForMaskedLM"
+    model_type = "xlm-roberta"
+
+
+class DistilBertMaskedLMStage(_StageModule):
+    """DistilBertForMaskedLM: embeddings of tokens and positions (no segments), a bidirectional attention bias from
+    the 2-D mask, and its head: transform, activation and layer norm, then the projector tied to the word
+    embeddings."""
+
+    model_class = "DistilBertForMaskedLM"
+    model_type = "distilbert"
+    first_modules = ("distilbert.embeddings",)
+    last_modules = ("vocab_transform", "vocab_layer_norm", "vocab_projector")
+
+    def embed(self, input_ids, attention_mask):
+        return self.model.distilbert.embeddings(input_ids), attention_mask
+
+    def layer_context(self, hidden, attention_mask):
+        from transformers.masking_utils import create_bidirectional_mask
+
+        return create_bidirectional_mask(config=self.model.config, inputs_embeds=hidden[0],
+                                         attention_mask=attention_mask)
+
+    def run_layer(self, layer, hidden, bias):
+        return (layer(hidden[0], attention_mask=bias),)
+
+    def finish(self, hidden):
+        return hidden
+
+    def head_transform(self, hidden):
+        model = self.model
+        return model.vocab_layer_norm(model.activation(model.vocab_transform(hidden)))
+
+    def loss(self, hidden, labels):
+        """As DistilBertForMaskedLM's: the mean cross-entropy over the masked tokens."""
+        return self.masked_lm_loss(hidden, labels, self.head_transform, self.model.vocab_projector)
+
+
 class XLNetStage(_StageModule):
     """XLNetLMHeadModel as run_plm.py trains it: two-stream attention, mems off. Between stages flow both streams
     in XLNet's own layout, output_h (S, B, H) and output_g (P, B, H), then the inputs every stage rebuilds its masks
@@ -342,7 +381,8 @@ class XLNetStage(_StageModule):
         return super().first_stage_inputs(batch)
 
 
-STAGE_CLASSES = (GPT2Stage, BertPreTrainingStage, BertMaskedLMStage, RobertaMaskedLMStage, XLNetStage)
+STAGE_CLASSES = (GPT2Stage, BertPreTrainingStage, BertMaskedLMStage, RobertaMaskedLMStage, XLMRobertaMaskedLMStage,
+                 DistilBertMaskedLMStage, XLNetStage)
 
 
 def stage_class_for(config, model_class=None):

@@ -16,8 +16,8 @@ SHARD_INDEX = "model.safetensors.index.json"
 
 
 class SavedWeights:
-    """{tensor name: its safetensors file}, with each tensor's shape, read on demand; `shapes`: {tensor name: shape}. `dtype`: the dtype floating
-    tensors are read in (None: as stored)."""
+    """{tensor name: its safetensors file}, with each tensor's shape, read on demand; `shapes`: {tensor name: shape}.
+    `dtype`: the dtype floating tensors are read in (None: as stored)."""
 
     def __init__(self, files_by_name, shapes, dtype=None, source=""):
         self.files_by_name, self.shapes = dict(files_by_name), dict(shapes)
