@@ -75,12 +75,18 @@ def workers_of(launcher):
         return [int(pid) for pid in handle.read().split()]
 
 
-@pytest.mark.parametrize("target", ["torchrun", "one worker"])
+STAGES = ("--pipeline_stages_across_processes", "--ipu_config_overrides", "layers_per_ipu=[1 1]",
+          "--gradient_accumulation_steps", "2")
+
+
+@pytest.mark.parametrize("target", ["torchrun", "one worker", "one pipeline stage"])
 def test_torchrun_replicas_stop_together_on_a_signal_and_resume(text_files, bpe_tokenizer_dir, tmp_path, target):
     """torchrun relays a signal to every worker; a signal that reaches one worker only (a node's own supervisor)
-    stops them all at the same group too, since the request travels with the group's results."""
+    stops them all at the same group too, since the request travels with the group's results; so does one that
+    reaches the last of two pipeline stages (--pipeline_stages_across_processes)."""
     out = tmp_path / "out"
-    command = TORCHRUN + [str(REPO / "run_clm.py"), *long_run(text_files, bpe_tokenizer_dir, out)]
+    extra = STAGES if target == "one pipeline stage" else ()
+    command = TORCHRUN + [str(REPO / "run_clm.py"), *long_run(text_files, bpe_tokenizer_dir, out, *extra)]
     process, lines = start_and_wait_for(command, "'loss'")
     if target == "torchrun":
         process.send_signal(signal.SIGTERM)
