@@ -28,7 +28,14 @@ ends with a device synchronisation, and its peak memory (allocated, both models'
 included) is read. Rows run out after rows/--rows steps; further steps take them again from the start.
 
 The host cost: median ms and bytes of one batch of `--collate_rows` rows from each side's collator
-(`--collate_batches` batches, 0: not measured). `--json PATH` writes every figure.
+(`--collate_batches` batches, 0: not measured). `--collate_against REV` also times the packed collator of git
+revision REV (its ipu_train/data.py and ipu_train/packing.py, loaded beside the current ones) on the same packs, its
+batches interleaved with the current ones', and checks that both give the same batch, bit for bit, for a seed;
+`--collate_only` measures the host cost alone (no model, no steps):
+
+    OMP_NUM_THREADS=1 python benchmarks/packing.py --collate_only --collate_against e081b82 --collate_batches 30
+
+`--json PATH` writes every figure.
 """
 import argparse
 import contextlib
@@ -39,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 import datasets
 import torch
@@ -168,6 +176,33 @@ def collate_cost(sides, opts):
             for side, ms, batch in zip(sides, times, batches)}
 
 
+def collators_at(revision):
+    """The modules ipu_train.data and ipu_train.packing as of git `revision`, loaded beside the current ones (what
+    they import from the package is the current code): the collators before a change, to time on the same packs."""
+    modules = []
+    for name in ("data", "packing"):
+        source = subprocess.run(["git", "-C", ROOT, "show", f"{revision}:ipu_train/{name}.py"], check=True,
+                                capture_output=True, text=True).stdout
+        module = types.ModuleType(f"ipu_train._{name}_at_{len(sys.modules)}")
+        module.__package__ = "ipu_train"
+        sys.modules[module.__name__] = module  # dataclasses look their module up
+        exec(compile(source, f"{revision}:ipu_train/{name}.py", "exec"), module.__dict__)
+        modules.append(module)
+    return modules
+
+
+def same_batches(collators, rows):
+    """Whether the collators give the same batch (keys, dtypes, values) for the same seed."""
+    batches = []
+    for collate in collators:
+        torch.manual_seed(0)
+        batches.append(collate(rows))
+    first = batches[0]
+    return all(list(batch) == list(first) and all(batch[key].dtype == first[key].dtype
+                                                  and torch.equal(batch[key], first[key]) for key in first)
+               for batch in batches[1:])
+
+
 def run_seq(seq, tokenizer, opts):
     pairs = build_pairs(tokenizer, seq)
     lengths = [len(ids) for ids in pairs["input_ids"]]
@@ -178,11 +213,29 @@ def run_seq(seq, tokenizer, opts):
     pad_to_seq = DataCollatorForCappedMLM(tokenizer, mlm_probability=MLM_PROBABILITY, max_masked_tokens=cap,
                                           pad_to_multiple_of=seq)
     pack = DataCollatorForPackedSequences(mlm, seq, opts.max_per_pack, tokenizer.pad_token_id)
+    packed_tokens = lambda rows: sum(len(e["input_ids"]) for row in rows for e in row)  # noqa: E731
     sides = [Side("padded", [pairs[i] for i in range(len(pairs))], pad_to_seq,
                   lambda rows: sum(len(e["input_ids"]) for e in rows), cap),
-             Side("packed", [packed[i] for i in range(len(packed))], pack,
-                  lambda rows: sum(len(e["input_ids"]) for row in rows for e in row), pack.max_masked_tokens)]
-    collate = collate_cost(sides, opts) if opts.collate_batches else None
+             Side("packed", [packed[i] for i in range(len(packed))], pack, packed_tokens, pack.max_masked_tokens)]
+    collate = None
+    if opts.collate_batches:
+        timed = list(sides)
+        if opts.collate_against:
+            data_then, packing_then = collators_at(opts.collate_against)
+            mlm_then = data_then.DataCollatorForCappedMLM(tokenizer, mlm_probability=MLM_PROBABILITY,
+                                                          max_masked_tokens=cap, pad_to_multiple_of=None)
+            pack_then = packing_then.DataCollatorForPackedSequences(mlm_then, seq, opts.max_per_pack,
+                                                                    tokenizer.pad_token_id)
+            timed.append(Side(f"packed at {opts.collate_against}", sides[1].rows, pack_then, packed_tokens, None))
+        collate = collate_cost(timed, opts)
+        if opts.collate_against:
+            collate[timed[-1].name]["same_batch"] = same_batches([pack, timed[-1].collate],
+                                                                 sides[1].examples(0, opts.collate_rows))
+    run = dict(seq=seq, pairs=len(lengths), mean_pair_tokens=round(sum(lengths) / len(lengths), 1),
+               packed_rows=len(packed), padded_row_efficiency=round(padded_efficiency(lengths, seq), 4),
+               packed_row_efficiency=round(packed.packing.efficiency, 4))
+    if opts.collate_only:
+        return dict(run, collate=collate)
     config = bert_config(opts.size, tokenizer, seq)
     for side in sides:
         side.prepare(config, opts)
@@ -190,12 +243,9 @@ def run_seq(seq, tokenizer, opts):
     rates = {side.name: side.result(opts, seq) for side in sides}
     for side in sides:  # the next sequence length's models start with the device memory free
         del side.model, side.optimizer
-    return dict(seq=seq, pairs=len(lengths), mean_pair_tokens=round(sum(lengths) / len(lengths), 1),
-                packed_rows=len(packed), padded_row_efficiency=round(padded_efficiency(lengths, seq), 4),
-                packed_row_efficiency=round(packed.packing.efficiency, 4), **rates,
+    return dict(run, **rates, collate=collate,
                 packed_over_padded=round(rates["packed"]["real_tokens_per_s"] / rates["padded"]["real_tokens_per_s"],
-                                         3),
-                collate=collate)
+                                         3))
 
 
 def describe(opts):
@@ -223,10 +273,15 @@ def parse_args(argv=None):
                    "(static shapes)")
     p.add_argument("--collate_rows", type=int, default=64, help="rows of the batches whose collation is timed")
     p.add_argument("--collate_batches", type=int, default=10, help="timed batches per side (0: none)")
+    p.add_argument("--collate_against", metavar="REV", help="also time the packed collator of this git revision on "
+                   "the same packs, and check that it gives the same batches")
+    p.add_argument("--collate_only", action="store_true", help="measure the host cost alone: no model, no steps")
     p.add_argument("--json", help="write every figure to this JSON file")
     opts = p.parse_args(argv)
     if opts.compile and not opts.cap:
         p.error("--compile needs --cap: without it the MLM head's shapes change from step to step")
+    if (opts.collate_only or opts.collate_against) and not opts.collate_batches:
+        p.error("--collate_only and --collate_against time the collation: --collate_batches must be at least 1")
     opts.device = torch.device(opts.device)
     return opts
 
@@ -243,15 +298,19 @@ def main(argv=None):
     for seq in opts.seq:
         run = run_seq(seq, tokenizer, opts)
         runs.append(run)
-        padded, packed = run["padded"], run["packed"]
+        padded, packed = run.get("padded"), run.get("packed")  # none with --collate_only
         print(f"{seq} | {run['pairs']} | {run['mean_pair_tokens']:.1f} | {run['padded_row_efficiency']:.3f} | "
-              f"{run['packed_rows']} | {run['packed_row_efficiency']:.3f} | {padded['real_tokens_per_s']:,.0f} | "
-              f"{packed['real_tokens_per_s']:,.0f} | {run['packed_over_padded']:.2f}x", flush=True)
-        print(f"    ms/step padded {padded['ms_per_step']}, packed {packed['ms_per_step']}; peak GB padded "
-              f"{padded['peak_memory_GB']}, packed {packed['peak_memory_GB']}", flush=True)
+              f"{run['packed_rows']} | {run['packed_row_efficiency']:.3f} | "
+              + (f"{padded['real_tokens_per_s']:,.0f} | {packed['real_tokens_per_s']:,.0f} | "
+                 f"{run['packed_over_padded']:.2f}x" if padded else "- | - | -"), flush=True)
+        if padded:
+            print(f"    ms/step padded {padded['ms_per_step']}, packed {packed['ms_per_step']}; peak GB padded "
+                  f"{padded['peak_memory_GB']}, packed {packed['peak_memory_GB']}", flush=True)
         if run["collate"]:
-            print("    collate, " + "; ".join(f"{name}: {c['ms']:.2f} ms, {c['bytes'] / 2 ** 20:.2f} MiB per batch of "
-                                            f"{c['rows']} rows" for name, c in run["collate"].items()), flush=True)
+            print("    collate, " + "; ".join(
+                f"{name}: {c['ms']:.2f} ms, {c['bytes'] / 2 ** 20:.2f} MiB per batch of {c['rows']} rows"
+                + ("" if "same_batch" not in c else " (the same batch)" if c["same_batch"] else " (A DIFFERENT BATCH)")
+                for name, c in run["collate"].items()), flush=True)
     if opts.json:
         with open(opts.json, "w") as handle:
             json.dump(dict(setup, runs=runs), handle, indent=1)

@@ -180,7 +180,10 @@ def pack_split(sequences, split, max_length: int, max_per_pack: int) -> PackedDa
 @dataclass
 class DataCollatorForPackedSequences:
     """Rows of packed sequences, from a collator of single sequences (e.g. the capped MLM collator): each sequence is
-    collated (masked, labelled) on its own, exactly as without packing, then laid into its row.
+    collated (masked, labelled) on its own, exactly as without packing, then laid into its row. The batch's
+    sequences go to the sequence collator as one batch, in the data's order, and each column's real tokens then
+    reach their rows by one gather and one scatter (tests/test_packing_collator.py holds the batches equal to the
+    collator's before it worked so; benchmarks/packing.py --collate_against times the two).
 
     A row's sequences see only themselves. The batch holds no attention mask: `sequence_in_row` (SEQUENCE_IN_ROW,
     [rows, L] int32) numbers each token's sequence in its row (1, 2, ...; 0 for padding), and `packed_model_inputs`
@@ -210,20 +213,32 @@ class DataCollatorForPackedSequences:
 
     def __call__(self, packs):
         flat = [sequence for pack in packs for sequence in pack]
-        collated = self._collated_in_data_order(flat)
-        lengths = torch.tensor([len(sequence["input_ids"]) for sequence in flat])
-        row = torch.tensor([r for r, pack in enumerate(packs) for _ in pack])
-        slot = torch.tensor([k for pack in packs for k in range(len(pack))])  # a sequence's place in its row
-        start = torch.tensor([sum(len(s["input_ids"]) for s in pack[:k]) for pack in packs for k in range(len(pack))])
-        width = collated["input_ids"].shape[1]
-        real = torch.arange(width) < lengths[:, None]  # [sequences, width]: the tokens of each sequence
-        target_row = row[:, None].expand(-1, width)[real]
-        target_column = (start[:, None] + torch.arange(width))[real]
+        order = sorted(range(len(flat)), key=lambda k: flat[k].get(SEQUENCE_INDEX, k))
+        collated = self._collated(flat, order)
+        # Each collated sequence's row, place in its row (slot) and first column there, in the collator's order.
+        row, slot, start = [], [], []
+        for r, pack in enumerate(packs):
+            column = 0
+            for k, sequence in enumerate(pack):
+                row.append(r)
+                slot.append(k)
+                start.append(column)
+                column += len(sequence["input_ids"])
+        row, slot, start = (torch.tensor(values)[order] for values in (row, slot, start))
+        sequences, width = collated["input_ids"].shape
+        lengths = torch.tensor([len(flat[k]["input_ids"]) for k in order]).clamp(max=width)
+        # The real tokens (each sequence's first `length` columns), as indices into the collated [sequences, width]
+        # tensors and into the [rows, max_length] rows, in the same order: one gather and one scatter per column.
+        source = (torch.arange(width) < lengths[:, None]).view(-1).nonzero().squeeze(1)
+        target = source + torch.repeat_interleave(row * self.max_length + start - torch.arange(sequences) * width,
+                                                  lengths)
 
-        def lay_out(values, fill):
-            rows = torch.full((len(packs), self.max_length), fill, dtype=values.dtype)
-            rows[target_row, target_column] = values[real]
-            return rows
+        def lay_out(values, fill, gathered=False):
+            """[rows, max_length, ...] of `fill` holding `values` ([sequences, width, ...], or its real tokens
+            where `gathered`) at the sequences' places."""
+            tokens = values if gathered else values.flatten(0, 1).index_select(0, source)
+            rows = torch.full((len(packs) * self.max_length, *tokens.shape[1:]), fill, dtype=values.dtype)
+            return rows.index_copy_(0, target, tokens).view(len(packs), self.max_length, *tokens.shape[1:])
 
         batch = {}
         for key, values in collated.items():
@@ -235,27 +250,24 @@ class DataCollatorForPackedSequences:
                 batch[key] = lay_out(values, self.pad_token_id)
             elif key == "labels":
                 batch[key] = lay_out(values, IGNORE_INDEX)
-            elif key != "attention_mask" and torch.is_tensor(values) and values.shape[:2] == real.shape:
+            elif key != "attention_mask" and torch.is_tensor(values) and values.shape[:2] == (sequences, width):
                 batch[key] = lay_out(values, 0)
-        positions = torch.arange(width).expand_as(real) + self.position_offset
-        batch["position_ids"] = lay_out(positions, self.position_offset)
-        batch[SEQUENCE_IN_ROW] = lay_out((slot + 1).to(torch.int32)[:, None].expand_as(real), 0)
+        positions = source % width + self.position_offset  # each sequence's own, from its first token
+        batch["position_ids"] = lay_out(positions, self.position_offset, gathered=True)
+        batch[SEQUENCE_IN_ROW] = lay_out(torch.repeat_interleave((slot + 1).to(torch.int32), lengths), 0,
+                                         gathered=True)
         if any(key in self.per_sequence_columns for key in collated):
             starts = torch.zeros(len(packs), self.max_per_pack, dtype=torch.long)
             starts[row, slot] = start
             batch["sequence_starts"] = starts
         return batch
 
-    def _collated_in_data_order(self, flat):
-        """The sequence collator's batch for `flat`, with the sequences handed to it in the data's order (where
-        PackedDataset says it): the same sequences in one batch get the same random masks, packed or not."""
-        order = sorted(range(len(flat)), key=lambda k: flat[k].get(SEQUENCE_INDEX, k))
-        collated = self.sequence_collator([{key: value for key, value in flat[k].items() if key != SEQUENCE_INDEX}
-                                           for k in order])
-        back = torch.empty(len(order), dtype=torch.long)
-        back[torch.tensor(order)] = torch.arange(len(order))
-        return {key: values[back] if torch.is_tensor(values) and values.shape[:1] == back.shape else values
-                for key, values in collated.items()}
+    def _collated(self, flat, order):
+        """The sequence collator's batch for the sequences `flat[k] for k in order`: sorted into the data's order
+        (where PackedDataset says it), so that the same sequences in one batch get the same random masks, packed
+        or not. Its rows stay in that order: the layout into packed rows follows `order`."""
+        return self.sequence_collator([{key: value for key, value in flat[k].items() if key != SEQUENCE_INDEX}
+                                       for k in order])
 
 
 def packed_model_inputs(batch, model):
