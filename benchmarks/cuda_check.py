@@ -12,6 +12,8 @@ their copy with no host synchronisation and are read without waiting for kernels
 Then one finding, no verdict: which attention kernel the compiled training step of BERT (with our sparse MLM head)
 and of GPT-2 asks for under bf16 autocast (flash, memory-efficient, cuDNN, or SDPA's math path of separate matmuls
 and softmax), read off the forward graph that torch.compile hands to its compiler.
+Last, the pipeline stages' machinery (--pipeline_stages_across_processes) on CUDA, as far as one GPU allows: two
+virtual stages in one process, bf16 and fp16 with its loss scale, against the whole model.
 Prints one line per check and exits non-zero on the first failure."""
 import sys
 import types
@@ -218,6 +220,83 @@ def report_attention_kernels():
           f"cuDNN {torch.backends.cuda.cudnn_sdp_enabled()}", flush=True)
 
 
+def check_pipeline_stages_on_one_gpu():
+    """--pipeline_stages_across_processes's machinery on CUDA, within the one GPU this check has: a GPT-2 in two
+    virtual stages on one process (interleaved 1F1B, NCCL world of one), trained 4 steps of 4 micro-batches against
+    the whole model with gradient accumulation, in bf16 and in fp16 with the pipelines' loss scale against
+    torch.amp.GradScaler (a first scale that overflows: the same steps skipped, the same scales)."""
+    import socket
+
+    import torch.distributed as dist
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ipu_train.config import IPUConfig
+    from ipu_train.pipeline.loss_scale import PipelineLossScale
+    from ipu_train.pipeline.process_stages import (PipelineRanks, build_process_pipeline, build_stage_module,
+                                                   new_pipeline_groups, pipeline_optimizer_step,
+                                                   pipeline_train_step, stage_plan_for)
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    on_cuda = DEVICE == "cuda"  # the CPU (gloo) only to try the check itself
+    if on_cuda:
+        torch.cuda.set_device(0)
+    dist.init_process_group("nccl" if on_cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                            world_size=1)
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=4, n_embd=128, n_head=4, vocab_size=1024, n_positions=128, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    weights = GPT2LMHeadModel(config).state_dict()
+    g = torch.Generator(DEVICE).manual_seed(1)
+    steps = [[dict(input_ids=ids, labels=ids) for ids in torch.randint(0, 1024, (4, 8, 128), device=DEVICE,
+                                                                           generator=g)] for _ in range(4)]
+    scaling = dict(growth_factor=2.0, backoff_factor=2.0 ** -12, growth_interval=2)
+    ranks = PipelineRanks(rank=0, ranks_per_pipeline=1, replicas=1, num_stages=2)
+    groups = new_pipeline_groups(ranks)
+    plan = stage_plan_for(config, IPUConfig(layers_per_ipu=[2, 2]), "GPT2LMHeadModel")
+    for dtype in (torch.bfloat16, torch.float16):
+        whole = GPT2LMHeadModel(config).to(DEVICE)
+        whole.load_state_dict(weights)
+        optimizer = torch.optim.AdamW(whole.parameters(), lr=1e-3)
+        scaler = torch.amp.GradScaler(DEVICE, init_scale=2.0 ** 40, **scaling) if dtype == torch.float16 else None
+        modules = [build_stage_module(config, plan, index, weights=weights, device=DEVICE,
+                                      model_class="GPT2LMHeadModel") for index in ranks.stage_indices]
+        scale = PipelineLossScale(2.0 ** 40, DEVICE, **scaling) if scaler else None
+        pipeline = build_process_pipeline(ranks, groups, modules, 4, schedule="interleaved_1f1b", device=DEVICE,
+                                          loss_scale=scale)
+        staged_optimizer = torch.optim.AdamW(pipeline.parameters(), lr=1e-3)
+        expected, got, scales = [], [], []
+        for micro_batches in steps:
+            total = 0.0
+            for batch in micro_batches:
+                with torch.autocast(DEVICE, dtype=dtype):
+                    loss = whole(**batch).loss.float() / len(micro_batches)
+                (scaler.scale(loss) if scaler else loss).backward()
+                total += loss.item()
+            if scaler:
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(whole.parameters(), 1.0)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad()
+            expected.append(total)
+            with torch.autocast(DEVICE, dtype=dtype):
+                got.append(pipeline_train_step(pipeline, micro_batches, device=DEVICE).item())
+            pipeline_optimizer_step(pipeline, staged_optimizer, 1.0, scale)
+            staged_optimizer.zero_grad()
+            scales.append((scaler.get_scale(), scale.get_scale()) if scaler else None)
+        worst = max(abs(a - b) / abs(b) for a, b in zip(got, expected))
+        same_scales = all(s is None or s[0] == s[1] for s in scales)
+        report(f"pipeline stages on one GPU ({str(dtype)[6:]})", worst < 2e-2 and same_scales,
+               f"losses {['%.4f' % x for x in got]} vs whole model {['%.4f' % x for x in expected]} (worst relative "
+               f"{worst:.1e})" + (f"; scales (GradScaler, stages) {scales}" if scaler else ""))
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}", flush=True)
@@ -227,3 +306,4 @@ if __name__ == "__main__":
     time_gpt2_head()
     check_deferred_read_waits_for_its_own_kernels()
     report_attention_kernels()
+    check_pipeline_stages_on_one_gpu()  # last: its NCCL group is the check's only collective
