@@ -2,12 +2,13 @@
 same rows, as run_pretraining.py builds it (15% masked, the static cap, padding to a multiple of 8).
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/collate.py
-    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/collate.py --tokenizer DIR --batches 50
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/collate.py --tokenizer DIR --batches 50 --against e081b82
 
 Rows are make_pretokenized.py's pairs (every row full length, as saved pairs are), plus one case of rows of 256 to
-512 tokens, which still go through tokenizer.pad. Without --tokenizer, train_tokenizer.py trains a WordPiece one on
+512 tokens, which are padded. Without --tokenizer, train_tokenizer.py trains a WordPiece one on
 data/corpus/train.txt. `PreviousCollator` is the collator before the fast paths, kept as the baseline here and as
-the reference tests/test_collator_fast.py compares masks with.
+the reference tests/test_collator_fast.py compares masks with. `--against REV` adds the collator of git revision REV
+(`collators_at`), timed on the same rows, its batches interleaved with the others'.
 """
 import argparse
 import pathlib
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Mapping
 
 import numpy as np
@@ -62,6 +64,21 @@ def pairs(rows, seq, vocab, shortest=None, seed=0):
     return examples
 
 
+def collators_at(revision):
+    """The modules ipu_train.data and ipu_train.packing as of git `revision`, loaded beside the current ones (what
+    they import from the package is the current code): the collators before a change, to time on the same rows."""
+    modules = []
+    for name in ("data", "packing"):
+        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:ipu_train/{name}.py"], check=True,
+                                capture_output=True, text=True).stdout
+        module = types.ModuleType(f"ipu_train._{name}_at_{len(sys.modules)}")
+        module.__package__ = "ipu_train"
+        sys.modules[module.__name__] = module  # dataclasses look their module up
+        exec(compile(source, f"{revision}:ipu_train/{name}.py", "exec"), module.__dict__)
+        modules.append(module)
+    return modules
+
+
 def median_ms(collators, examples, batches):
     """Median ms per batch of each collator, their batches interleaved: the machine's other work weighs on both
     alike and lengthens some batches, not the typical one."""
@@ -81,7 +98,9 @@ def main(argv=None):
     p.add_argument("--tokenizer", help="a saved BERT tokenizer (default: train a WordPiece one)")
     p.add_argument("--batches", type=int, default=20, help="timed batches per case")
     p.add_argument("--rows", type=int, default=128, help="pairs per batch")
+    p.add_argument("--against", metavar="REV", help="also time the collator of this git revision")
     opts = p.parse_args(argv)
+    then = collators_at(opts.against)[0].DataCollatorForCappedMLM if opts.against else None
     with tempfile.TemporaryDirectory() as scratch:
         if opts.tokenizer is None:
             opts.tokenizer = scratch
@@ -90,14 +109,18 @@ def main(argv=None):
                            check=True, capture_output=True)
         tokenizer = AutoTokenizer.from_pretrained(opts.tokenizer)
     print(f"{opts.rows} pairs a batch, {opts.batches} batches, torch threads {torch.get_num_threads()}")
-    print(f"{'rows':<28}{'previous ms':>12}{'current ms':>12}{'speed-up':>10}")
+    against = f"{opts.against} ms" if then else ""
+    print(f"{'rows':<28}{'previous ms':>12}{against:>12}{'current ms':>12}{'speed-up':>10}")
     for label, seq, shortest in [("128 tokens", 128, None), ("512 tokens", 512, None),
                                  ("256-512 tokens (padded)", 512, 256)]:
         examples = pairs(opts.rows, seq, len(tokenizer), shortest)
         options = dict(mlm_probability=0.15, max_masked_tokens=masked_token_cap(seq, 0.15), pad_to_multiple_of=8)
-        collators = PreviousCollator(tokenizer, **options), DataCollatorForCappedMLM(tokenizer, **options)
-        previous, current = median_ms(collators, examples, opts.batches)
-        print(f"{label:<28}{previous:>12.2f}{current:>12.2f}{previous / current:>9.1f}x")
+        collators = [PreviousCollator(tokenizer, **options), DataCollatorForCappedMLM(tokenizer, **options)]
+        if then:
+            collators.insert(1, then(tokenizer, **options))
+        times = median_ms(collators, examples, opts.batches)
+        between = f"{times[1]:>12.2f}" if then else ""
+        print(f"{label:<28}{times[0]:>12.2f}{between:>12}{times[-1]:>12.2f}{times[0] / times[-1]:>9.1f}x")
 
 
 if __name__ == "__main__":

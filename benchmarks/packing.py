@@ -46,7 +46,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 
 import datasets
 import torch
@@ -56,7 +55,7 @@ from transformers import AutoTokenizer, BertConfig, BertForPreTraining
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 
-from collate import median_ms  # noqa: E402
+from collate import collators_at, median_ms  # noqa: E402
 from ipu_train import IPUConfig  # noqa: E402
 from ipu_train.compat import compile_in_place  # noqa: E402
 from ipu_train.data import (DataCollatorForCappedMLM, masked_token_cap, nsp_pair_builder,  # noqa: E402
@@ -174,21 +173,6 @@ def collate_cost(sides, opts):
     times = median_ms(collators, None, opts.collate_batches)
     return {side.name: dict(rows=opts.collate_rows, ms=round(ms, 2), bytes=batch_bytes(batch))
             for side, ms, batch in zip(sides, times, batches)}
-
-
-def collators_at(revision):
-    """The modules ipu_train.data and ipu_train.packing as of git `revision`, loaded beside the current ones (what
-    they import from the package is the current code): the collators before a change, to time on the same packs."""
-    modules = []
-    for name in ("data", "packing"):
-        source = subprocess.run(["git", "-C", ROOT, "show", f"{revision}:ipu_train/{name}.py"], check=True,
-                                capture_output=True, text=True).stdout
-        module = types.ModuleType(f"ipu_train._{name}_at_{len(sys.modules)}")
-        module.__package__ = "ipu_train"
-        sys.modules[module.__name__] = module  # dataclasses look their module up
-        exec(compile(source, f"{revision}:ipu_train/{name}.py", "exec"), module.__dict__)
-        modules.append(module)
-    return modules
 
 
 def same_batches(collators, rows):
