@@ -467,12 +467,16 @@ def model_to_load_by_stage(model_args, config, tokenizer, auto_class):
     by each process from its stage's tensors alone (pipeline/process_stages.py), where its safetensors hold every
     weight in the shape the config gives and the tokenizer fits the embedding table. None otherwise, and the model
     loads whole, as without stages: a new model (every process builds it from the seed, so that each layout starts
-    from one process's weights), a checkpoint in other files, or weights to add, reshape or grow."""
+    from one process's weights), --config_overrides (refused there where they reshape the pretrained model), a
+    checkpoint in other files, or weights to add, reshape or grow."""
     if not model_args.model_name_or_path:
         return None
+    if parse_config_overrides(model_args.config_overrides):  # checked against the whole pretrained model
+        logger.info("Every process loads the whole model before keeping its stage: --config_overrides are checked "
+                    "against the pretrained model's weights")
+        return None
     _require_model_class(auto_class, config, model_args)
-    weights = find_saved_weights(_model_file_locator(model_args), model_args.model_name_or_path,
-                                 dtype=_weights_dtype(model_args, config))
+    weights = find_saved_weights(_model_file_locator(model_args), dtype=_weights_dtype(model_args, config))
     if weights is None:
         logger.info("Every process loads the whole model before keeping its stage: %s has no safetensors weights",
                     model_args.model_name_or_path)

@@ -283,7 +283,10 @@ class IPUTrainer(Trainer):
                                 "nothing is left to train. Raise --max_steps (or --num_train_epochs), or pass "
                                 "--overwrite_output_dir to start afresh")
             with _loading(checkpoint):
-                self._load_from_checkpoint(checkpoint)  # weights, before compilation and DDP wrap the model
+                if self.layout.pipelined:  # each process will read its stage's weights from the checkpoint
+                    self.backend.resume_weights(self.model, checkpoint)
+                else:
+                    self._load_from_checkpoint(checkpoint)  # weights, before compilation and DDP wrap the model
         # A collator that caps masked tokens at a fixed count lets the sparse MLM head gather with static shapes.
         cap = getattr(self.data_collator, "max_masked_tokens", None)
         self.model_wrapped = self.backend.prepare_model(self.model,
@@ -592,7 +595,12 @@ class IPUTrainer(Trainer):
         self._memory_tracker.stop_and_update_metrics(metrics)
         self.log(metrics)
         if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
-            self._load_best_model()
+            if self.layout.pipelined:  # into the stages, whose weights are saved at the end
+                logger.info("Loading best model from %s (score: %s).", self.state.best_model_checkpoint,
+                            self.state.best_metric)
+                self.backend.load_weights_into_stages(self.state.best_model_checkpoint)
+            else:
+                self._load_best_model()
         self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
         self.is_in_train = False
         return TrainOutput(self.state.global_step, loop.mean_loss, metrics)

@@ -346,7 +346,8 @@ def test_stages_chained_in_one_process_give_the_models_loss(model_dirs, family, 
     batch = micro_batch(family, torch.Generator().manual_seed(0))
     if with_segments:
         batch["token_type_ids"] = segments()
-    loss = last.loss(last(*first(*first.first_stage_inputs(batch))), last.loss_target(batch))
+    inputs, side = first.stage_inputs(batch)
+    loss = last.loss(last(*first(*inputs, **side), **side), last.loss_target(batch))
     torch.testing.assert_close(loss, model(**batch).loss, rtol=1e-6, atol=0)
     assert {p.data_ptr() for p in first.parameters()}.isdisjoint(p.data_ptr() for p in model.parameters())
 

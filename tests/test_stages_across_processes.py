@@ -155,14 +155,19 @@ def test_the_stages_save_one_from_pretrained_folder_equal_to_the_one_process_mod
             "scheduler.pt", "rng_state_0.pth", "rng_state_1.pth"} <= checkpoint
 
 
+def fine_tuning_args(runs, text_files, tokenizer_dir, output_dir, *extra):
+    """training_args, from the trained one-process model's folder instead of a new model."""
+    args = training_args(text_files, tokenizer_dir, output_dir, *extra)
+    start = args.index("--model_type")
+    return args[:start] + ["--model_name_or_path", str(runs.one)] + args[start + 4:]  # for type and overrides
+
+
 def test_stages_fine_tune_a_pretrained_model_read_stage_by_stage_as_one_process(runs, text_files, bpe_tokenizer_dir):
     """From --model_name_or_path each process reads only its stage's weights (the model built without any); the
     model saved after training equals the one process's."""
     def fine_tuning(output_dir, *extra):
-        args = training_args(text_files, bpe_tokenizer_dir, output_dir, "--max_steps", "2", "--eval_strategy", "no",
-                             "--save_strategy", "no", *extra)
-        start = args.index("--model_type")
-        return args[:start] + ["--model_name_or_path", str(runs.one)] + args[start + 4:]  # for type and overrides
+        return fine_tuning_args(runs, text_files, bpe_tokenizer_dir, output_dir, "--max_steps", "2",
+                                "--eval_strategy", "no", "--save_strategy", "no", *extra)
 
     one, two = runs.root / "tuned-one", runs.root / "tuned-two"
     done = run(fine_tuning(one))
@@ -176,6 +181,30 @@ def test_stages_fine_tune_a_pretrained_model_read_stage_by_stage_as_one_process(
         torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
     assert not torch.equal(got["transformer.h.0.mlp.c_fc.weight"],
                            AutoModelForCausalLM.from_pretrained(runs.one).state_dict()["transformer.h.0.mlp.c_fc.weight"])
+
+
+def test_a_staged_fine_tune_resumes_from_its_checkpoint_and_keeps_its_best_model(runs, text_files,
+                                                                                  bpe_tokenizer_dir):
+    """Resumed, the stages read the checkpoint's weights, not the pretrained ones they started from; with
+    --load_best_model_at_end the saved model is the best checkpoint's (here, by a perverse rule, the first one)."""
+    def fine_tuning(output_dir, *extra):
+        return fine_tuning_args(runs, text_files, bpe_tokenizer_dir, output_dir, "--pipeline_stages_across_processes",
+                                "--max_steps", "4", "--save_steps", "2", "--eval_steps", "2", *extra)
+
+    whole, resumed = runs.root / "tuned-whole", runs.root / "tuned-resumed"
+    done = run(fine_tuning(whole, "--load_best_model_at_end", "--metric_for_best_model", "eval_loss",
+                           "--greater_is_better", "true"), processes=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = run(fine_tuning(resumed, "--resume_from_checkpoint", str(whole / "checkpoint-2")), processes=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert logged_losses(resumed) == pytest.approx(logged_losses(whole), rel=1e-6)
+    best = json.loads((whole / "trainer_state.json").read_text())["best_model_checkpoint"]
+    assert os.path.basename(best) == "checkpoint-2"
+    saved, expected, last = (AutoModelForCausalLM.from_pretrained(folder).state_dict()
+                             for folder in (whole, whole / "checkpoint-2", whole / "checkpoint-4"))
+    for name, tensor in expected.items():
+        torch.testing.assert_close(saved[name], tensor, rtol=0, atol=0, msg=name)
+    assert not torch.equal(saved["transformer.h.1.mlp.c_fc.weight"], last["transformer.h.1.mlp.c_fc.weight"])
 
 
 def test_a_checkpoint_resumes_exactly_on_its_layout_and_is_refused_on_another(runs, text_files, bpe_tokenizer_dir,

@@ -111,12 +111,18 @@ def test_the_last_stage_returns_the_logits_of_the_whole_model(family):
     with torch.no_grad():
         expected = model(**{key: value for key, value in batch.items()
                             if key not in ("labels", "next_sentence_label")})
-        got = LOGITS[type(model).__name__].compute(stage, stage(*type(stage).first_stage_inputs(batch)))
+        got = LOGITS[type(model).__name__].compute(stage, run_whole(stage, batch))
     shapes = LOGITS[type(model).__name__].row_shapes(batch, model.config.vocab_size)
     assert list(got) == list(shapes)
     for name, logits in got.items():
         assert logits.shape == (len(batch["input_ids"]), *shapes[name])
         torch.testing.assert_close(logits, expected[name], rtol=1e-5, atol=1e-5)
+
+
+def run_whole(stage, batch):
+    """A stage that holds the whole model, run on a batch: its final outputs."""
+    inputs, side = stage.stage_inputs(batch)
+    return stage(*inputs, **side)
 
 
 def test_the_evaluation_loss_counts_every_masked_token():
@@ -126,7 +132,7 @@ def test_the_evaluation_loss_counts_every_masked_token():
     assert ((batch["labels"] != IGNORE_INDEX).sum(dim=1) > 1).all()
     with torch.no_grad():
         expected = model(**batch).loss
-        finished = stage(*type(stage).first_stage_inputs(batch))
+        finished = run_whole(stage, batch)
         capped = stage.loss(finished, batch["labels"])
         with _uncapped([stage]):
             uncapped = stage.loss(finished, batch["labels"])

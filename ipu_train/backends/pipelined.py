@@ -25,7 +25,8 @@ from torch import nn
 from ..errors import UserError
 from ..pipeline.heads import serialization_factor
 from ..pipeline.loss_scale import PipelineLossScale
-from ..pipeline.process_stages import (PipelineRanks, build_process_pipeline, build_stage_module,
+from ..pipeline.weight_files import defer_loading, folder_weights
+from ..pipeline.process_stages import (PipelineRanks, build_process_pipeline, build_stage_module, copy_saved_weights,
                                        gather_model_state, load_whole_model_state,
                                        new_pipeline_groups, pipeline_optimizer_step, pipeline_train_step,
                                        stage_plan_for)
@@ -89,7 +90,7 @@ class PipelinedBackend(TorchBackend):  # implements backends.base.Backend
         except ValueError as err:
             raise UserError(f"--pipeline_stages_across_processes: {err}") from None
         if self._evaluates():
-            self._check_evaluation(type(modules[0]))
+            self._check_evaluation()
         if self.args.torch_compile:
             self._compile_stages(modules)
         self.pipeline = build_process_pipeline(self.ranks, groups, modules, self.layout.accumulation,
@@ -109,6 +110,15 @@ class PipelinedBackend(TorchBackend):  # implements backends.base.Backend
             if module.is_last:
                 module.loss = torch.compile(module.loss, backend=self.args.torch_compile_backend,
                                             mode=self.args.torch_compile_mode)
+
+    def resume_weights(self, model, checkpoint):
+        """Resuming: this process's stages will read their weights from the checkpoint's model files (the whole
+        model, gathered when it was saved) instead of the model's own or pretrained ones."""
+        defer_loading(model, folder_weights(checkpoint))
+
+    def load_weights_into_stages(self, checkpoint):
+        """The weights of a checkpoint copied into this process's stages (--load_best_model_at_end)."""
+        copy_saved_weights(self.pipeline, folder_weights(checkpoint), self.model)
 
     def _log_kept_share(self, model):
         kept = sum(p.numel() for p in self.train_module.parameters())
@@ -149,7 +159,7 @@ class PipelinedBackend(TorchBackend):  # implements backends.base.Backend
         args = self.args
         return args.do_eval or args.eval_strategy not in ("no", None) or args.eval_on_start
 
-    def _check_evaluation(self, stage_class):
+    def _check_evaluation(self):
         """Before training: what evaluation cannot run on these stages is refused in one line."""
         cfg = self.ipu_config
         with cfg.in_mode("training"):
@@ -157,9 +167,6 @@ class PipelinedBackend(TorchBackend):  # implements backends.base.Backend
         if training != inference:
             raise UserError(f"--pipeline_stages_across_processes evaluates on the training stages (layers_per_ipu="
                             f"{training}), not inference_layers_per_ipu={inference}: drop inference_layers_per_ipu")
-        if not self.args.prediction_loss_only and stage_class.model_class not in LOGITS:
-            raise UserError(f"--pipeline_stages_across_processes evaluates the loss only of {stage_class.model_class} "
-                            "(its metrics need logits the stages do not return yet): add --prediction_loss_only")
 
     def eval_loader(self, dataset, collator, indices, label_names=()):
         """The replica's samples (`indices`) in steps of the schedule's micro-batches, read alike by every process
@@ -356,8 +363,9 @@ def _forward_only(pipeline, batch):
     """One evaluation step through the schedule, forward only: the last stage's loss per micro-batch and its
     outputs, the micro-batches' concatenated (None and None on the other processes)."""
     stage_class = type(pipeline.modules[0])
-    inputs = stage_class.first_stage_inputs(batch) if pipeline.holds_first else ()
+    inputs, side = stage_class.stage_inputs(batch)
     target = stage_class.loss_target(batch) if pipeline.holds_last else None
     losses = [] if pipeline.holds_last else None
-    outputs = pipeline.schedule.eval(*inputs, target=target, losses=losses)
+    outputs = pipeline.evaluation_schedule().eval(*(inputs if pipeline.holds_first else ()), target=target,
+                                                  losses=losses, **side)
     return losses, outputs

@@ -11,16 +11,19 @@ own copy of the embedding weight; after backward the two copies' gradients are s
 rank of each replica (as Megatron does), so the same optimizer keeps them equal.
 
 Served: GPT2LMHeadModel, BertForPreTraining, BertForMaskedLM, RobertaForMaskedLM, XLMRobertaForMaskedLM,
-DistilBertForMaskedLM and XLNetLMHeadModel. Between stages flow (hidden states (B, S, H) float, attention mask (B,
-S) int64), the same shapes for every micro-batch; XLNet's two streams and the inputs it rebuilds its masks from (see
-XLNetStage). Each stage rebuilds its attention bias from what it receives rather than receiving a (B, 1, S, S)
-tensor. The last stage returns its final hidden states; the schedule's loss function (`loss`) runs the head on them,
-the chunked LM loss (GPT-2, XLNet) or the sparse MLM loss (BERT, RoBERTa, DistilBERT; plus next-sentence prediction for BERT
-pretraining), against a target tensor: the labels, with BERT's next-sentence label as one extra column.
+DistilBertForMaskedLM and XLNetLMHeadModel. Between stages flow only hidden states, in floating point ((B, S, H);
+XLNet's two streams), the same shapes for every micro-batch: torch before 2.13 makes every tensor a stage receives
+require a gradient and expects one back for it. The attention mask and the other inputs each stage rebuilds its
+attention bias from (`side_names`: token types, XLNet's permutation mask and target mapping) go to every stage by
+name, from its own copy of the batch (every process of a replica reads the same micro-batches), rather than a
+(B, 1, S, S) tensor being sent. The last stage returns its final hidden states; the schedule's loss function
+(`loss`) runs the head on them, the chunked LM loss (GPT-2, XLNet) or the sparse MLM loss (BERT, RoBERTa,
+DistilBERT; plus next-sentence prediction for BERT pretraining), against a target tensor: the labels, with BERT's
+next-sentence label as one extra column.
 """
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -30,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .families import family_layers, output_projection, roberta_head_transform
 from .heads import chunked_lm_loss, next_token_labels, sparse_mlm_loss
-from .weight_files import SHARD_INDEX, SINGLE_FILE, SavedWeights, deferred_weights, find_saved_weights
+from .weight_files import SavedWeights, deferred_weights, folder_weights
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 
@@ -109,8 +112,7 @@ class _StageModule(nn.Module):
     model_type = None  # its config's model_type
     first_modules = ()  # module paths only the first stage keeps
     last_modules = ()  # module paths only the last stage keeps
-    input_names = ("input_ids", "attention_mask")  # the first stage's inputs, from a batch, in order
-    hidden_count = 1  # the leading tensors between stages that the layers update; the inputs passed on follow
+    side_names = ("attention_mask",)  # what every stage reads from the batch by name, beside what flows in
 
     def __init__(self, model, layer_indices, is_first, is_last, n_chunks=1, max_predictions=None, recompute=False):
         super().__init__()
@@ -125,10 +127,11 @@ class _StageModule(nn.Module):
         """The model's layer list, other stages' entries None (a property: the state dict names each weight once)."""
         return family_layers(self.model)[1]
 
-    def forward(self, *inputs):
-        flowing = self.embed(*inputs) if self.is_first else inputs
-        hidden, passed_on = flowing[:self.hidden_count], flowing[self.hidden_count:]
-        context = self.layer_context(hidden, *passed_on)
+    def forward(self, *flowing, **side):
+        """The first stage's `flowing` is the input ids, the others' the hidden states the previous stage sent;
+        `side`: the batch's inputs of `side_names`, each stage's own copy."""
+        hidden = self.embed(*flowing, **side) if self.is_first else flowing
+        context = self.layer_context(hidden, **side)
         layers = self.layers
         for index in self.layer_indices:
             if self.recompute and torch.is_grad_enabled():  # recompute_checkpoint_every_layer
@@ -137,7 +140,7 @@ class _StageModule(nn.Module):
                 hidden = self.run_layer(layers[index], hidden, context)
         if self.is_last:
             return self.finish(*hidden)
-        return (*hidden, *passed_on)
+        return tuple(hidden)
 
     def tied_weight(self) -> Optional[nn.Parameter]:
         """This stage's copy of the weight shared by the input embedding and the LM head, if it holds one."""
@@ -148,11 +151,16 @@ class _StageModule(nn.Module):
         return None
 
     @classmethod
-    def first_stage_inputs(cls, batch) -> tuple:
-        """The first stage's positional inputs from a batch dict: an all-ones mask where the batch has none."""
-        inputs = dict(batch)
-        inputs.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
-        return tuple(inputs[name] for name in cls.input_names)
+    def stage_inputs(cls, batch) -> tuple:
+        """(the first stage's positional inputs: the input ids; every stage's inputs by name) of a batch dict."""
+        batch = cls.with_defaults(dict(batch))
+        return (batch["input_ids"],), {name: batch[name] for name in cls.side_names}
+
+    @classmethod
+    def with_defaults(cls, batch):
+        """The batch with what the model assumes of an input it lacks: an all-ones attention mask."""
+        batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
+        return batch
 
     @staticmethod
     def loss_target(batch):
@@ -178,7 +186,7 @@ class GPT2Stage(_StageModule):
     def embed(self, input_ids, attention_mask):
         transformer = self.model.transformer
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        return transformer.drop(transformer.wte(input_ids) + transformer.wpe(positions)), attention_mask
+        return (transformer.drop(transformer.wte(input_ids) + transformer.wpe(positions)),)
 
     def layer_context(self, hidden, attention_mask):
         from transformers.masking_utils import create_causal_mask
@@ -203,13 +211,12 @@ class _EncoderStage(_StageModule):
     """BERT-like encoders: embeddings of tokens and segments (positions after the padding index for RoBERTa, as
     its embeddings module counts them), a bidirectional attention bias from the 2-D mask."""
 
-    input_names = ("input_ids", "attention_mask", "token_type_ids")
+    side_names = ("attention_mask", "token_type_ids")
 
     def embed(self, input_ids, attention_mask, token_type_ids):
-        embeddings = self.model.base_model.embeddings
-        return embeddings(input_ids=input_ids, token_type_ids=token_type_ids), attention_mask
+        return (self.model.base_model.embeddings(input_ids=input_ids, token_type_ids=token_type_ids),)
 
-    def layer_context(self, hidden, attention_mask):
+    def layer_context(self, hidden, attention_mask, token_type_ids):
         bias, _ = self.model.base_model._create_attention_masks(attention_mask, None, hidden[0], None, None)
         return bias
 
@@ -220,11 +227,10 @@ class _EncoderStage(_StageModule):
         return hidden
 
     @classmethod
-    def first_stage_inputs(cls, batch) -> tuple:
+    def with_defaults(cls, batch):
         """Segment 0 throughout where the batch has no token_type_ids: what the embeddings use without them."""
-        batch = dict(batch)
         batch.setdefault("token_type_ids", torch.zeros_like(batch["input_ids"]))
-        return super().first_stage_inputs(batch)
+        return super().with_defaults(batch)
 
 
 class BertPreTrainingStage(_EncoderStage):
@@ -290,7 +296,7 @@ class DistilBertMaskedLMStage(_StageModule):
     last_modules = ("vocab_transform", "vocab_layer_norm", "vocab_projector")
 
     def embed(self, input_ids, attention_mask):
-        return self.model.distilbert.embeddings(input_ids), attention_mask
+        return (self.model.distilbert.embeddings(input_ids),)
 
     def layer_context(self, hidden, attention_mask):
         from transformers.masking_utils import create_bidirectional_mask
@@ -315,23 +321,22 @@ class DistilBertMaskedLMStage(_StageModule):
 
 class XLNetStage(_StageModule):
     """XLNetLMHeadModel as run_plm.py trains it: two-stream attention, mems off. Between stages flow both streams
-    in XLNet's own layout, output_h (S, B, H) and output_g (P, B, H), then the inputs every stage rebuilds its masks
-    from: attention_mask (B, S), perm_mask (B, S, S), target_mapping (B, P, S) and token_type_ids (B, S), or (B, 0)
-    for a batch without segments (the model then adds no segment term). The relative positional encoding depends
+    in XLNet's own layout, output_h (S, B, H) and output_g (P, B, H); every stage rebuilds its masks from the batch's
+    attention_mask (B, S), perm_mask (B, S, S), target_mapping (B, P, S) and token_type_ids (B, S), or (B, 0) for a
+    batch without segments (the model then adds no segment term). The relative positional encoding depends
     only on the shapes: each stage computes its own (its dropout mask is the stage's)."""
 
     model_class = "XLNetLMHeadModel"
     model_type = "xlnet"
     first_modules = ("transformer.word_embedding", "transformer.mask_emb")
     last_modules = ("lm_loss",)
-    input_names = ("input_ids", "attention_mask", "perm_mask", "target_mapping", "token_type_ids")
-    hidden_count = 2
+    side_names = ("attention_mask", "perm_mask", "target_mapping", "token_type_ids")
 
     def embed(self, input_ids, attention_mask, perm_mask, target_mapping, token_type_ids):
         transformer = self.model.transformer
         output_h = transformer.dropout(transformer.word_embedding(input_ids.t()))
         output_g = transformer.dropout(transformer.mask_emb.expand(target_mapping.shape[1], input_ids.shape[0], -1))
-        return output_h, output_g, attention_mask, perm_mask, target_mapping, token_type_ids
+        return output_h, output_g
 
     def layer_context(self, hidden, attention_mask, perm_mask, target_mapping, token_type_ids):
         """As XLNetModel.forward without mems: the query stream's mask, the content stream's (which also sees its
@@ -374,11 +379,10 @@ class XLNetStage(_StageModule):
         return chunked_lm_loss(hidden, head.weight, labels, self.n_chunks, bias=head.bias)
 
     @classmethod
-    def first_stage_inputs(cls, batch) -> tuple:
+    def with_defaults(cls, batch):
         """An empty token_type_ids where the batch has none: the model then builds no segment matrix."""
-        batch = dict(batch)
         batch.setdefault("token_type_ids", batch["input_ids"][:, :0])
-        return super().first_stage_inputs(batch)
+        return super().with_defaults(batch)
 
 
 STAGE_CLASSES = (GPT2Stage, BertPreTrainingStage, BertMaskedLMStage, RobertaMaskedLMStage, XLMRobertaMaskedLMStage,
@@ -509,6 +513,19 @@ def unloadable_names(model, weights):
     return missing + [name for name, stored in found.items() if weights.shapes[stored] != tuple(state[name].shape)]
 
 
+def copy_saved_weights(pipeline, weights, model):
+    """Saved weights copied into this rank's stages in place (the optimizer keeps its parameters). `model`: the
+    whole model (meta weights will do), whose tied names say where a stage's copy of a tied weight is saved."""
+    shared_names = _shared_names(model)
+    with torch.no_grad():
+        for module in pipeline.modules:
+            found, missing = stored_names(module.model, weights, shared_names)
+            if missing:
+                raise ValueError(f"the weights lack {', '.join(missing[:3])}")
+            for name, param in module.model.named_parameters():
+                param.copy_(weights.read(found[name]))
+
+
 def _retie(model, shared_names):
     """Loading assigns each name its own tensor: make the names of one weight that this stage holds share it again
     (BERT's decoder bias; on a single stage, the LM head and the embedding)."""
@@ -528,11 +545,8 @@ def _as_saved_weights(weights):
         return _StateDictWeights(weights)
     path = os.fspath(weights)
     if os.path.isdir(path):
-        found = find_saved_weights(lambda name: os.path.join(path, name), path)
-        if found is None:
-            raise ValueError(f"{path} holds no {SINGLE_FILE} (nor {SHARD_INDEX})")
-        return found
-    return SavedWeights.from_files([path], source=path)
+        return folder_weights(path)
+    return SavedWeights.from_files([path])
 
 
 class _StateDictWeights(dict):
@@ -547,12 +561,25 @@ class _StateDictWeights(dict):
 
 @dataclass
 class ProcessPipeline:
-    """This rank's part of one replica's pipeline: its stage modules (in stage order) and the schedule."""
+    """This rank's part of one replica's pipeline: its stage modules (in stage order), training's schedule, and
+    evaluation's, each over `PipelineStage`s of its own made by `new_schedule`: a pipeline stage fixes the shapes
+    it sends and receives at its first step (torch before 2.13 never reads them again), and evaluation batches may
+    differ from training's."""
 
     ranks: PipelineRanks
     groups: PipelineGroups
     modules: list
-    schedule: object
+    new_schedule: Callable  # () -> a schedule over new PipelineStage objects of `modules`
+    schedule: object = None
+    _evaluation_schedule: object = None
+
+    def __post_init__(self):
+        self.schedule = self.new_schedule()
+
+    def evaluation_schedule(self):
+        if self._evaluation_schedule is None:
+            self._evaluation_schedule = self.new_schedule()
+        return self._evaluation_schedule
 
     def parameters(self):
         """What the optimizer steps: every stage module's parameters, the tied copy included."""
@@ -578,8 +605,9 @@ def build_process_pipeline(ranks, groups, modules, n_microbatches, schedule="1f1
         raise ValueError(f"unknown pipeline schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
     from torch.distributed import pipelining
 
-    stages = [pipelining.PipelineStage(module, index, ranks.num_stages, torch.device(device), group=groups.pipeline)
-              for index, module in zip(ranks.stage_indices, modules)]
+    if schedule != "interleaved_1f1b" and len(modules) > 1:
+        raise ValueError(f"the {schedule} schedule runs one stage per rank; {len(modules)} stages share each rank "
+                         f"here: use interleaved_1f1b")
     # Every rank passes a loss function: without one the schedule runs no backward. Only the last stage calls it.
     loss_fn = modules[-1].loss if modules[-1].is_last else _loss_on_the_last_stage_only
     if loss_scale is not None and modules[-1].is_last:
@@ -587,15 +615,17 @@ def build_process_pipeline(ranks, groups, modules, n_microbatches, schedule="1f1
 
         def loss_fn(output, target):
             return loss_scale.scaled_backward(unscaled_loss(output, target))
-    if schedule == "interleaved_1f1b":
-        runner = pipelining.ScheduleInterleaved1F1B(stages, n_microbatches, loss_fn=loss_fn)
-    elif len(stages) > 1:
-        raise ValueError(f"the {schedule} schedule runs one stage per rank; {len(stages)} stages share each rank "
-                         f"here: use interleaved_1f1b")
-    else:
+
+    def new_schedule():
+        stages = [pipelining.PipelineStage(module, index, ranks.num_stages, torch.device(device),
+                                           group=groups.pipeline)
+                  for index, module in zip(ranks.stage_indices, modules)]
+        if schedule == "interleaved_1f1b":
+            return pipelining.ScheduleInterleaved1F1B(stages, n_microbatches, loss_fn=loss_fn)
         single = {"gpipe": pipelining.ScheduleGPipe, "1f1b": pipelining.Schedule1F1B}[schedule]
-        runner = single(stages[0], n_microbatches, loss_fn=loss_fn)
-    return ProcessPipeline(ranks=ranks, groups=groups, modules=list(modules), schedule=runner)
+        return single(stages[0], n_microbatches, loss_fn=loss_fn)
+
+    return ProcessPipeline(ranks=ranks, groups=groups, modules=list(modules), new_schedule=new_schedule)
 
 
 def estimated_bubble(processes_per_pipeline, micro_batches, stages_per_process=1) -> float:
@@ -616,10 +646,11 @@ def pipeline_train_step(pipeline: ProcessPipeline, micro_batches, device="cpu") 
     The caller steps the optimizer. Returns the mean loss over the micro-batches (and replicas) on every rank."""
     batch = {key: torch.cat([mb[key] for mb in micro_batches]).to(device) for key in micro_batches[0]}
     stage_class = type(pipeline.modules[0])
-    inputs = stage_class.first_stage_inputs(batch) if pipeline.holds_first else ()
+    inputs, side = stage_class.stage_inputs(batch)
     target = stage_class.loss_target(batch) if pipeline.holds_last else None
     losses = [] if pipeline.holds_last else None
-    pipeline.schedule.step(*inputs, target=target, losses=losses, return_outputs=False)
+    pipeline.schedule.step(*(inputs if pipeline.holds_first else ()), target=target, losses=losses,
+                           return_outputs=False, **side)
     sync_tied_gradients(pipeline)
     average_replica_gradients(pipeline)
     return _mean_loss(pipeline, losses, device)
