@@ -18,7 +18,7 @@ import torch
 from ipu_train.backends.pipelined import LOGITS, REAL_ROWS, STEP_POSITION, _EvaluationSteps, _uncapped
 from ipu_train.config import IPUConfig
 from ipu_train.pipeline.heads import IGNORE_INDEX
-from ipu_train.pipeline.process_stages import build_stage_module, stage_plan_for
+from ipu_train.pipeline.process_stages import STAGE_CLASSES, build_stage_module, stage_plan_for
 
 from .conftest import REPO
 from .test_process_stages import FAMILIES, micro_batch, model_class, tiny_config
@@ -117,6 +117,11 @@ def test_the_last_stage_returns_the_logits_of_the_whole_model(family):
     for name, logits in got.items():
         assert logits.shape == (len(batch["input_ids"]), *shapes[name])
         torch.testing.assert_close(logits, expected[name], rtol=1e-5, atol=1e-5)
+
+
+def test_every_stage_class_returns_the_logits_its_metrics_read():
+    """Evaluation asks LOGITS for every served model (no refusal is left for one without)."""
+    assert {stage_class.model_class for stage_class in STAGE_CLASSES} <= set(LOGITS)
 
 
 def run_whole(stage, batch):
