@@ -161,3 +161,24 @@ def test_where_the_stages_cannot_read_the_files_the_whole_model_loads(saved, tmp
 
 def test_a_folder_without_safetensors_has_no_saved_weights(tmp_path):
     assert weight_files.find_saved_weights(lambda name: str(tmp_path / name)) is None
+
+
+def test_older_layer_norm_names_load_as_from_pretrained_renames_them(tmp_path):
+    """Older BERT checkpoints name layer norms' weights `LayerNorm.gamma` and `LayerNorm.beta`."""
+    from safetensors.torch import save_file
+
+    save_tiny_model("bert-mlm", tmp_path)
+    model = transformers.BertForMaskedLM.from_pretrained(tmp_path)
+    state = {name.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"):
+             tensor.clone() for name, tensor in model.state_dict().items()
+             if name not in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")}  # tied: saved once
+    assert any(name.endswith("LayerNorm.gamma") for name in state)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    plan = stage_plan_for(model.config, TWO_STAGES, "BertForMaskedLM")
+    for index in range(2):
+        expected = stage_parameters(build_stage_module(model, plan, index))
+        got = stage_parameters(build_stage_module(model.config, plan, index, weights=tmp_path,
+                                                  model_class="BertForMaskedLM"))
+        assert expected.keys() == got.keys()
+        for name in expected:
+            assert torch.equal(got[name], expected[name]), name

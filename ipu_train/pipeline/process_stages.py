@@ -491,18 +491,31 @@ def _load(model, weights, device, shared_names):
 def stored_names(model, weights, shared_names=None):
     """({name in the model's state dict: the name `weights` hold it under}, [names held under none]). A weight is
     read under its own name or a tied weight's other name, either also without the base model's prefix (a
-    checkpoint of the base model, as the hub's gpt2 is: `h.0.attn.c_attn.weight`)."""
+    checkpoint of the base model, as the hub's gpt2 is: `h.0.attn.c_attn.weight`), or under the older names of
+    layer norms' weights that from_pretrained renames (`LayerNorm.gamma` and `.beta`, older BERT checkpoints)."""
     shared_names = _shared_names(model) if shared_names is None else shared_names
     prefix = model.base_model_prefix + "."
     found, missing = {}, []
     for name in model.state_dict():
-        candidates = [form for own in shared_names.get(name, [name]) for form in (own, own.removeprefix(prefix))]
+        candidates = [older for own in shared_names.get(name, [name]) for form in (own, own.removeprefix(prefix))
+                      for older in (form, *_legacy_names(form))]
         stored = next((candidate for candidate in candidates if candidate in weights), None)
         if stored is None:
             missing.append(name)
         else:
             found[name] = stored
     return found, missing
+
+
+def _legacy_names(name):
+    """The names older checkpoints give a layer norm's weight and bias."""
+    for current, older in LEGACY_LAYER_NORM_NAMES:
+        if name.endswith(current):
+            return [name[:-len(current)] + older]
+    return []
+
+
+LEGACY_LAYER_NORM_NAMES = (("LayerNorm.weight", "LayerNorm.gamma"), ("LayerNorm.bias", "LayerNorm.beta"))
 
 
 def unloadable_names(model, weights):
