@@ -64,7 +64,7 @@ def packing_rows(label, data):
             r = run[side]
             rows.append(dict(run=f"{name} {side}", tokens_per_s=r["real_tokens_per_s"],
                              seq_per_s=r["pairs_per_step"] * 1e3 / r["ms_per_step"], step_ms=r["ms_per_step"],
-                             tflops=0, peak_mem_GB=r["peak_memory_GB"]))
+                             tflops=None, peak_mem_GB=r["peak_memory_GB"]))  # no FLOP count for packed rows
         rows.append(dict(run=f"{name} packed/padded", ratio=run["packed_over_padded"]))
     return rows
 
@@ -85,7 +85,8 @@ def main(argv):
             rows += script_rows(name[len("script_"):], data, contents)
         elif name.startswith("packing_"):
             rows += packing_rows(name[len("packing_"):], data)
-    print(f"\nrun | tokens/s | seq/s | ms/step | TFLOP/s | MFU % (of measured {peak and round(peak)} TFLOP/s) | peak GB")
+    basis = f"of measured {round(peak)} TFLOP/s" if peak else "no measured peak in this call"
+    print(f"\nrun | tokens/s | seq/s | ms/step | TFLOP/s | MFU % ({basis}) | peak GB")
     for r in rows:
         if "error" in r:
             print(f"{r['run']} | FAILED: {r['error']}")
@@ -94,7 +95,7 @@ def main(argv):
         else:
             mfu = f"{100 * r['tflops'] / peak:.1f}" if peak and r["tflops"] else "-"
             print(f"{r['run']} | {r['tokens_per_s']:.0f} | {r['seq_per_s']:.1f} | {r.get('step_ms', '-')} | "
-                  f"{r['tflops']} | {mfu} | {r['peak_mem_GB']}")
+                  f"{'-' if r['tflops'] is None else r['tflops']} | {mfu} | {r['peak_mem_GB']}")
     if combined:
         with open(combined, "w") as handle:
             json.dump(dict(contents, table=rows), handle, indent=1)
