@@ -46,6 +46,8 @@ INLINE_RULES = [
     (re.compile(r"\\ "), lambda m: ""),
     (re.compile(r"\\([^\w\s])"), lambda m: m.group(1)),
     (re.compile(r"\s+"), lambda m: " "),
+    # The package index by name, not address: this project's files name no package index's host.
+    (re.compile(r"https?://pypi\.org(?:/[^\s]*?)?(?=[.:,;)]?(?:\s|$))"), lambda m: "the Python Package Index"),
 ]
 
 
