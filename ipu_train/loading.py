@@ -472,30 +472,31 @@ def model_to_load_by_stage(model_args, config, tokenizer, auto_class):
     if not model_args.model_name_or_path:
         return None
     if parse_config_overrides(model_args.config_overrides):  # checked against the whole pretrained model
-        logger.info("Every process loads the whole model before keeping its stage: --config_overrides are checked "
-                    "against the pretrained model's weights")
-        return None
+        return _loaded_whole("--config_overrides are checked against the pretrained model's weights")
     _require_model_class(auto_class, config, model_args)
     weights = find_saved_weights(_model_file_locator(model_args), dtype=_weights_dtype(model_args, config))
     if weights is None:
-        logger.info("Every process loads the whole model before keeping its stage: %s has no safetensors weights",
-                    model_args.model_name_or_path)
-        return None
+        return _loaded_whole(f"{model_args.model_name_or_path} has no safetensors weights")
     with _built(model_args), init_empty_weights(include_buffers=False):
         model = _new_model(auto_class, config, model_args)
     model.tie_weights()  # the context gave each tied name its own meta tensor
     unloadable = unloadable_names(model, weights)
-    if unloadable or len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        logger.info("Every process loads the whole model before keeping its stage: %s", (
-            f"{len(unloadable)} weights ({_some(unloadable)}) are not saved in the model's shape" if unloadable
-            else "the tokenizer has more tokens than the embedding table"))
-        return None
+    if unloadable:
+        return _loaded_whole(f"{len(unloadable)} weights ({_some(unloadable)}) are not saved in the model's shape")
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        return _loaded_whole("the tokenizer has more tokens than the embedding table")
     if weights.dtype is not None:
         model.to(weights.dtype)
     defer_loading(model, weights)
     logger.info("Each process will read only its stage's weights from %s (%d tensors in %d file(s))",
                 model_args.model_name_or_path, len(weights.files_by_name), len(set(weights.files_by_name.values())))
     return model
+
+
+def _loaded_whole(reason):
+    """model_to_load_by_stage's answer where the model must load whole: None, and a log line saying why."""
+    logger.info("Every process loads the whole model before keeping its stage: %s", reason)
+    return None
 
 
 def _model_file_locator(model_args):

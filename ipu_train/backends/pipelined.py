@@ -3,11 +3,12 @@ every process builds only its stages from the model (pipeline/process_stages.py)
 step's micro-batches through the schedule. Devices, data and the training group are the TorchBackend's; the step,
 clipping, evaluation, saving and the optimizer's files are the pipeline's.
 
-Evaluation runs forward only through the same schedule (`eval()`), a step of `gradient_accumulation_steps`
-evaluation batches at a time, every process of a replica reading the same ones; the trainer then receives the step
-one micro-batch at a time, as one process would. The last stage alone accounts for the loss, the samples and the
-logits (its head run on one micro-batch's real rows at a time, so no more logits exist at once than in one
-process), so that summing over every process counts each sample once; the other processes hand over no rows.
+Evaluation runs forward only through the same stages (an evaluation schedule of its own:
+process_stages.pipeline_forward_step), a step of `gradient_accumulation_steps` evaluation batches at a time, every
+process of a replica reading the same ones; the trainer then receives the step one micro-batch at a time, as one
+process would. The last stage alone accounts for the loss, the samples and the logits (its head run on one micro-
+batch's real rows at a time, so no more logits exist at once than in one process), so that summing over every
+process counts each sample once; the other processes hand over no rows.
 
 No host read happens inside a group: the loss comes back broadcast on the device, the gradient norm is all-reduced
 on it. On CUDA the stages talk over NCCL (written, not yet run: CI has no GPU); on CPU over gloo."""
@@ -25,11 +26,11 @@ from torch import nn
 from ..errors import UserError
 from ..pipeline.heads import serialization_factor
 from ..pipeline.loss_scale import PipelineLossScale
-from ..pipeline.weight_files import defer_loading, folder_weights
 from ..pipeline.process_stages import (PipelineRanks, build_process_pipeline, build_stage_module, copy_saved_weights,
-                                       gather_model_state, load_whole_model_state,
-                                       new_pipeline_groups, pipeline_optimizer_step, pipeline_train_step,
+                                       gather_model_state, load_whole_model_state, new_pipeline_groups,
+                                       pipeline_forward_step, pipeline_optimizer_step, pipeline_train_step,
                                        stage_plan_for)
+from ..pipeline.weight_files import defer_loading, folder_weights
 from .base import batch_size, ignore_padding_labels, input_tokens
 from .torch import StaticLossScale, TorchBackend, _chunks
 
@@ -200,7 +201,7 @@ class PipelinedBackend(TorchBackend):  # implements backends.base.Backend
         real = batch.pop(REAL_ROWS)
         self.train_module.eval()
         with torch.no_grad(), self.autocast(), _uncapped(self.pipeline.modules):
-            losses, finished = _forward_only(self.pipeline, batch)
+            losses, finished = pipeline_forward_step(self.pipeline, batch)
         return _EvaluatedStep(batch, real if self.pipeline.holds_last else 0, losses, finished)
 
     def _logits(self, step, rows):
@@ -358,14 +359,3 @@ def _uncapped(modules):
         for module, cap in zip(modules, caps):
             module.max_predictions = cap
 
-
-def _forward_only(pipeline, batch):
-    """One evaluation step through the schedule, forward only: the last stage's loss per micro-batch and its
-    outputs, the micro-batches' concatenated (None and None on the other processes)."""
-    stage_class = type(pipeline.modules[0])
-    inputs, side = stage_class.stage_inputs(batch)
-    target = stage_class.loss_target(batch) if pipeline.holds_last else None
-    losses = [] if pipeline.holds_last else None
-    outputs = pipeline.evaluation_schedule().eval(*(inputs if pipeline.holds_first else ()), target=target,
-                                                  losses=losses, **side)
-    return losses, outputs

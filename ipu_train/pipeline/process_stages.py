@@ -172,9 +172,9 @@ class _StageModule(nn.Module):
         return sparse_mlm_loss(hidden, labels, transform, decoder.weight, decoder.bias,
                                max_predictions=self.max_predictions, n_chunks=self.n_chunks)
 
-    # Per family: embed(*first stage inputs) -> (*hidden, *inputs passed on); layer_context(hidden, *passed on):
-    # what every layer needs, rebuilt on each stage (the attention bias); run_layer(layer, hidden, context) ->
-    # hidden; finish(*hidden); loss(finished, target); loss_target(batch).
+    # Per family: embed(input_ids, **side) -> hidden (a tuple); layer_context(hidden, **side): what every layer
+    # needs, rebuilt on each stage (the attention bias); run_layer(layer, hidden, context) -> hidden;
+    # finish(*hidden); loss(finished, target); with_defaults(batch) and loss_target(batch) where they differ.
 
 
 class GPT2Stage(_StageModule):
@@ -480,9 +480,7 @@ def _prune(model, stage_class, layer_indices, is_first, is_last):
 def _load(model, weights, device, shared_names):
     """Replace the model's meta parameters with the stage's tensors from `weights`, on `device`."""
     weights = _as_saved_weights(weights)
-    found, missing = stored_names(model, weights, shared_names)
-    if missing:
-        raise ValueError(f"the weights lack {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
+    found = _all_stored(model, weights, shared_names)
     state = {name: weights.read(stored).to(device) for name, stored in found.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.to(device)  # the buffers
@@ -505,6 +503,14 @@ def stored_names(model, weights, shared_names=None):
         else:
             found[name] = stored
     return found, missing
+
+
+def _all_stored(model, weights, shared_names):
+    """stored_names' found names, every one of the model's: a name the weights lack is an error."""
+    found, missing = stored_names(model, weights, shared_names)
+    if missing:
+        raise ValueError(f"the weights lack {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
+    return found
 
 
 def _legacy_names(name):
@@ -532,9 +538,7 @@ def copy_saved_weights(pipeline, weights, model):
     shared_names = _shared_names(model)
     with torch.no_grad():
         for module in pipeline.modules:
-            found, missing = stored_names(module.model, weights, shared_names)
-            if missing:
-                raise ValueError(f"the weights lack {', '.join(missing[:3])}")
+            found = _all_stored(module.model, weights, shared_names)
             for name, param in module.model.named_parameters():
                 param.copy_(weights.read(found[name]))
 
@@ -658,15 +662,30 @@ def pipeline_train_step(pipeline: ProcessPipeline, micro_batches, device="cpu") 
     same ones of its replica), then the gradient syncs: the tied weight's copies summed, the replicas averaged.
     The caller steps the optimizer. Returns the mean loss over the micro-batches (and replicas) on every rank."""
     batch = {key: torch.cat([mb[key] for mb in micro_batches]).to(device) for key in micro_batches[0]}
+    inputs, keywords = _schedule_arguments(pipeline, batch)
+    pipeline.schedule.step(*inputs, return_outputs=False, **keywords)
+    sync_tied_gradients(pipeline)
+    average_replica_gradients(pipeline)
+    return _mean_loss(pipeline, keywords["losses"], device)
+
+
+def pipeline_forward_step(pipeline: ProcessPipeline, batch):
+    """One evaluation step (a batch of the step's micro-batches) through the evaluation schedule, forward only: the
+    last stage's loss per micro-batch and its final outputs, the micro-batches' concatenated (None and None on the
+    other ranks)."""
+    inputs, keywords = _schedule_arguments(pipeline, batch)
+    outputs = pipeline.evaluation_schedule().eval(*inputs, **keywords)
+    return keywords["losses"], outputs
+
+
+def _schedule_arguments(pipeline, batch):
+    """A schedule call's positional inputs (the first stage's) and keywords (the last stage's loss target and list
+    of losses, every stage's inputs by name) for this rank, from a step's batch."""
     stage_class = type(pipeline.modules[0])
     inputs, side = stage_class.stage_inputs(batch)
     target = stage_class.loss_target(batch) if pipeline.holds_last else None
     losses = [] if pipeline.holds_last else None
-    pipeline.schedule.step(*(inputs if pipeline.holds_first else ()), target=target, losses=losses,
-                           return_outputs=False, **side)
-    sync_tied_gradients(pipeline)
-    average_replica_gradients(pipeline)
-    return _mean_loss(pipeline, losses, device)
+    return (inputs if pipeline.holds_first else ()), dict(target=target, losses=losses, **side)
 
 
 def sync_tied_gradients(pipeline: ProcessPipeline):
