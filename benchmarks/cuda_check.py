@@ -12,8 +12,9 @@ their copy with no host synchronisation and are read without waiting for kernels
 Then one finding, no verdict: which attention kernel the compiled training step of BERT (with our sparse MLM head)
 and of GPT-2 asks for under bf16 autocast (flash, memory-efficient, cuDNN, or SDPA's math path of separate matmuls
 and softmax), read off the forward graph that torch.compile hands to its compiler.
-Last, the pipeline stages' machinery (--pipeline_stages_across_processes) on CUDA, as far as one GPU allows: one
-stage in one process, bf16 and fp16 with its loss scale, against the whole model.
+Then the pipeline stages' machinery (--pipeline_stages_across_processes) on CUDA, as far as one GPU allows: one
+stage in one process, bf16 and fp16 with its loss scale, against the whole model. Last, packed rows through
+torch's variable-length attention kernel against the block-diagonal mask, and whether that step synchronises.
 Prints one line per check and exits non-zero on the first failure."""
 import sys
 import types
@@ -299,6 +300,88 @@ def check_pipeline_stages_on_one_gpu():
     dist.destroy_process_group()
 
 
+def packed_rows(rows, length, vocab, generator):
+    """A batch of packed rows as DataCollatorForPackedSequences lays them out: 1 to 3 sequences a row, some rows
+    full, the rest padding; position ids restarting at each sequence; 15% of the real tokens labelled."""
+    sequence_in_row = torch.zeros(rows, length, dtype=torch.int32)
+    position_ids = torch.zeros(rows, length, dtype=torch.long)
+    for row in range(rows):
+        count = 1 + row % 3
+        end = length if row % 4 == 0 else int(torch.randint(length // 2, length, (1,), generator=generator))
+        cuts = sorted((torch.randperm(end - 1, generator=generator)[:count - 1] + 1).tolist())
+        for index, (start, stop) in enumerate(zip([0, *cuts], [*cuts, end])):
+            sequence_in_row[row, start:stop] = index + 1
+            position_ids[row, start:stop] = torch.arange(stop - start)
+    real = sequence_in_row > 0
+    input_ids = torch.where(real, torch.randint(5, vocab, (rows, length), generator=generator), 0)
+    labels = torch.where(real & (torch.rand(rows, length, generator=generator) < 0.15), input_ids, -100)
+    batch = dict(input_ids=input_ids, position_ids=position_ids, labels=labels, sequence_in_row=sequence_in_row)
+    return {key: value.to(DEVICE) for key, value in batch.items()}
+
+
+def check_packed_rows_on_the_kernel():
+    """Packed rows (--pack_sequences) through torch's variable-length FlashAttention kernel
+    (ipu_train.packed_attention), against the same rows through the block-diagonal mask, a 2-layer BERT in bf16
+    (heads of 64): the first attention layer's output at every real token, the loss, the gradients. Then a finding,
+    no verdict: whether a step on the kernel (its sequence bounds built on the device, forward, backward) makes a
+    host synchronisation."""
+    import copy
+
+    from transformers import BertConfig, BertForMaskedLM
+
+    from ipu_train.packed_attention import kernel_refusal, route_packed_attention
+    from ipu_train.packing import SEQUENCE_IN_ROW, packed_model_inputs
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=1024, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=1024, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        max_position_embeddings=512)
+    masked = BertForMaskedLM(config).to(DEVICE).train()
+    routed = copy.deepcopy(masked)
+    route_packed_attention(routed, 3)
+    batch = packed_rows(16, 512, config.vocab_size, torch.Generator().manual_seed(2))
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        refused = kernel_refusal(routed, batch[SEQUENCE_IN_ROW])
+    if refused is not None:
+        report("packed rows on the variable-length kernel", False, f"the kernel does not serve: {refused}")
+
+    def run(model):
+        model.zero_grad()
+        seen = []
+        hook = model.bert.encoder.layer[0].attention.self.register_forward_hook(
+            lambda module, args, output: seen.append(output[0].detach().float()))
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            inputs = packed_model_inputs(batch, model)
+            loss = model(**inputs).loss.float()
+        loss.backward()
+        hook.remove()
+        grads = {name: p.grad.float() for name, p in model.named_parameters() if p.grad is not None}
+        return set(inputs), seen[0][batch[SEQUENCE_IN_ROW] > 0], loss.detach(), grads
+
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    kernel_keys, kernel_context, kernel_loss, kernel_grads = run(routed)
+    mask_keys, mask_context, mask_loss, mask_grads = run(masked)
+    worst_grad = max(rel(kernel_grads[name], grad) for name, grad in mask_grads.items() if grad.norm() > 1e-6)
+    errors = dict(context=rel(kernel_context, mask_context), loss=abs(kernel_loss - mask_loss).item() / mask_loss.item(),
+                  worst_grad=worst_grad)
+    took_kernel = "cu_seq_lens_q" in kernel_keys and "attention_mask" not in kernel_keys and "attention_mask" in mask_keys
+    report("packed rows: variable-length kernel = block-diagonal mask (bf16, 16 x 512, BERT 2 x 256)",
+           took_kernel and errors["context"] < 1e-2 and errors["loss"] < 5e-3 and worst_grad < 5e-2,
+           ", ".join(f"{k} {v:.2e}" for k, v in errors.items()) + ("" if took_kernel else "; THE MASK WAS TAKEN"))
+    if DEVICE != "cuda":
+        return
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run(routed)
+        finding = "none"
+    except RuntimeError as error:
+        finding = str(error).splitlines()[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    print(f"     packed rows on the kernel, host synchronisations in a step: {finding}", flush=True)
+
+
 if __name__ == "__main__":
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}", flush=True)
@@ -308,4 +391,5 @@ if __name__ == "__main__":
     time_gpt2_head()
     check_deferred_read_waits_for_its_own_kernels()
     report_attention_kernels()
-    check_pipeline_stages_on_one_gpu()  # last: its NCCL group is the check's only collective
+    check_pipeline_stages_on_one_gpu()  # after the others: its NCCL group is the check's only collective
+    check_packed_rows_on_the_kernel()

@@ -22,7 +22,10 @@ Both sides take the same number of rows per step (`--rows`): one pair per padded
 `--max_per_pack` pairs per row (ipu_train.packing), so packed steps carry more pairs. Real tokens per second = the
 pairs' own tokens in the timed steps over their time; the two sides take their steps in turn, so that a shared
 machine's changing load weighs on both alike, and the first `--warmup` steps of each are left out. The packed
-side's block-diagonal attention mask is built on the device inside its timed step, as the trainer builds it
+side's model is routed as the scripts route it (`ipu_train.packed_attention`): where the variable-length kernel
+serves (CUDA, `--bf16`) its rows take the kernel, and a third side, `packed_mask`, trains the same packed rows
+through the block-diagonal mask (`kernel_over_mask`: what the kernel gains); elsewhere the packed side takes the mask.
+Either is built on the device inside the timed step, as the trainer builds it
 (`ipu_train.packing.packed_model_inputs`). On CUDA each step
 ends with a device synchronisation, and its peak memory (allocated, both models' weights and optimizer states
 included) is read. Rows run out after rows/--rows steps; further steps take them again from the start.
@@ -60,6 +63,7 @@ from ipu_train import IPUConfig  # noqa: E402
 from ipu_train.compat import compile_in_place  # noqa: E402
 from ipu_train.data import (DataCollatorForCappedMLM, masked_token_cap, nsp_pair_builder,  # noqa: E402
                             read_text_documents)
+from ipu_train.packed_attention import kernel_refusal, route_packed_attention  # noqa: E402
 from ipu_train.packing import (DataCollatorForPackedSequences, PackedDataset, packed_model_inputs,  # noqa: E402
                                padded_efficiency)
 from ipu_train.pipeline.families import family_for_model_type  # noqa: E402
@@ -92,6 +96,16 @@ def bert_config(size, tokenizer, seq):
                       max_position_embeddings=seq, pad_token_id=tokenizer.pad_token_id, **sizes)
 
 
+def autocast(opts):
+    return torch.autocast(opts.device.type, dtype=torch.bfloat16) if opts.bf16 else contextlib.nullcontext()
+
+
+def kernel_refused(model, opts):
+    """Why packed rows do not take the variable-length kernel in this model's training steps (None: they do)."""
+    with autocast(opts):
+        return kernel_refusal(model, torch.ones(1, 1, dtype=torch.int32, device=opts.device))
+
+
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -104,9 +118,9 @@ def batch_bytes(batch):
 class Side:
     """One side of the comparison: its collator, its rows, its model and optimizer, its timed steps."""
 
-    def __init__(self, name, rows, collate, real_tokens, max_predictions):
+    def __init__(self, name, rows, collate, real_tokens, max_predictions, routed=False):
         self.name, self.rows, self.collate, self.real_tokens = name, rows, collate, real_tokens
-        self.max_predictions = max_predictions
+        self.max_predictions, self.routed = max_predictions, routed
         self.seconds = self.tokens = self.pairs = self.timed = 0
         self.peak_bytes = 0
 
@@ -117,6 +131,8 @@ class Side:
         torch.manual_seed(1)  # the same initial weights on both sides
         self.model = BertForPreTraining(config).train()
         enable_serialized_heads(self.model, IPUConfig(), max_predictions=self.max_predictions)
+        if self.routed:  # packed rows may take the variable-length kernel, as the scripts' packed runs do
+            route_packed_attention(self.model, opts.max_per_pack)
         self.model.to(opts.device)
         if opts.compile:
             compile_in_place(self.model, backend=opts.compile_backend)
@@ -129,8 +145,8 @@ class Side:
             torch.cuda.reset_peak_memory_stats(opts.device)
         synchronize(opts.device)
         start = time.perf_counter()
-        with torch.autocast(opts.device.type, dtype=torch.bfloat16) if opts.bf16 else contextlib.nullcontext():
-            loss = self.model(**packed_model_inputs(batch, self.model)).loss  # the packed side's mask: here
+        with autocast(opts):
+            loss = self.model(**packed_model_inputs(batch, self.model)).loss  # a packed side's mask or bounds: here
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad()
@@ -200,7 +216,8 @@ def run_seq(seq, tokenizer, opts):
     packed_tokens = lambda rows: sum(len(e["input_ids"]) for row in rows for e in row)  # noqa: E731
     sides = [Side("padded", [pairs[i] for i in range(len(pairs))], pad_to_seq,
                   lambda rows: sum(len(e["input_ids"]) for e in rows), cap),
-             Side("packed", [packed[i] for i in range(len(packed))], pack, packed_tokens, pack.max_masked_tokens)]
+             Side("packed", [packed[i] for i in range(len(packed))], pack, packed_tokens, pack.max_masked_tokens,
+                  routed=True)]
     collate = None
     if opts.collate_batches:
         timed = list(sides)
@@ -223,13 +240,20 @@ def run_seq(seq, tokenizer, opts):
     config = bert_config(opts.size, tokenizer, seq)
     for side in sides:
         side.prepare(config, opts)
+    refused = kernel_refused(sides[1].model, opts)
+    run["packed_attention"] = "variable-length kernel" if refused is None else f"block-diagonal mask: {refused}"
+    if refused is None:  # the same packed rows through the mask as well: what the kernel gains
+        sides.append(Side("packed_mask", sides[1].rows, pack, packed_tokens, pack.max_masked_tokens))
+        sides[-1].prepare(config, opts)
     interleaved_steps(sides, opts, seq)
     rates = {side.name: side.result(opts, seq) for side in sides}
     for side in sides:  # the next sequence length's models start with the device memory free
         del side.model, side.optimizer
-    return dict(run, **rates, collate=collate,
-                packed_over_padded=round(rates["packed"]["real_tokens_per_s"] / rates["padded"]["real_tokens_per_s"],
-                                         3))
+    tokens_per_s = {name: rate["real_tokens_per_s"] for name, rate in rates.items()}
+    ratios = dict(packed_over_padded=round(tokens_per_s["packed"] / tokens_per_s["padded"], 3))
+    if "packed_mask" in rates:
+        ratios["kernel_over_mask"] = round(tokens_per_s["packed"] / tokens_per_s["packed_mask"], 3)
+    return dict(run, **rates, collate=collate, **ratios)
 
 
 def describe(opts):
@@ -289,7 +313,13 @@ def main(argv=None):
                  f"{run['packed_over_padded']:.2f}x" if padded else "- | - | -"), flush=True)
         if padded:
             print(f"    ms/step padded {padded['ms_per_step']}, packed {packed['ms_per_step']}; peak GB padded "
-                  f"{padded['peak_memory_GB']}, packed {packed['peak_memory_GB']}", flush=True)
+                  f"{padded['peak_memory_GB']}, packed {packed['peak_memory_GB']}; packed rows' attention: "
+                  f"{run['packed_attention']}", flush=True)
+        if "packed_mask" in run:
+            mask = run["packed_mask"]
+            print(f"    packed through the mask instead: {mask['real_tokens_per_s']:,.0f} real tokens/s, "
+                  f"{mask['ms_per_step']} ms/step, peak GB {mask['peak_memory_GB']}; kernel / mask "
+                  f"{run['kernel_over_mask']:.2f}x", flush=True)
         if run["collate"]:
             print("    collate, " + "; ".join(
                 f"{name}: {c['ms']:.2f} ms, {c['bytes'] / 2 ** 20:.2f} MiB per batch of {c['rows']} rows"

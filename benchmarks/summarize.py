@@ -6,7 +6,8 @@ measured in the same call when anchors.json (benchmarks/hf_baseline_gpu.py) hold
 - script_<model>.json: the train_results.json of a real script (run_clm.py, run_pretraining.py), set next to our
   side of throughput_<model>.json, the benchmark it must come within 10% of;
 - packing_<label>.json: benchmarks/packing.py (benchmarks/gpu_packing.sh), real tokens/s of the padded and the
-  packed side of each sequence length, and their ratio.
+  packed side of each sequence length (and of the packed rows through the mask, where the packed side took the
+  variable-length kernel), and their ratios.
 
     python benchmarks/summarize.py [--combined results.json] FILE...
 
@@ -60,12 +61,16 @@ def packing_rows(label, data):
     rows = []
     for run in data["runs"]:
         name = f"packing {label}" if len(data["runs"]) == 1 else f"packing {label} seq {run['seq']}"
-        for side in ("padded", "packed"):
+        for side in ("padded", "packed", "packed_mask"):  # packed_mask: where packed rows took the kernel
+            if side not in run:
+                continue
             r = run[side]
             rows.append(dict(run=f"{name} {side}", tokens_per_s=r["real_tokens_per_s"],
                              seq_per_s=r["pairs_per_step"] * 1e3 / r["ms_per_step"], step_ms=r["ms_per_step"],
                              tflops=None, peak_mem_GB=r["peak_memory_GB"]))  # no FLOP count for packed rows
         rows.append(dict(run=f"{name} packed/padded", ratio=run["packed_over_padded"]))
+        if "kernel_over_mask" in run:
+            rows.append(dict(run=f"{name} packed kernel/mask", ratio=run["kernel_over_mask"]))
     return rows
 
 

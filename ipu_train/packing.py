@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
+from .packed_attention import kernel_inputs, kernel_refusal, log_choice
 from .pipeline.heads import IGNORE_INDEX
 
 logger = logging.getLogger("ipu_train")
@@ -28,7 +29,8 @@ logger = logging.getLogger("ipu_train")
 # A packed sequence's index in its split, beside its columns: the collator masks sequences in the data's order.
 SEQUENCE_INDEX = "packed_sequence_index"
 # The collator's per-token record of packed rows, [rows, L] int32: each token's sequence in its row (1, 2, ...; 0 for
-# padding). No model takes it: packed_model_inputs turns it into the attention mask on the device.
+# padding). No model takes it: packed_model_inputs turns it into the attention mask, or the variable-length kernel's
+# sequence bounds, on the device.
 SEQUENCE_IN_ROW = "sequence_in_row"
 
 
@@ -271,16 +273,23 @@ class DataCollatorForPackedSequences:
 
 
 def packed_model_inputs(batch, model):
-    """The keyword arguments `model` takes for `batch`: a batch of packed rows (one holding SEQUENCE_IN_ROW) gets
-    its block-diagonal attention mask in place of SEQUENCE_IN_ROW, built where the batch lies (on the device) in the
-    model's dtype; any other batch is returned as it is. Every path that runs a model on packed rows calls this
-    right before the forward: TorchBackend's training step, compile step and evaluation, benchmarks/packing.py and
-    the tests. No host read."""
+    """The keyword arguments `model` takes for `batch`: a batch of packed rows (one holding SEQUENCE_IN_ROW) gets,
+    in place of SEQUENCE_IN_ROW, the variable-length kernel's sequence bounds where the kernel can run (a model
+    routed through packed_attention, on CUDA, in bf16 or fp16; see ipu_train.packed_attention), and otherwise its
+    block-diagonal attention mask, in the model's dtype; either is built where the batch lies (on the device). Any
+    other batch is returned as it is. Every path that runs a model on packed rows calls this right before the
+    forward, inside its autocast: TorchBackend's training step, compile step and evaluation, benchmarks/packing.py
+    and the tests. No host read."""
     sequence_in_row = batch.get(SEQUENCE_IN_ROW)
     if sequence_in_row is None:
         return batch
     inputs = {key: value for key, value in batch.items() if key != SEQUENCE_IN_ROW}
-    inputs["attention_mask"] = block_diagonal_mask(sequence_in_row, _dtype_of(model))
+    refusal = kernel_refusal(model, sequence_in_row)
+    log_choice(model, refusal)
+    if refusal is None:
+        inputs.update(kernel_inputs(sequence_in_row, model._packed_attention.max_per_pack))
+    else:
+        inputs["attention_mask"] = block_diagonal_mask(sequence_in_row, _dtype_of(model))
     return inputs
 
 

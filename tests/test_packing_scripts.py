@@ -42,6 +42,11 @@ def test_pretraining_trains_and_evaluates_on_packed_rows(text_files, wordpiece_t
     assert losses[-1] < losses[0]
     lines = packing_lines(caplog)
     assert [line.split(":")[0] for line in lines] == ["Packing the train split", "Packing the validation split"]
+    attention = [record.getMessage() for record in caplog.records if record.getMessage().startswith("Packed rows")]
+    assert [line.split(": ")[:2] for line in attention] == [  # once per mode: the CPU takes the mask
+        ["Packed rows (training)", "attention through SDPA with a block-diagonal mask, not the variable-length kernel"],
+        ["Packed rows (evaluation)", "attention through SDPA with a block-diagonal mask, not the variable-length "
+                                     "kernel"]]
     one_per_row, packed = (float(part.split()[0]) for part in lines[0].split(": ")[-1].split(", "))
     assert 0 < one_per_row < packed <= 1  # short pairs of the corpus: packing fills the rows
     metrics = results(out, "eval")
