@@ -88,10 +88,22 @@ def _never_reason(model):
 
 def _register():
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTENTION, packed_attention)
-    AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # other batches' padding masks: as for SDPA
+    AttentionMaskInterface.register(ATTENTION, packed_attention_mask)
+
+
+def packed_attention_mask(*, attention_mask=None, mask_function=None, **kwargs):
+    """transformers' mask for a model routed through ATTENTION: SDPA's (a batch's padding mask), except that a
+    bidirectional model given no mask gets none, as SDPA's gives in eager mode. Under torch.compile in torch 2.11,
+    torch.compiler.is_exporting() is true, and SDPA's would then build a mask of ones, which the kernel's call
+    cannot take (and with which SDPA leaves flash attention)."""
+    from transformers.masking_utils import bidirectional_mask_function, sdpa_mask
+
+    if attention_mask is None and mask_function is bidirectional_mask_function:
+        return None
+    return sdpa_mask(attention_mask=attention_mask, mask_function=mask_function, **kwargs)
 
 
 def kernel_refusal(model, sequence_in_row):
@@ -113,7 +125,7 @@ def kernel_refusal(model, sequence_in_row):
 
 
 def _activation_dtype(model, device_type):
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 

@@ -268,3 +268,29 @@ def test_the_training_step_takes_the_kernel_in_bf16(wordpiece_tokenizer_dir, ker
     assert kernel_on_cpu.calls == model.config.num_hidden_layers
     backend.eval_outputs(model, backend.to_device(batch))
     assert kernel_on_cpu.calls == 2 * model.config.num_hidden_layers
+
+
+def test_the_real_kernel_takes_the_call_and_compiles_into_one_graph(monkeypatch):
+    """torch's own varlen_attn, on meta tensors (its registered fake: shapes and autograd, no CUDA): a routed bf16
+    BERT's packed rows run forward and backward through it, and TorchDynamo traces the forward into one graph that
+    holds the kernel, with no graph break (the trainer compiles the model by default on CUDA)."""
+    import torch._dynamo
+
+    if packed_attention.variable_length_kernel() is None:
+        pytest.skip(f"torch {torch.__version__} has no torch.nn.attention.varlen")
+    monkeypatch.setattr(packed_attention, "KERNEL_DEVICE_TYPES", ("cuda", "meta"))
+    config = BertConfig(vocab_size=100, **dict(SMALL, hidden_size=64, num_attention_heads=4))
+    model = BertForMaskedLM(config).to(torch.bfloat16).to("meta").train()
+    route_packed_attention(model, PER_PACK)
+    ids = torch.randint(5, 100, (2, 10))
+    batch = dict(input_ids=ids, labels=ids, position_ids=torch.tensor([[*range(5), *range(3), 0, 0], [*range(10)]]),
+                 sequence_in_row=torch.tensor([[1] * 5 + [2] * 3 + [0] * 2, [1] * 10], dtype=torch.int32))
+    inputs = packed_model_inputs({key: value.to("meta") for key, value in batch.items()}, model)
+    assert "cu_seq_lens_q" in inputs and "attention_mask" not in inputs
+    model(**inputs).loss.backward()
+    assert all(p.grad is not None for p in model.bert.encoder.parameters())
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(**inputs)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    kernels = [node for graph in explained.graphs for node in graph.graph.nodes if "varlen" in str(node.target)]
+    assert len(kernels) == config.num_hidden_layers
