@@ -22,7 +22,7 @@ Both sides take the same number of rows per step (`--rows`): one pair per padded
 `--max_per_pack` pairs per row (ipu_train.packing), so packed steps carry more pairs. Real tokens per second = the
 pairs' own tokens in the timed steps over their time; the two sides take their steps in turn, so that a shared
 machine's changing load weighs on both alike, and the first `--warmup` steps of each are left out. The packed
-side's model is routed as the scripts route it (`ipu_train.packed_attention`): where the variable-length kernel
+side's model is routed as the scripts route it (`ipu_train.attention`): where the variable-length kernel
 serves (CUDA, `--bf16`) its rows take the kernel, and a third side, `packed_mask`, trains the same packed rows
 through the block-diagonal mask (`kernel_over_mask`: what the kernel gains); elsewhere the packed side takes the mask.
 Either is built on the device inside the timed step, as the trainer builds it
@@ -63,7 +63,7 @@ from ipu_train import IPUConfig  # noqa: E402
 from ipu_train.compat import compile_in_place  # noqa: E402
 from ipu_train.data import (DataCollatorForCappedMLM, masked_token_cap, nsp_pair_builder,  # noqa: E402
                             read_text_documents)
-from ipu_train.packed_attention import kernel_refusal, route_packed_attention  # noqa: E402
+from ipu_train.attention import kernel_refusal, route_packed_attention  # noqa: E402
 from ipu_train.packing import (DataCollatorForPackedSequences, PackedDataset, packed_model_inputs,  # noqa: E402
                                padded_efficiency)
 from ipu_train.pipeline.families import family_for_model_type  # noqa: E402

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
-from .packed_attention import kernel_inputs, kernel_refusal, log_choice
+from .attention import kernel_inputs, kernel_refusal, log_choice
 from .pipeline.heads import IGNORE_INDEX
 
 logger = logging.getLogger("ipu_train")
@@ -275,9 +275,8 @@ class DataCollatorForPackedSequences:
 def packed_model_inputs(batch, model):
     """The keyword arguments `model` takes for `batch`: a batch of packed rows (one holding SEQUENCE_IN_ROW) gets,
     in place of SEQUENCE_IN_ROW, the variable-length kernel's sequence bounds where the kernel can run (a model
-    routed through packed_attention, on CUDA, in bf16 or fp16; see ipu_train.packed_attention), and otherwise its
-    block-diagonal attention mask, in the model's dtype; either is built where the batch lies (on the device). Any
-    other batch is returned as it is. Every path that runs a model on packed rows calls this right before the
+    routed by ipu_train.attention, on CUDA, in bf16 or fp16), and otherwise its block-diagonal attention mask, in
+    the model's dtype; either is built where the batch lies (on the device). Any other batch is returned as it is. Every path that runs a model on packed rows calls this right before the
     forward, inside its autocast: TorchBackend's training step, compile step and evaluation, benchmarks/packing.py
     and the tests. No host read."""
     sequence_in_row = batch.get(SEQUENCE_IN_ROW)

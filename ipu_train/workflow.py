@@ -15,7 +15,7 @@ from .data import group_texts
 from .loading import check_hub_access, column_names, perplexity, require_samples, text_column
 from .errors import RunFailed, UserError, one_line
 from .output_dir import check_writable
-from .packed_attention import route_packed_attention
+from .attention import route_packed_attention
 from .packing import DataCollatorForPackedSequences, PackedDataset, pack_split, refuse_unconverted_packed_rows
 from .pipeline.families import position_offset
 from .script_args import ModelArguments
@@ -141,7 +141,7 @@ def pack_splits(train_dataset, eval_dataset, data_args, max_length, model):
     """--pack_sequences: the splits as rows of `max_length` tokens holding up to --max_sequences_per_pack sequences
     each, packed once from the sequences' lengths (a view: no token is copied); the efficiency of each is logged.
     The model refuses from then on a packed batch that did not go through packing.packed_model_inputs, and its
-    attention can take the variable-length kernel (ipu_train.packed_attention)."""
+    attention can take the variable-length kernel (ipu_train.attention)."""
     if "position_ids" not in inspect.signature(model.forward).parameters:
         raise UserError(f"--pack_sequences restarts the position ids at each packed sequence, and "
                         f"{type(model).__name__} takes none: drop --pack_sequences")

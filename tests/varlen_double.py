@@ -1,5 +1,5 @@
 """A strict double of `torch.nn.attention.varlen.varlen_attn` (torch 2.11 and 2.13), for testing
-ipu_train/packed_attention.py where no CUDA device is: `strict_varlen_attn` takes what the real function takes and
+ipu_train/attention.py where no CUDA device is: `strict_varlen_attn` takes what the real function takes and
 refuses what it refuses, with its messages, and computes each sequence's attention alone, in float32, returned in
 the inputs' dtype.
 

@@ -1,5 +1,5 @@
 """Packed rows through the variable-length kernel (issue 15, point 2: no cross-contamination, "a variable-length
-kernel on CUDA where it exists"): ipu_train/packed_attention.py, with torch's varlen_attn replaced by a strict double
+kernel on CUDA where it exists"): ipu_train/attention.py, with torch's varlen_attn replaced by a strict double
 (tests/varlen_double.py) allowed on the CPU. The real kernel runs in benchmarks/gpu_packing.sh."""
 import copy
 import json
@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertForPreTraining
 
-from ipu_train import IPUConfig, packed_attention
+from ipu_train import IPUConfig, attention
 from ipu_train.data import DataCollatorForCappedMLM
-from ipu_train.packed_attention import (ATTENTION, kernel_inputs, kernel_refusal, packed_attention as attention,
+from ipu_train.attention import (ATTENTION, kernel_inputs, kernel_refusal, sdpa_or_kernel,
                                         route_packed_attention)
 from ipu_train.packing import SEQUENCE_IN_ROW, DataCollatorForPackedSequences, PackedDataset, packed_model_inputs
 from ipu_train.pipeline.families import position_offset
@@ -29,8 +29,8 @@ LENGTH = 64
 @pytest.fixture
 def kernel_on_cpu(monkeypatch):
     """The double in place of torch's kernel, and the CPU allowed to run it."""
-    monkeypatch.setattr(packed_attention, "variable_length_kernel", lambda: strict_varlen_attn)
-    monkeypatch.setattr(packed_attention, "KERNEL_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(attention, "variable_length_kernel", lambda: strict_varlen_attn)
+    monkeypatch.setattr(attention, "KERNEL_DEVICE_TYPES", ("cuda", "cpu"))
     strict_varlen_attn.calls = 0
     return strict_varlen_attn
 
@@ -196,10 +196,10 @@ def test_when_the_kernel_serves_and_why_not(wordpiece_tokenizer_dir, kernel_on_c
         route_packed_attention(eager, PER_PACK)
         assert "'eager', not 'sdpa'" in kernel_refusal(eager, rows)
         assert eager.config._attn_implementation == "eager"  # left as it was
-    monkeypatch.setattr(packed_attention, "KERNEL_DEVICE_TYPES", ("cuda",))
+    monkeypatch.setattr(attention, "KERNEL_DEVICE_TYPES", ("cuda",))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert kernel_refusal(model, rows) == "it runs on CUDA, and the batch is on cpu"
-    monkeypatch.setattr(packed_attention, "variable_length_kernel", lambda: None)
+    monkeypatch.setattr(attention, "variable_length_kernel", lambda: None)
     assert "has no torch.nn.attention.varlen" in kernel_refusal(routed(), rows)
 
     caplog.set_level(logging.INFO, logger="ipu_train")
@@ -217,8 +217,8 @@ def test_the_kernel_never_drops_attention_dropout_silently():
     tokens = torch.zeros(2, 2, 4, 8)
     bounds = torch.tensor([0, 4, 8], dtype=torch.int32)
     with pytest.raises(RuntimeError, match="no attention dropout"):
-        attention(torch.nn.Module(), tokens, tokens, tokens, None, dropout=0.1, cu_seq_lens_q=bounds,
-                  cu_seq_lens_k=bounds, max_length_q=4, max_length_k=4)
+        sdpa_or_kernel(torch.nn.Module(), tokens, tokens, tokens, None, dropout=0.1, cu_seq_lens_q=bounds,
+                       cu_seq_lens_k=bounds, max_length_q=4, max_length_k=4)
 
 
 def test_a_routed_model_runs_other_batches_and_saves_as_before(wordpiece_tokenizer_dir, tmp_path):
@@ -276,9 +276,9 @@ def test_the_real_kernel_takes_the_call_and_compiles_into_one_graph(monkeypatch)
     holds the kernel, with no graph break (the trainer compiles the model by default on CUDA)."""
     import torch._dynamo
 
-    if packed_attention.variable_length_kernel() is None:
+    if attention.variable_length_kernel() is None:
         pytest.skip(f"torch {torch.__version__} has no torch.nn.attention.varlen")
-    monkeypatch.setattr(packed_attention, "KERNEL_DEVICE_TYPES", ("cuda", "meta"))
+    monkeypatch.setattr(attention, "KERNEL_DEVICE_TYPES", ("cuda", "meta"))
     config = BertConfig(vocab_size=100, **dict(SMALL, hidden_size=64, num_attention_heads=4))
     model = BertForMaskedLM(config).to(torch.bfloat16).to("meta").train()
     route_packed_attention(model, PER_PACK)
@@ -294,3 +294,124 @@ def test_the_real_kernel_takes_the_call_and_compiles_into_one_graph(monkeypatch)
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
     kernels = [node for graph in explained.graphs for node in graph.graph.nodes if "varlen" in str(node.target)]
     assert len(kernels) == config.num_hidden_layers
+
+
+def sdpa_calls_compiled(model, batch):
+    """(mask given?, is_causal) of each SDPA call in the graph TorchDynamo captures for model(**batch), and the
+    compiled output."""
+    calls = []
+
+    def capture(graph_module, example_inputs):
+        for node in graph_module.graph.nodes:
+            if node.target is torch.nn.functional.scaled_dot_product_attention:
+                mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+                calls.append((mask is not None, node.kwargs.get("is_causal")))
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    output = torch.compile(model, backend=capture)(**batch)
+    torch._dynamo.reset()
+    return calls, output
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_a_compiled_model_given_no_mask_gets_none(family, monkeypatch):
+    """In torch 2.11, torch.compiler.is_exporting() is true inside every compiled function, and transformers' SDPA
+    mask then builds a mask of ones for a model given none, which takes SDPA off flash attention. Made so here (as
+    transformers sees it): the model TorchBackend compiles (routed) still calls SDPA with no mask, causal for GPT-2,
+    where the unrouted one gets a mask; same outputs. A padding mask is kept."""
+    import transformers.masking_utils
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    if family == "bert":
+        plain = BertForMaskedLM(BertConfig(vocab_size=100, **dict(SMALL, num_attention_heads=4))).eval()
+    else:
+        plain = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4)).eval()
+    routed = copy.deepcopy(plain)
+    assert attention.route_attention(routed) is None and routed.config._attn_implementation == ATTENTION
+    monkeypatch.setattr(transformers.masking_utils, "is_torchdynamo_exporting", lambda: True)
+    ids = torch.randint(5, 100, (2, 12))
+    causal = family == "gpt2"
+    with torch.no_grad():
+        routed_calls, routed_output = sdpa_calls_compiled(routed, dict(input_ids=ids))
+        plain_calls, plain_output = sdpa_calls_compiled(plain, dict(input_ids=ids))
+        assert routed_calls == [(False, causal)] * 2 and plain_calls == [(True, False)] * 2
+        assert torch.allclose(routed_output.logits, plain_output.logits, atol=1e-5)
+        padding = torch.ones_like(ids)
+        padding[1, 7:] = 0
+        padded_calls, padded = sdpa_calls_compiled(routed, dict(input_ids=ids, attention_mask=padding))
+        assert padded_calls == [(True, False)] * 2
+        assert torch.allclose(padded.logits, plain(input_ids=ids, attention_mask=padding).logits, atol=1e-5)
+
+
+def test_the_trainer_routes_the_model_it_compiles(wordpiece_tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(wordpiece_tokenizer_dir)
+    model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), **dict(SMALL, num_attention_heads=4)))
+    backend = backend_on("cpu")
+    backend.args.torch_compile, backend.args.torch_compile_backend, backend.args.torch_compile_mode = True, "eager", None
+    backend.compile(model)
+    assert model.config._attn_implementation == ATTENTION
+
+
+@pytest.mark.parametrize("model_type", attention.KERNEL_MODEL_TYPES)
+def test_every_model_type_served_by_the_kernel_matches_the_mask(model_type, wordpiece_tokenizer_dir, kernel_on_cpu):
+    """Each type in KERNEL_MODEL_TYPES, built small: its packed rows' logits on the kernel are the mask's (bf16),
+    every layer taking the kernel."""
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    tokenizer = AutoTokenizer.from_pretrained(wordpiece_tokenizer_dir)
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=32, embedding_size=32,
+                                  num_attention_heads=4, num_hidden_layers=2, intermediate_size=64,
+                                  max_position_embeddings=LENGTH + 8, pad_token_id=tokenizer.pad_token_id,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, dropout=0.0,
+                                  attention_dropout=0.0)
+    torch.manual_seed(0)
+    masked = AutoModelForMaskedLM.from_config(config).eval()
+    routed = copy.deepcopy(masked)
+    route_packed_attention(routed, PER_PACK)
+    batch = packed_batch(tokenizer, masked)
+    real = batch[SEQUENCE_IN_ROW] > 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kernel_refusal(routed, batch[SEQUENCE_IN_ROW]) is None
+        kernel = routed(**packed_model_inputs(batch, routed)).logits.float()[real]
+        mask = masked(**packed_model_inputs(batch, masked)).logits.float()[real]
+    assert kernel_on_cpu.calls == config.num_hidden_layers
+    assert relative_difference(kernel, mask) < 0.01
+
+
+def test_other_models_and_gpus_keep_the_mask(monkeypatch):
+    """A masked LM outside KERNEL_MODEL_TYPES (ModernBERT: its sliding-window layers take a mask) is routed for the
+    compiled mask only; a GPU older than Ampere, or a torch without FlashAttention, keeps the mask."""
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    config = AutoConfig.for_model("modernbert", vocab_size=100, hidden_size=32, num_attention_heads=4,
+                                  num_hidden_layers=2, intermediate_size=64, pad_token_id=0, bos_token_id=1,
+                                  eos_token_id=2, cls_token_id=1, sep_token_id=2)
+    model = AutoModelForMaskedLM.from_config(config)
+    route_packed_attention(model, PER_PACK)
+    assert model.config._attn_implementation == ATTENTION
+    assert "the model is 'modernbert'" in kernel_refusal(model, torch.ones(1, 4, dtype=torch.int32))
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    assert attention._gpu_refusal(cuda) == ("FlashAttention needs a GPU of compute capability 8.0 or newer (Ampere), "
+                                            "and Tesla V100 has 7.0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert attention._gpu_refusal(cuda) is None
+    monkeypatch.setattr(torch.backends.cuda, "is_flash_attention_available", lambda: False)
+    assert "built without FlashAttention" in attention._gpu_refusal(cuda)
+
+
+def test_a_torch_whose_kernel_takes_no_scale_keeps_the_mask(monkeypatch):
+    """torch 2.10's varlen_attn has no `scale` (2.11 added it): calling it would raise at the first packed step."""
+    def varlen_attn_of_torch_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False,
+                                  return_aux=None):
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(attention, "variable_length_kernel", lambda: varlen_attn_of_torch_2_10)
+    model = BertForMaskedLM(BertConfig(vocab_size=100, **dict(SMALL, num_attention_heads=4)))
+    route_packed_attention(model, PER_PACK)
+    assert "with a scale (torch 2.11 has)" in kernel_refusal(model, torch.ones(1, 4, dtype=torch.int32))
