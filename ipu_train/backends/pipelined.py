@@ -18,7 +18,6 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -207,13 +206,12 @@ class PipelinedBackend(TorchBackend):  # implements backends.base.Backend
     def _logits(self, step, rows):
         """The model's logits, by the names its own output gives them, of the step's `rows` (a slice), computed on
         the last stage from its final outputs; elsewhere the same names with no rows."""
-        logits = LOGITS[self.pipeline.modules[0].model_class]
         if step.finished is None:
             dtype = self.autocast_dtype or self.model.dtype
-            return {name: torch.zeros((0, *shape), dtype=dtype, device=self.device)
-                    for name, shape in logits.row_shapes(step.batch, self.model.config.vocab_size).items()}
+            shapes = self.pipeline.modules[0].logits_row_shapes(step.batch, self.model.config.vocab_size)
+            return {name: torch.zeros((0, *shape), dtype=dtype, device=self.device) for name, shape in shapes.items()}
         with torch.no_grad(), self.autocast():
-            return logits.compute(self.pipeline.modules[-1], _rows_of(step.finished, rows))
+            return self.pipeline.modules[-1].logits(_rows_of(step.finished, rows))
 
     # --- saving ------------------------------------------------------------------------------------------------
 
@@ -251,48 +249,6 @@ def free_weights(model):
                 if id(param) not in emptied:
                     emptied[id(param)] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
                 module._parameters[name] = emptied[id(param)]
-
-
-@dataclass(frozen=True)
-class _Logits:
-    """How a last stage turns its final outputs into the model's logits, and what shape one row of them has."""
-    compute: Callable  # (last stage module, its final outputs of some rows) -> {output name: logits of those rows}
-    row_shapes: Callable  # (an evaluation step's batch, vocabulary size) -> {output name: one row's logits shape}
-
-
-def _token_logits_shape(batch, vocab_size):
-    return {"logits": (batch["input_ids"].shape[1], vocab_size)}
-
-
-def _lm_head_logits(stage, hidden):  # GPT-2's and RoBERTa's head modules are both `lm_head`
-    return {"logits": stage.model.lm_head(hidden)}
-
-
-def _bert_pretraining_logits(stage, finished):
-    prediction_logits, seq_relationship_logits = stage.model.cls(*finished)
-    return {"prediction_logits": prediction_logits, "seq_relationship_logits": seq_relationship_logits}
-
-
-def _bert_pretraining_shapes(batch, vocab_size):
-    return {"prediction_logits": (batch["input_ids"].shape[1], vocab_size), "seq_relationship_logits": (2,)}
-
-
-def _xlnet_shape(batch, vocab_size):  # one row of logits per predicted position (target_mapping's second axis)
-    return {"logits": (batch["target_mapping"].shape[1], vocab_size)}
-
-
-# The stages whose evaluation returns the logits the scripts' metrics read: what each model's own forward returns
-# (BertForPreTraining: prediction_logits and seq_relationship_logits), computed on the last stage alone.
-LOGITS = {
-    "GPT2LMHeadModel": _Logits(_lm_head_logits, _token_logits_shape),
-    "BertForPreTraining": _Logits(_bert_pretraining_logits, _bert_pretraining_shapes),
-    "BertForMaskedLM": _Logits(lambda stage, hidden: {"logits": stage.model.cls(hidden)}, _token_logits_shape),
-    "RobertaForMaskedLM": _Logits(_lm_head_logits, _token_logits_shape),
-    "XLMRobertaForMaskedLM": _Logits(_lm_head_logits, _token_logits_shape),
-    "DistilBertForMaskedLM": _Logits(lambda stage, hidden: {"logits": stage.model.vocab_projector(
-        stage.head_transform(hidden))}, _token_logits_shape),
-    "XLNetLMHeadModel": _Logits(lambda stage, hidden: {"logits": stage.model.lm_loss(hidden)}, _xlnet_shape),
-}
 
 
 def _rows_of(value, rows):

@@ -172,9 +172,17 @@ class _StageModule(nn.Module):
         return sparse_mlm_loss(hidden, labels, transform, decoder.weight, decoder.bias,
                                max_predictions=self.max_predictions, n_chunks=self.n_chunks)
 
+    @staticmethod
+    def logits_row_shapes(batch, vocab_size):
+        """The shape of one row of each of logits()'s outputs, for the stages that hold none: a logit per token and
+        vocabulary entry."""
+        return {"logits": (batch["input_ids"].shape[1], vocab_size)}
+
     # Per family: embed(input_ids, **side) -> hidden (a tuple); layer_context(hidden, **side): what every layer
     # needs, rebuilt on each stage (the attention bias); run_layer(layer, hidden, context) -> hidden;
-    # finish(*hidden); loss(finished, target); with_defaults(batch) and loss_target(batch) where they differ.
+    # finish(*hidden); loss(finished, target); logits(finished) -> the logits the model's own output names
+    # (evaluation, on the last stage); with_defaults(batch), loss_target(batch) and logits_row_shapes where they
+    # differ.
 
 
 class GPT2Stage(_StageModule):
@@ -205,6 +213,9 @@ class GPT2Stage(_StageModule):
         """As GPT2LMHeadModel's: position t predicts token t + 1, the mean over labelled tokens."""
         head = self.model.lm_head
         return chunked_lm_loss(hidden, head.weight, next_token_labels(labels), self.n_chunks, bias=head.bias)
+
+    def logits(self, hidden):
+        return {"logits": self.model.lm_head(hidden)}
 
 
 class _EncoderStage(_StageModule):
@@ -255,6 +266,14 @@ class BertPreTrainingStage(_EncoderStage):
     def loss_target(batch):
         return torch.cat([batch["labels"], batch["next_sentence_label"].reshape(-1, 1)], dim=1)
 
+    def logits(self, outputs):
+        prediction_logits, seq_relationship_logits = self.model.cls(*outputs)
+        return {"prediction_logits": prediction_logits, "seq_relationship_logits": seq_relationship_logits}
+
+    @staticmethod
+    def logits_row_shapes(batch, vocab_size):
+        return {"prediction_logits": (batch["input_ids"].shape[1], vocab_size), "seq_relationship_logits": (2,)}
+
 
 class BertMaskedLMStage(_EncoderStage):
     model_class = "BertForMaskedLM"
@@ -267,6 +286,9 @@ class BertMaskedLMStage(_EncoderStage):
         predictions = self.model.cls.predictions
         return self.masked_lm_loss(hidden, labels, predictions.transform, predictions.decoder)
 
+    def logits(self, hidden):
+        return {"logits": self.model.cls(hidden)}
+
 
 class RobertaMaskedLMStage(_EncoderStage):
     model_class = "RobertaForMaskedLM"
@@ -278,6 +300,9 @@ class RobertaMaskedLMStage(_EncoderStage):
         """As RobertaForMaskedLM's: the mean over masked tokens (the decoder tied to the word embeddings)."""
         head = self.model.lm_head
         return self.masked_lm_loss(hidden, labels, roberta_head_transform(head), head.decoder)
+
+    def logits(self, hidden):
+        return {"logits": self.model.lm_head(hidden)}
 
 
 class XLMRobertaMaskedLMStage(RobertaMaskedLMStage):
@@ -317,6 +342,9 @@ class DistilBertMaskedLMStage(_StageModule):
     def loss(self, hidden, labels):
         """As DistilBertForMaskedLM's: the mean cross-entropy over the masked tokens."""
         return self.masked_lm_loss(hidden, labels, self.head_transform, self.model.vocab_projector)
+
+    def logits(self, hidden):
+        return {"logits": self.model.vocab_projector(self.head_transform(hidden))}
 
 
 class XLNetStage(_StageModule):
@@ -377,6 +405,13 @@ class XLNetStage(_StageModule):
         embedding)."""
         head = self.model.lm_loss
         return chunked_lm_loss(hidden, head.weight, labels, self.n_chunks, bias=head.bias)
+
+    def logits(self, hidden):
+        return {"logits": self.model.lm_loss(hidden)}
+
+    @staticmethod
+    def logits_row_shapes(batch, vocab_size):  # one row of logits per predicted position (target_mapping's 2nd axis)
+        return {"logits": (batch["target_mapping"].shape[1], vocab_size)}
 
     @classmethod
     def with_defaults(cls, batch):
