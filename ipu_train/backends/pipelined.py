@@ -31,7 +31,7 @@ from ..pipeline.process_stages import (PipelineRanks, build_process_pipeline, bu
                                        stage_plan_for)
 from ..pipeline.weight_files import defer_loading, folder_weights
 from .base import batch_size, ignore_padding_labels, input_tokens
-from .torch import StaticLossScale, TorchBackend, _chunks
+from .torch import TorchBackend, _chunks
 
 logger = logging.getLogger("ipu_train")
 
@@ -66,14 +66,13 @@ class PipelinedBackend(TorchBackend):  # implements backends.base.Backend
         return False
 
     def _loss_scaler(self):
-        """fp16: the same scale on every process of the pipelines (see pipeline/loss_scale.py), dynamic unless
-        --loss_scaling is given without auto_loss_scaling."""
-        scaler = super()._loss_scaler()
-        if scaler is None:
+        """fp16: the same scale on every process of the pipelines (see pipeline/loss_scale.py), chosen as without
+        stages."""
+        choice = self._loss_scale_choice()
+        if choice is None:
             return None
-        if isinstance(scaler, StaticLossScale):
-            return PipelineLossScale(scaler.loss_scale, self.device, dynamic=False)
-        return PipelineLossScale(scaler.get_scale(), self.device)
+        dynamic, scale = choice
+        return PipelineLossScale(scale, self.device, dynamic=dynamic)
 
     def prepare_model(self, model, max_predictions=None):
         """This process's stages, built from the model's weights (the scripts build the same model, from the same

@@ -153,14 +153,23 @@ class TorchBackend:  # implements backends.base.Backend
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _loss_scaler(self):
+        choice = self._loss_scale_choice()
+        if choice is None:
+            return None
+        dynamic, scale = choice
+        return grad_scaler(self.device.type, init_scale=scale) if dynamic else StaticLossScale(scale)
+
+    def _loss_scale_choice(self):
+        """fp16's loss scale, (dynamic, first scale): static where --loss_scaling is given without
+        auto_loss_scaling; None in other precisions."""
         args, auto = self.args, self.ipu_config.auto_loss_scaling
         if self.precision != "fp16":
             if args.loss_scaling is not None or auto:
                 logger.info("Loss scaling has no effect in %s: it applies to fp16 only", self.precision)
             return None
         if args.loss_scaling is not None and not auto:
-            return StaticLossScale(args.loss_scaling)
-        return grad_scaler(self.device.type, init_scale=args.loss_scaling or 2.0 ** 16)
+            return False, args.loss_scaling
+        return True, args.loss_scaling or 2.0 ** 16
 
     # --- model and optimizer -----------------------------------------------------------------------------------
 
