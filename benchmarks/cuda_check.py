@@ -22,7 +22,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from ipu_train.attention import route_attention
+from ipu_train.attention import eager_sdpa_masks
 from ipu_train.backends.base import DeviceSums, EvalSums, PendingHostRead
 from ipu_train.optim import LAMB
 from ipu_train.pipeline.heads import chunked_lm_loss, enable_serialized_heads, sparse_mlm_loss
@@ -190,7 +190,7 @@ def attention_kernels_of(model, batch):
                 found.add(ATTENTION_OPS[name])
         return graph_module
 
-    route_attention(model)  # as TorchBackend compiles it
+    eager_sdpa_masks()  # as TorchBackend compiles models
     torch._dynamo.reset()
     compiled = torch.compile(model.train(), backend=lambda gm, inputs: aot_module_simplified(
         gm, inputs, fw_compiler=record, bw_compiler=lambda g, _: g))

@@ -1,21 +1,22 @@
-"""Our SDPA: transformers' scaled-dot-product attention with two differences, as the attention implementation
-ATTENTION of the models TorchBackend compiles and of packed runs' models (`route_attention`).
+"""transformers' SDPA, two ways faster: SDPA's masks as in eager mode for the models TorchBackend compiles, and
+packed rows on torch's variable-length FlashAttention kernel.
 
 1. A model given no attention mask gets none, compiled or not. transformers' SDPA mask leaves out a mask that masks
    nothing only where torch.compiler.is_exporting() is false, and in torch 2.11 (the GPU image's) that is true
    inside every compiled function: the compiled BERT and GPT-2 then build a mask of ones, which takes SDPA off flash
-   attention. `mask_where_needed` gives none there, as SDPA's mask does in eager mode; every other mask is SDPA's.
-2. Packed rows (--pack_sequences) without a mask: torch's variable-length FlashAttention kernel, on CUDA. A packed
-   row's sequences must not see each other. packing.packed_model_inputs gives the model a [rows, 1, L, L]
-   block-diagonal mask wherever the kernel cannot run (the CPU, fp32, attention dropout in training, a torch without
-   it), and SDPA then computes every row's full L x L scores, most of them masked. Where it can run,
-   `torch.nn.attention.varlen.varlen_attn` (torch >= 2.11) takes all the rows' tokens as one run of sequences
-   described by their cumulative lengths (`kernel_inputs`, which transformers passes down to every attention layer)
-   and computes each sequence's scores alone: no mask is built or read, no score between two sequences is computed.
-
-The models reach it through transformers' attention interface, from "sdpa" only; any other model keeps its own
-attention. The name is not saved with the model (transformers leaves the attention implementation out of
-config.json).
+   attention. `eager_sdpa_masks` (TorchBackend.compile) registers `mask_where_needed` as transformers' SDPA mask:
+   none where the eager one gives none, the eager one's mask everywhere else. The models keep their attention
+   implementation, "sdpa" (some of transformers' models branch on that name).
+2. Packed rows (--pack_sequences) without a mask. A packed row's sequences must not see each other.
+   packing.packed_model_inputs gives the model a [rows, 1, L, L] block-diagonal mask wherever the kernel cannot run
+   (the CPU, fp32, attention dropout in training, another model type or torch), and SDPA then computes every row's
+   full L x L scores, most of them masked. Where it can run, `torch.nn.attention.varlen.varlen_attn` (torch >= 2.11)
+   takes all the rows' tokens as one run of sequences described by their cumulative lengths (`kernel_inputs`, which
+   transformers passes down to every attention layer) and computes each sequence's scores alone: no mask is built
+   or read, no score between two sequences is computed. The models of KERNEL_MODEL_TYPES reach it through
+   transformers' attention interface, as the implementation ATTENTION (`route_packed_attention`): SDPA, unless
+   given the sequences' bounds. The name is not saved with the model (transformers leaves the attention
+   implementation out of config.json).
 """
 import inspect
 import logging
@@ -49,30 +50,14 @@ def variable_length_kernel():
     return _varlen_attn
 
 
-def route_attention(model):
-    """Set ATTENTION on `model` where transformers lets us (its layers use the attention interface, with SDPA).
-    None where it is set (or was already); otherwise why not."""
-    config = getattr(model, "config", None)
-    if not hasattr(model, "set_attn_implementation"):
-        return f"transformers {transformers.__version__} cannot switch a model's attention (transformers 5 can)"
-    implementation = getattr(config, "_attn_implementation", None)
-    if implementation == ATTENTION:
-        return None
-    if implementation != "sdpa":
-        return f"the model's attention is {implementation!r}, not 'sdpa'"
-    _register()
-    model.set_attn_implementation(ATTENTION)
-    if model.config._attn_implementation != ATTENTION:  # transformers warned: its layers do not use the interface
-        return f"{type(model).__name__}'s attention does not go through transformers' attention interface"
-    return None
-
-
-def _register():
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(ATTENTION, sdpa_or_kernel)
-    AttentionMaskInterface.register(ATTENTION, mask_where_needed)
+def eager_sdpa_masks():
+    """Make `mask_where_needed` transformers' SDPA mask, for every model of this process (transformers 5; earlier
+    ones have no mask interface and never build a mask of ones)."""
+    try:
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:
+        return
+    AttentionMaskInterface.register("sdpa", mask_where_needed)
 
 
 def mask_where_needed(*, attention_mask=None, mask_function=None, local_size=None, q_length=None, kv_length=None,
@@ -138,16 +123,35 @@ class PackedAttention:
 
 
 def route_packed_attention(model, max_per_pack):
-    """Route `model` (route_attention) so that packed rows can take the kernel; a model that cannot be routed keeps
-    its attention and packed rows get the mask. Once per model."""
+    """Set ATTENTION on `model` where its packed rows can take the kernel (a model of KERNEL_MODEL_TYPES whose
+    layers use the attention interface, with SDPA); any other model keeps its attention and packed rows get the
+    mask. Once per model."""
     if getattr(model, "_packed_attention", None) is not None:
         model._packed_attention.max_per_pack = max_per_pack  # the rows' layout: the collator's, for this run
         return
     config = model.config
     dropout = next((getattr(config, key) for key in ("attention_probs_dropout_prob", "attention_dropout")
                     if hasattr(config, key)), None)
-    never = route_attention(model) or _kernel_never(config)
+    never = _kernel_never(config) or _route(model)
     model._packed_attention = PackedAttention(max_per_pack, never=never, attention_dropout=dropout)
+
+
+def _route(model):
+    """Set ATTENTION on `model`; None where it is set, otherwise why not."""
+    if not hasattr(model, "set_attn_implementation"):
+        return f"transformers {transformers.__version__} cannot switch a model's attention (transformers 5 can)"
+    implementation = model.config._attn_implementation
+    if implementation != "sdpa":
+        return f"the model's attention is {implementation!r}, not 'sdpa'"
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION, sdpa_or_kernel)
+    AttentionMaskInterface.register(ATTENTION, mask_where_needed)
+    model.set_attn_implementation(ATTENTION)
+    if model.config._attn_implementation != ATTENTION:  # transformers warned: its layers do not use the interface
+        return f"{type(model).__name__}'s attention does not go through transformers' attention interface"
+    return None
 
 
 def _kernel_never(config):

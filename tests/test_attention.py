@@ -11,8 +11,8 @@ from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertForPreT
 
 from ipu_train import IPUConfig, attention
 from ipu_train.data import DataCollatorForCappedMLM
-from ipu_train.attention import (ATTENTION, kernel_inputs, kernel_refusal, sdpa_or_kernel,
-                                        route_packed_attention)
+from ipu_train.attention import (ATTENTION, eager_sdpa_masks, kernel_inputs, kernel_refusal, route_packed_attention,
+                                 sdpa_or_kernel)
 from ipu_train.packing import SEQUENCE_IN_ROW, DataCollatorForPackedSequences, PackedDataset, packed_model_inputs
 from ipu_train.pipeline.families import position_offset
 from ipu_train.pipeline.heads import enable_serialized_heads
@@ -314,44 +314,57 @@ def sdpa_calls_compiled(model, batch):
     return calls, output
 
 
+@pytest.fixture
+def sdpa_mask_restored(monkeypatch):
+    """transformers' own SDPA mask during the test (an earlier test's TorchBackend.compile may have registered
+    ours), and whatever was registered before put back after it."""
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    monkeypatch.setitem(AttentionMaskInterface._global_mapping, "sdpa", sdpa_mask)
+
+
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
-def test_a_compiled_model_given_no_mask_gets_none(family, monkeypatch):
+def test_a_compiled_model_given_no_mask_gets_none(family, monkeypatch, sdpa_mask_restored):
     """In torch 2.11, torch.compiler.is_exporting() is true inside every compiled function, and transformers' SDPA
     mask then builds a mask of ones for a model given none, which takes SDPA off flash attention. Made so here (as
-    transformers sees it): the model TorchBackend compiles (routed) still calls SDPA with no mask, causal for GPT-2,
-    where the unrouted one gets a mask; same outputs. A padding mask is kept."""
+    transformers sees it): with the masks TorchBackend.compile registers (eager_sdpa_masks) the model calls SDPA with
+    no mask, causal for GPT-2, where before it got a mask; same outputs; a padding mask is kept. The model's
+    attention implementation stays "sdpa"."""
     import transformers.masking_utils
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     if family == "bert":
-        plain = BertForMaskedLM(BertConfig(vocab_size=100, **dict(SMALL, num_attention_heads=4))).eval()
+        model = BertForMaskedLM(BertConfig(vocab_size=100, **dict(SMALL, num_attention_heads=4))).eval()
     else:
-        plain = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4)).eval()
-    routed = copy.deepcopy(plain)
-    assert attention.route_attention(routed) is None and routed.config._attn_implementation == ATTENTION
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4)).eval()
     monkeypatch.setattr(transformers.masking_utils, "is_torchdynamo_exporting", lambda: True)
     ids = torch.randint(5, 100, (2, 12))
+    padding = torch.ones_like(ids)
+    padding[1, 7:] = 0
     causal = family == "gpt2"
     with torch.no_grad():
-        routed_calls, routed_output = sdpa_calls_compiled(routed, dict(input_ids=ids))
-        plain_calls, plain_output = sdpa_calls_compiled(plain, dict(input_ids=ids))
-        assert routed_calls == [(False, causal)] * 2 and plain_calls == [(True, False)] * 2
-        assert torch.allclose(routed_output.logits, plain_output.logits, atol=1e-5)
-        padding = torch.ones_like(ids)
-        padding[1, 7:] = 0
-        padded_calls, padded = sdpa_calls_compiled(routed, dict(input_ids=ids, attention_mask=padding))
+        before_calls, before = sdpa_calls_compiled(model, dict(input_ids=ids))
+        eager_sdpa_masks()
+        after_calls, after = sdpa_calls_compiled(model, dict(input_ids=ids))
+        assert before_calls == [(True, False)] * 2 and after_calls == [(False, causal)] * 2
+        assert torch.allclose(after.logits, before.logits, atol=1e-5)
+        padded_calls, padded = sdpa_calls_compiled(model, dict(input_ids=ids, attention_mask=padding))
         assert padded_calls == [(True, False)] * 2
-        assert torch.allclose(padded.logits, plain(input_ids=ids, attention_mask=padding).logits, atol=1e-5)
+        assert torch.allclose(padded.logits, model(input_ids=ids, attention_mask=padding).logits, atol=1e-5)
+    assert model.config._attn_implementation == "sdpa"
 
 
-def test_the_trainer_routes_the_model_it_compiles(wordpiece_tokenizer_dir):
+def test_the_trainer_registers_eager_masks_when_it_compiles(wordpiece_tokenizer_dir, sdpa_mask_restored):
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
     tokenizer = AutoTokenizer.from_pretrained(wordpiece_tokenizer_dir)
     model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), **dict(SMALL, num_attention_heads=4)))
     backend = backend_on("cpu")
     backend.args.torch_compile, backend.args.torch_compile_backend, backend.args.torch_compile_mode = True, "eager", None
     backend.compile(model)
-    assert model.config._attn_implementation == ATTENTION
+    assert ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] is attention.mask_where_needed
+    assert model.config._attn_implementation == "sdpa"
 
 
 @pytest.mark.parametrize("model_type", attention.KERNEL_MODEL_TYPES)
@@ -381,8 +394,8 @@ def test_every_model_type_served_by_the_kernel_matches_the_mask(model_type, word
 
 
 def test_other_models_and_gpus_keep_the_mask(monkeypatch):
-    """A masked LM outside KERNEL_MODEL_TYPES (ModernBERT: its sliding-window layers take a mask) is routed for the
-    compiled mask only; a GPU older than Ampere, or a torch without FlashAttention, keeps the mask."""
+    """A masked LM outside KERNEL_MODEL_TYPES (ModernBERT: its sliding-window layers take a mask) is not routed; a
+    GPU older than Ampere, or a torch without FlashAttention, keeps the mask."""
     from transformers import AutoConfig, AutoModelForMaskedLM
 
     config = AutoConfig.for_model("modernbert", vocab_size=100, hidden_size=32, num_attention_heads=4,
@@ -390,7 +403,7 @@ def test_other_models_and_gpus_keep_the_mask(monkeypatch):
                                   eos_token_id=2, cls_token_id=1, sep_token_id=2)
     model = AutoModelForMaskedLM.from_config(config)
     route_packed_attention(model, PER_PACK)
-    assert model.config._attn_implementation == ATTENTION
+    assert model.config._attn_implementation == "sdpa"  # left as it was
     assert "the model is 'modernbert'" in kernel_refusal(model, torch.ones(1, 4, dtype=torch.int32))
 
     cuda = torch.device("cuda", 0)

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ..attention import route_attention
+from ..attention import eager_sdpa_masks
 from ..compat import compile_in_place, grad_scaler
 from ..errors import UserError
 from ..optim import LAMB
@@ -211,7 +211,7 @@ class TorchBackend:  # implements backends.base.Backend
         logger.info("torch.compile: the model's forward, loss and backward (backend %s, mode %s)%s",
                     self.args.torch_compile_backend, self.args.torch_compile_mode or "default",
                     ", replayed as CUDA graphs" if self.cuda_graphs else "")
-        route_attention(model)  # a model given no mask gets none compiled too (torch 2.11): flash attention stays
+        eager_sdpa_masks()  # a model given no mask gets none compiled too (torch 2.11): flash attention stays
         compile_in_place(model, backend=self.args.torch_compile_backend, mode=self.args.torch_compile_mode)
 
     def create_optimizer(self, param_groups):
