@@ -24,7 +24,8 @@ pairs' own tokens in the timed steps over their time; the two sides take their s
 machine's changing load weighs on both alike, and the first `--warmup` steps of each are left out. The packed
 side's model is routed as the scripts route it (`ipu_train.attention`): where the variable-length kernel
 serves (CUDA, `--bf16`) its rows take the kernel, and a third side, `packed_mask`, trains the same packed rows
-through the block-diagonal mask (`kernel_over_mask`: what the kernel gains); elsewhere the packed side takes the mask.
+through the block-diagonal mask (`kernel_over_mask`: what the kernel gains; `--no_packed_mask` leaves it out);
+elsewhere the packed side takes the mask.
 Either is built on the device inside the timed step, as the trainer builds it
 (`ipu_train.packing.packed_model_inputs`). On CUDA each step
 ends with a device synchronisation, and its peak memory (allocated, both models' weights and optimizer states
@@ -242,7 +243,7 @@ def run_seq(seq, tokenizer, opts):
         side.prepare(config, opts)
     refused = kernel_refused(sides[1].model, opts)
     run["packed_attention"] = "variable-length kernel" if refused is None else f"block-diagonal mask: {refused}"
-    if refused is None:  # the same packed rows through the mask as well: what the kernel gains
+    if refused is None and not opts.no_packed_mask:  # the same packed rows through the mask: what the kernel gains
         sides.append(Side("packed_mask", sides[1].rows, pack, packed_tokens, pack.max_masked_tokens))
         sides[-1].prepare(config, opts)
     interleaved_steps(sides, opts, seq)
@@ -284,6 +285,8 @@ def parse_args(argv=None):
     p.add_argument("--collate_against", metavar="REV", help="also time the packed collator of this git revision on "
                    "the same packs, and check that it gives the same batches")
     p.add_argument("--collate_only", action="store_true", help="measure the host cost alone: no model, no steps")
+    p.add_argument("--no_packed_mask", action="store_true", help="no packed_mask side where the packed side takes "
+                   "the variable-length kernel (one model fewer to compile)")
     p.add_argument("--json", help="write every figure to this JSON file")
     opts = p.parse_args(argv)
     if opts.compile and not opts.cap:
