@@ -80,34 +80,6 @@ def mask_where_needed(*, attention_mask=None, mask_function=None, local_size=Non
                      allow_is_bidirectional_skip=allow_is_bidirectional_skip, **kwargs)
 
 
-def sdpa_or_kernel(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cu_seq_lens_q=None,
-                   cu_seq_lens_k=None, max_length_q=None, max_length_k=None, **kwargs):
-    """transformers' attention interface: [rows, heads, L, head size] in, [rows, L, heads, head size] out. Given
-    packed rows' sequence bounds (kernel_inputs), the variable-length kernel; otherwise transformers' SDPA."""
-    if cu_seq_lens_q is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    if dropout:  # kernel_refusal keeps training with attention dropout off the kernel
-        raise RuntimeError(f"the variable-length kernel applies no attention dropout, and {type(module).__name__} "
-                           f"asks for {dropout}")
-    unserved = sorted(key for key in ("is_causal", "sliding_window", "softcap") if kwargs.get(key))
-    if unserved:  # KERNEL_MODEL_TYPES ask for none of these
-        raise RuntimeError(f"packed rows on the variable-length kernel: {type(module).__name__} asks for {unserved}, "
-                           "which this call does not pass on")
-    if attention_mask is not None:
-        raise RuntimeError("packed rows take the variable-length kernel or an attention mask, not both")
-    rows, heads, length, size = query.shape
-
-    def tokens(states):  # [rows, heads, L, size] -> [rows x L, heads, size], contiguous
-        return states.transpose(1, 2).reshape(rows * length, states.shape[1], size)
-
-    output = variable_length_kernel()(tokens(query), tokens(key), tokens(value), cu_seq_lens_q, cu_seq_lens_k,
-                                      max_length_q, max_length_k, scale=scaling)
-    return output.view(rows, length, heads, size), None
-
-
 # --- packed rows -------------------------------------------------------------------------------------------------
 
 
@@ -152,6 +124,34 @@ def _route(model):
     if model.config._attn_implementation != ATTENTION:  # transformers warned: its layers do not use the interface
         return f"{type(model).__name__}'s attention does not go through transformers' attention interface"
     return None
+
+
+def sdpa_or_kernel(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cu_seq_lens_q=None,
+                   cu_seq_lens_k=None, max_length_q=None, max_length_k=None, **kwargs):
+    """transformers' attention interface: [rows, heads, L, head size] in, [rows, L, heads, head size] out. Given
+    packed rows' sequence bounds (kernel_inputs), the variable-length kernel; otherwise transformers' SDPA."""
+    if cu_seq_lens_q is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if dropout:  # kernel_refusal keeps training with attention dropout off the kernel
+        raise RuntimeError(f"the variable-length kernel applies no attention dropout, and {type(module).__name__} "
+                           f"asks for {dropout}")
+    unserved = sorted(key for key in ("is_causal", "sliding_window", "softcap") if kwargs.get(key))
+    if unserved:  # KERNEL_MODEL_TYPES ask for none of these
+        raise RuntimeError(f"packed rows on the variable-length kernel: {type(module).__name__} asks for {unserved}, "
+                           "which this call does not pass on")
+    if attention_mask is not None:
+        raise RuntimeError("packed rows take the variable-length kernel or an attention mask, not both")
+    rows, heads, length, size = query.shape
+
+    def tokens(states):  # [rows, heads, L, size] -> [rows x L, heads, size], contiguous
+        return states.transpose(1, 2).reshape(rows * length, states.shape[1], size)
+
+    output = variable_length_kernel()(tokens(query), tokens(key), tokens(value), cu_seq_lens_q, cu_seq_lens_k,
+                                      max_length_q, max_length_k, scale=scaling)
+    return output.view(rows, length, heads, size), None
 
 
 def _kernel_never(config):
