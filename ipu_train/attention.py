@@ -205,7 +205,23 @@ def _gpu_refusal(device):
 def _activation_dtype(model, device_type):
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
+    return weights_dtype(model)
+
+
+def weights_dtype(model):
+    """The dtype of the model's activations where no autocast changes it: its floating-point weights'."""
+    dtype = getattr(model, "dtype", None)  # transformers' models say it
+    if isinstance(dtype, torch.dtype):
+        return dtype
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def kernel_inputs_for(model, sequence_in_row):
+    """The kernel's keyword arguments for `model` on these packed rows (kernel_inputs), or None where the kernel does
+    not run them now; the choice logged (log_choice)."""
+    refusal = kernel_refusal(model, sequence_in_row)
+    log_choice(model, refusal)
+    return None if refusal else kernel_inputs(sequence_in_row, model._packed_attention.max_per_pack)
 
 
 def log_choice(model, refusal):

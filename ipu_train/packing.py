@@ -20,8 +20,8 @@ import pyarrow.compute
 import torch
 import torch.nn.functional as F
 
+from .attention import kernel_inputs_for, weights_dtype
 from .errors import UserError
-from .attention import kernel_inputs, kernel_refusal, log_choice
 from .pipeline.heads import IGNORE_INDEX
 
 logger = logging.getLogger("ipu_train")
@@ -276,19 +276,18 @@ def packed_model_inputs(batch, model):
     """The keyword arguments `model` takes for `batch`: a batch of packed rows (one holding SEQUENCE_IN_ROW) gets,
     in place of SEQUENCE_IN_ROW, the variable-length kernel's sequence bounds where the kernel can run (a model
     routed by ipu_train.attention, on CUDA, in bf16 or fp16), and otherwise its block-diagonal attention mask, in
-    the model's dtype; either is built where the batch lies (on the device). Any other batch is returned as it is. Every path that runs a model on packed rows calls this right before the
-    forward, inside its autocast: TorchBackend's training step, compile step and evaluation, benchmarks/packing.py
-    and the tests. No host read."""
+    the model's dtype; either is built where the batch lies (on the device). Any other batch is returned as it is.
+    Every path that runs a model on packed rows calls this right before the forward, inside its autocast:
+    TorchBackend's training step, compile step and evaluation, benchmarks/packing.py and the tests. No host read."""
     sequence_in_row = batch.get(SEQUENCE_IN_ROW)
     if sequence_in_row is None:
         return batch
     inputs = {key: value for key, value in batch.items() if key != SEQUENCE_IN_ROW}
-    refusal = kernel_refusal(model, sequence_in_row)
-    log_choice(model, refusal)
-    if refusal is None:
-        inputs.update(kernel_inputs(sequence_in_row, model._packed_attention.max_per_pack))
+    kernel = kernel_inputs_for(model, sequence_in_row)
+    if kernel is not None:
+        inputs.update(kernel)
     else:
-        inputs["attention_mask"] = block_diagonal_mask(sequence_in_row, _dtype_of(model))
+        inputs["attention_mask"] = block_diagonal_mask(sequence_in_row, weights_dtype(model))
     return inputs
 
 
@@ -301,14 +300,6 @@ def block_diagonal_mask(sequence_in_row, dtype):
     sequence = torch.where(sequence_in_row > 0, sequence_in_row, alone)
     same = sequence[:, None, :, None] == sequence[:, None, None, :]
     return torch.zeros(same.shape, dtype=dtype, device=device).masked_fill_(~same, torch.finfo(dtype).min)
-
-
-def _dtype_of(model):
-    """The dtype of the model's activations where no autocast changes it: its floating-point weights'."""
-    dtype = getattr(model, "dtype", None)  # transformers' models say it
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def refuse_unconverted_packed_rows(model):
