@@ -36,6 +36,11 @@ def report(name, ok, detail):
         sys.exit(1)
 
 
+def relative_error(a, b):
+    """|a - b| / |b|, in float32."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
 def fresh_grads(*tensors):
     return [t.detach().clone().requires_grad_(True) for t in tensors]
 
@@ -69,8 +74,8 @@ def check_chunked_head_bf16():
 
     (loss_p, gh_p, gw_p), mem_plain = peak_of(lambda: run(plain))
     (loss_c, gh_c, gw_c), mem_chunked = peak_of(lambda: run(lambda h, w: chunked_lm_loss(h, w, labels, 4)))
-    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
-    errors = dict(loss=abs(loss_c - loss_p).item(), grad_hidden=rel(gh_c, gh_p), grad_weight=rel(gw_c, gw_p))
+    errors = dict(loss=abs(loss_c - loss_p).item(), grad_hidden=relative_error(gh_c, gh_p),
+                  grad_weight=relative_error(gw_c, gw_p))
     report("chunked head = plain head (bf16, 8192 tokens x 50257)",
            errors["loss"] < 2e-3 and errors["grad_hidden"] < 2e-2 and errors["grad_weight"] < 2e-2,
            ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
@@ -360,15 +365,16 @@ def check_packed_rows_on_the_kernel():
         grads = {name: p.grad.float() for name, p in model.named_parameters() if p.grad is not None}
         return set(inputs), seen[0], loss.detach(), grads
 
-    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
     kernel_keys, kernel_context, kernel_loss, kernel_grads = run(routed)
     mask_keys, mask_context, mask_loss, mask_grads = run(masked)
     real = batch[SEQUENCE_IN_ROW] > 0  # indexing by it synchronises: outside the step whose syncs are looked for
     kernel_context, mask_context = kernel_context[real], mask_context[real]
-    worst_grad = max(rel(kernel_grads[name], grad) for name, grad in mask_grads.items() if grad.norm() > 1e-6)
-    errors = dict(context=rel(kernel_context, mask_context), loss=abs(kernel_loss - mask_loss).item() / mask_loss.item(),
-                  worst_grad=worst_grad)
-    took_kernel = "cu_seq_lens_q" in kernel_keys and "attention_mask" not in kernel_keys and "attention_mask" in mask_keys
+    worst_grad = max(relative_error(kernel_grads[name], grad) for name, grad in mask_grads.items()
+                     if grad.norm() > 1e-6)
+    errors = dict(context=relative_error(kernel_context, mask_context),
+                  loss=abs(kernel_loss - mask_loss).item() / mask_loss.item(), worst_grad=worst_grad)
+    took_kernel = ("cu_seq_lens_q" in kernel_keys and "attention_mask" not in kernel_keys
+                   and "attention_mask" in mask_keys)
     report("packed rows: variable-length kernel = block-diagonal mask (bf16, 16 x 512, BERT 2 x 256)",
            took_kernel and errors["context"] < 1e-2 and errors["loss"] < 5e-3 and worst_grad < 5e-2,
            ", ".join(f"{k} {v:.2e}" for k, v in errors.items()) + ("" if took_kernel else "; THE MASK WAS TAKEN"))
